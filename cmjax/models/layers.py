@@ -4,6 +4,16 @@ Parameters carry logical axis names (`nn.with_logical_partitioning`), never mesh
 is written once and sharded by rules: large kernels are FSDP-sharded along their output features,
 small parameters stay replicated.
 """
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 # Logical axis names used by every network's parameters.
 CONV_KERNEL_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")  # HWIO
 DENSE_KERNEL_AXES = ("embed_in", "embed_out")
@@ -11,3 +21,108 @@ CONV_BIAS_AXES = ("conv_out",)
 DENSE_BIAS_AXES = ("embed_out",)
 NORM_AXES = ("norm",)
 EMBEDDING_AXES = ("vocab", "embed_out")
+
+# PyTorch's default Linear/Conv init (kaiming_uniform with a=√5) is U(±1/√fan_in): variance_scaling(1/3, uniform).
+TORCH_DEFAULT_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def dense(features: int, *, name: str, dtype: Any = jnp.float32, zero_init: bool = False) -> nn.Dense:
+    """A Dense layer with float32 parameters named by logical axes; `zero_init` is openai's `zero_module`."""
+    kernel_init = nn.initializers.zeros_init() if zero_init else TORCH_DEFAULT_KERNEL_INIT
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(kernel_init, DENSE_KERNEL_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), DENSE_BIAS_AXES),
+        name=name,
+    )
+
+
+def conv(
+    features: int,
+    kernel_size: int,
+    *,
+    name: str,
+    stride: int = 1,
+    dtype: Any = jnp.float32,
+    zero_init: bool = False,
+) -> nn.Conv:
+    """A same-padded NHWC convolution (PyTorch `padding=k//2`) with HWIO float32 kernels named by logical axes."""
+    kernel_init = nn.initializers.zeros_init() if zero_init else TORCH_DEFAULT_KERNEL_INIT
+    pad = kernel_size // 2
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(stride, stride),
+        # Explicit symmetric padding: for stride 2, "SAME" would pad (0, 1) where PyTorch pads (1, 1).
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(kernel_init, CONV_KERNEL_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), CONV_BIAS_AXES),
+        name=name,
+    )
+
+
+class GroupNorm32(nn.Module):
+    """openai `normalization(channels)`: GroupNorm, 32 groups, eps 1e-5, computed in float32, cast back to the input dtype."""
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x_bhwc):
+        channels = x_bhwc.shape[-1]
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), NORM_AXES), (channels,), jnp.float32
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), NORM_AXES), (channels,), jnp.float32
+        )
+        x = x_bhwc.astype(jnp.float32)
+        grouped = x.reshape(x.shape[:-1] + (self.num_groups, channels // self.num_groups))
+        reduce_axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+        mean = grouped.mean(axis=reduce_axes, keepdims=True)
+        # Two-pass variance, as PyTorch computes it; E[x²]−E[x]² loses digits on large activations.
+        var = jnp.square(grouped - mean).mean(axis=reduce_axes, keepdims=True)
+        normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        return (normed * scale + bias).astype(x_bhwc.dtype)
+
+
+def timestep_embedding(time_input_b, dim: int, max_period: float = 10000.0):
+    """openai `timestep_embedding` (ADM): [cos(t·f), sin(t·f)] with f_i = max_period^(−i/(dim/2)), float32.
+
+    Equals diffusers' `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`.
+    """
+    half = dim // 2
+    # Frequencies rounded once from float64, so every backend multiplies by the same float32 constants.
+    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half).astype(np.float32)
+    args = jnp.asarray(time_input_b, jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def pixel_norm(x, axis: int = -1, eps: float = 1e-8):
+    """Normalises each feature vector to unit RMS along `axis` (Karras et al. 2018 pixel norm; sCM's AdaGN option)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps))).astype(x.dtype)
+
+
+# Hooks selected by name from `config.model`: how the time input becomes features, and how the per-block
+# AdaGN scale/shift vector is normalised before use. The ADM UNet uses "positional" and "none".
+TIME_EMBEDDINGS: dict[str, Callable[..., Any]] = {"positional": timestep_embedding}
+EMB_NORMS: dict[str, Callable[[Any], Any]] = {"none": lambda e: e, "pixel_norm": pixel_norm}
+
+
+def upsample_nearest_2x(x_bhwc):
+    """Nearest-neighbour 2× upsampling (`F.interpolate(scale_factor=2, mode="nearest")`)."""
+    return jnp.repeat(jnp.repeat(x_bhwc, 2, axis=1), 2, axis=2)
+
+
+def avg_pool_2x(x_bhwc):
+    """2×2 average pooling with stride 2 (`avg_pool_nd(kernel_size=2, stride=2)`)."""
+    b, h, w, c = x_bhwc.shape
+    return x_bhwc.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
