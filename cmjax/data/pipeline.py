@@ -1,0 +1,259 @@
+"""TFDS -> tf.data -> per-process uint8 batches -> one global `jax.Array` per key, with checkpointable state.
+
+Every process reads its own contiguous part of the split (`tfds.split_for_jax_process`), shuffles it with
+seeds drawn from (config seed, process index), repeats it forever, flips images with randomness keyed by
+(seed, process, position in the stream), and batches `global_batch_size / process_count` rows. The batches
+become global arrays sharded over the mesh's batch axes. Images stay uint8 until the train step calls
+`to_model_range`, which quarters the host-to-device bytes.
+
+Resume: `get_state()` is this process's tf.data iterator state as bytes (shuffle buffer, file positions,
+prefetched batches included). `set_state(bytes)` on a freshly built iterator, in this or a new process,
+continues with exactly the batches the uninterrupted stream would have given. Each process saves its own
+state: one file per process index (`state_filename`).
+
+Config (`config.data`): name, split, data_dir, shuffle_buffer, random_flip, cache, prefetch, ram_budget_gb;
+the global batch size and the seed are the top-level `config.batch_size` and `config.seed`.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from jax.sharding import Mesh
+
+from cmjax import sharding
+from cmjax.data import datasets, digits
+
+STATE_MAGIC = b"cmjax-tfdata-iterator-v1\n"
+
+
+def to_model_range(image_uint8: jax.Array) -> jax.Array:
+    """uint8 pixels 0..255 -> float32 in [-1, 1] (the models' data range)."""
+    return image_uint8.astype(jnp.float32) / 127.5 - 1.0
+
+
+def state_filename(process_index: int, process_count: int) -> str:
+    """File name under which process `process_index` stores its iterator state in a checkpoint."""
+    return f"data_process_{process_index:05d}-of-{process_count:05d}.tfdata"
+
+
+def resolve_data_dir(data_dir: str | None) -> str:
+    """`config.data.data_dir`, or TFDS's default (which honours TFDS_DATA_DIR)."""
+    return data_dir or tfds.core.constants.DATA_DIR
+
+
+def process_seeds(seed: int, process_index: int) -> dict[str, int]:
+    """Independent seeds for file order, shuffle and flips, distinct per process."""
+    files, shuffle, flip = np.random.SeedSequence([seed, process_index]).generate_state(3)
+    return {"files": int(files), "shuffle": int(shuffle), "flip": int(flip)}
+
+
+def load_builder(spec: datasets.DatasetSpec, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """The TFDS builder for `spec`; builds the embedded digits dataset on first use."""
+    if spec.tfds_name == "sklearn_digits":
+        return digits.prepare(data_dir)
+    return tfds.builder(spec.tfds_name, data_dir=data_dir)
+
+
+def read_split(
+    builder: tfds.core.DatasetBuilder,
+    spec: datasets.DatasetSpec,
+    split: str,
+    *,
+    process_index: int,
+    process_count: int,
+    file_seed: int,
+    shuffle_files: bool,
+) -> tf.data.Dataset:
+    """This process's part of `split`, images still encoded; a missing dataset raises DatasetNotPreparedError."""
+    process_split = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
+    read_config = tfds.ReadConfig(
+        shuffle_seed=file_seed,
+        # TFDS would silently cache small datasets in memory; caching is `config.data.cache`'s decision.
+        try_autocache=False,
+        interleave_cycle_length=16,
+    )
+    try:
+        return builder.as_dataset(
+            split=process_split,
+            shuffle_files=shuffle_files,
+            read_config=read_config,
+            decoders={"image": tfds.decode.SkipDecoding()},
+        )
+    except AssertionError as error:  # TFDS's way of saying the files are not there
+        if "could not find data" not in str(error):
+            raise
+        raise datasets.DatasetNotPreparedError(
+            datasets.not_prepared_message(spec, str(builder.data_dir_root))
+        ) from None
+
+
+def process_dataset(
+    data_config: Mapping[str, Any],
+    *,
+    per_process_batch_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+) -> tf.data.Dataset:
+    """The infinite, deterministic stream of this process's batches `{"image": uint8 BHWC, "label": int32 B}`."""
+    spec = datasets.get_spec(data_config["name"])
+    builder = load_builder(spec, data_config.get("data_dir"))
+    seeds = process_seeds(seed, process_index)
+    shuffle_buffer = int(data_config.get("shuffle_buffer", 0))
+    ds = read_split(
+        builder,
+        spec,
+        data_config.get("split", "train"),
+        process_index=process_index,
+        process_count=process_count,
+        file_seed=seeds["files"],
+        shuffle_files=shuffle_buffer > 0,
+    )
+    image_feature = builder.info.features["image"]
+    preprocess = datasets.preprocess_fn(spec)
+    num_classes = spec.num_classes
+
+    def decode(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        image = preprocess(image_feature.decode_example(example["image"]))
+        label = tf.cast(example["label"], tf.int32) if num_classes else tf.constant(0, tf.int32)
+        return {"image": image, "label": label}
+
+    def keep_encoded(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        label = example["label"] if num_classes else tf.constant(0, tf.int64)
+        return {"image": example["image"], "label": label}
+
+    parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    decode_late = spec.shuffle_encoded and not data_config.get("cache", False)
+    ds = ds.map(keep_encoded if decode_late else decode, **parallel)
+    if data_config.get("cache", False):
+        ds = ds.cache()
+    if shuffle_buffer > 0:
+        ds = ds.shuffle(shuffle_buffer, seed=seeds["shuffle"], reshuffle_each_iteration=True)
+    ds = ds.repeat()
+    if decode_late:
+        ds = ds.map(decode, **parallel)
+
+    flip_seed = tf.constant(seeds["flip"], tf.int64)
+    random_flip = bool(data_config.get("random_flip", False))
+
+    def flip(position: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        # Keyed by stream position, not by a stateful generator: the same batches after a resume.
+        coin = tf.random.stateless_uniform([], seed=tf.stack([flip_seed, position]))
+        image = tf.cond(coin < 0.5, lambda: tf.reverse(example["image"], axis=[1]), lambda: example["image"])
+        return {"image": image, "label": example["label"]}
+
+    if random_flip:
+        ds = ds.enumerate().map(flip, **parallel)
+    ds = ds.batch(per_process_batch_size, drop_remainder=True)
+    ds = ds.prefetch(int(data_config.get("prefetch", 2)))
+    return ds.with_options(pipeline_options(data_config))
+
+
+def pipeline_options(data_config: Mapping[str, Any]) -> tf.data.Options:
+    """Deterministic order, bounded host memory, and no TF threads racing JAX for every core."""
+    options = tf.data.Options()
+    options.deterministic = True
+    options.autotune.ram_budget = int(float(data_config.get("ram_budget_gb", 4)) * 2**30)
+    options.threading.max_intra_op_parallelism = 1
+    return options
+
+
+def serialize_iterator(iterator: tf.data.Iterator) -> bytes:
+    """A tf.data iterator's full state as one byte string."""
+    variant = tf.raw_ops.SerializeIterator(
+        resource_handle=iterator._iterator_resource,  # pylint: disable=protected-access
+        external_state_policy=tf.data.experimental.ExternalStatePolicy.FAIL.value,
+    )
+    parts = [tf.io.serialize_tensor(part) for part in tf.unstack(variant)]
+    return tf.io.serialize_tensor(tf.stack(parts)).numpy()
+
+
+def deserialize_iterator(iterator: tf.data.Iterator, state: bytes) -> None:
+    """Puts a state from `serialize_iterator` into an iterator over the same dataset."""
+    parts = tf.unstack(tf.io.parse_tensor(state, tf.string))
+    variant = tf.stack([tf.io.parse_tensor(part, tf.variant) for part in parts])
+    tf.raw_ops.DeserializeIterator(
+        resource_handle=iterator._iterator_resource,  # pylint: disable=protected-access
+        serialized=variant,
+    )
+
+
+class GlobalBatchIterator:
+    """Infinite iterator of global batches; `get_state`/`set_state` make it resumable per process."""
+
+    def __init__(self, dataset: tf.data.Dataset, mesh: Mesh, description: Mapping[str, Any], spec):
+        self._dataset = dataset
+        self._iterator = iter(dataset)
+        self._mesh = mesh
+        self._description = dict(description)
+        self.image_shape: tuple[int, int, int] = spec.image_shape
+        self.num_classes: int = spec.num_classes
+        self.global_batch_size: int = description["global_batch_size"]
+        self.per_process_batch_size: int = description["per_process_batch_size"]
+
+    def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+        return self
+
+    def next_local(self) -> dict[str, np.ndarray]:
+        """This process's rows of the next batch, as numpy (no device transfer)."""
+        return jax.tree.map(np.asarray, next(self._iterator))
+
+    def __next__(self) -> dict[str, jax.Array]:
+        return sharding.host_local_to_global(self.next_local(), self._mesh)
+
+    def get_state(self) -> bytes:
+        """This process's position: a header naming the stream, then the tf.data iterator state."""
+        header = json.dumps(self._description, sort_keys=True).encode() + b"\n"
+        return STATE_MAGIC + header + serialize_iterator(self._iterator)
+
+    def set_state(self, state: bytes) -> None:
+        """Continues from a `get_state()` of the same stream (same data config, seed, batch, process)."""
+        if not state.startswith(STATE_MAGIC):
+            raise ValueError("Not a cmjax data iterator state (bad header).")
+        header, payload = state[len(STATE_MAGIC) :].split(b"\n", 1)
+        saved = json.loads(header)
+        if saved != self._description:
+            differ = {k: (saved.get(k), self._description.get(k)) for k in saved.keys() | self._description.keys()
+                      if saved.get(k) != self._description.get(k)}
+            raise ValueError(
+                f"Data iterator state was saved for a different stream; (saved, now) differ in {differ}. "
+                "Restore with the same data config, seed, batch size and process count, or start the data "
+                "stream afresh."
+            )
+        deserialize_iterator(self._iterator, payload)
+
+
+def build(
+    data_config: Mapping[str, Any],
+    mesh: Mesh,
+    *,
+    global_batch_size: int,
+    seed: int,
+) -> GlobalBatchIterator:
+    """The training input: global batches `{"image": uint8 [B,H,W,C], "label": int32 [B]}` sharded over `mesh`."""
+    process_index, process_count = jax.process_index(), jax.process_count()
+    per_process_batch_size = sharding.process_batch_size(global_batch_size, mesh)  # raises on an uneven split
+    spec = datasets.get_spec(data_config["name"])
+    dataset = process_dataset(
+        data_config,
+        per_process_batch_size=per_process_batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    description = {
+        # Where the files live and the memory budget may change between runs; the stream does not.
+        "data": {k: data_config.get(k) for k in sorted(data_config.keys()) if k not in ("data_dir", "ram_budget_gb")},
+        "seed": seed,
+        "global_batch_size": global_batch_size,
+        "per_process_batch_size": per_process_batch_size,
+        "process_index": process_index,
+        "process_count": process_count,
+    }
+    return GlobalBatchIterator(dataset, mesh, description, spec)
