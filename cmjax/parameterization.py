@@ -48,14 +48,16 @@ def edm_noise_conditioning(sigma):
 
 
 def network_time_input(sigma):
-    """The time input openai's ADM/CM networks (and diffusers' UNet2DModel) take: 1000·c_noise = 250·ln(σ + 1e-44).
+    """The time input openai's ADM/CM networks (and diffusers' UNet2DModel) take: 1000·c_noise = 250·ln σ.
 
-    The 1e-44 keeps σ = 0 finite, as in the released CM code.
+    The released code adds 1e-44 to keep σ = 0 finite; 1e-44 is a float32 denormal that XLA flushes
+    to zero, so σ is floored at the smallest normal float32 instead (identical for every σ > 1e-38).
     """
-    return 250.0 * jnp.log(jnp.asarray(sigma, jnp.float32) + 1e-44)
+    sigma = jnp.asarray(sigma, jnp.float32)
+    return 250.0 * jnp.log(jnp.maximum(sigma, jnp.finfo(jnp.float32).tiny))
 
 
-def _expand(coeff, x):
+def broadcast_per_sample(coeff, x):
     """Broadcasts a per-sample coefficient of shape [B] (or a scalar) against x of shape [B, ...]."""
     coeff = jnp.asarray(coeff, jnp.float32)
     if coeff.ndim == 0:
@@ -66,7 +68,7 @@ def _expand(coeff, x):
 def _precondition(scalings, apply_fn: NetworkFn, params, x, sigma):
     x = jnp.asarray(x, jnp.float32)
     sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
-    c_skip, c_out, c_in = (_expand(c, x) for c in scalings(sigma))
+    c_skip, c_out, c_in = (broadcast_per_sample(c, x) for c in scalings(sigma))
     out = apply_fn(params, c_in * x, network_time_input(sigma))
     return c_skip * x + c_out * jnp.asarray(out, jnp.float32)
 
@@ -83,6 +85,27 @@ def consistency_denoise(
     return _precondition(
         lambda s: consistency_scalings(s, sigma_data, sigma_min), apply_fn, params, x, sigma
     )
+
+
+def network_from_denoiser(denoise_fn, *, kind: str, sigma_data=SIGMA_DATA, sigma_min=SIGMA_MIN):
+    """Inverts the preconditioning: the raw network F(x_in, time_input) whose `denoise(..., kind)` equals
+    `denoise_fn(x, σ)`, F = (D − c_skip·x)/c_out (0 where c_out = 0, i.e. at the boundary σ = σmin).
+
+    Wraps an analytic denoiser (e.g. a Gaussian mixture's exact posterior mean) as a network with no
+    parameters, so it can stand in for a trained teacher or model.
+    """
+    scalings = {"edm": lambda s: edm_scalings(s, sigma_data),
+                "consistency": lambda s: consistency_scalings(s, sigma_data, sigma_min)}[kind]
+
+    def network(params, x_in, time_input, *unused_rng):
+        del params, unused_rng
+        sigma = jnp.exp(jnp.asarray(time_input, jnp.float32) / 250.0)
+        c_skip, c_out, c_in = (broadcast_per_sample(c, x_in) for c in scalings(sigma))
+        x = x_in / c_in
+        safe_c_out = jnp.where(c_out > 0, c_out, 1.0)
+        return jnp.where(c_out > 0, (denoise_fn(x, sigma) - c_skip * x) / safe_c_out, 0.0)
+
+    return network
 
 
 def denoise(

@@ -1,0 +1,299 @@
+"""Training objectives and distances: edm, cd, ct (2023), ict, ect.
+
+Every objective has the signature
+    objective(network, params, x, key, step, *, target_params=None, teacher_params=None,
+              teacher_network=None) -> (loss, metrics)
+once its hyper-parameters are bound by `make_objective(name, **settings)`. `network(params, x_in,
+time_input, dropout_key)` is the raw network F (dropout active); `teacher_network(params, x_in,
+time_input)` is the teacher's raw network in evaluation mode. `step` may be traced: curricula are
+evaluated inside the compiled function, so the step compiles once for the whole run. The online and the
+target evaluations of one consistency step share one dropout key (as in the CM and iCT releases).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from cmjax import parameterization, schedules, solvers
+from cmjax.parameterization import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, broadcast_per_sample
+
+# ----------------------------------------------------------------------------------------------
+# Distances: per-sample, shape [B].
+
+
+def l2_distance(a, b):
+    """Mean squared error per sample (openai `mean_flat((a − b)²)`)."""
+    return jnp.mean(jnp.square(a - b).reshape(a.shape[0], -1), axis=1)
+
+
+def l1_distance(a, b):
+    """Mean absolute error per sample."""
+    return jnp.mean(jnp.abs(a - b).reshape(a.shape[0], -1), axis=1)
+
+
+def pseudo_huber_distance(a, b, c):
+    """√(‖a − b‖² + c²) − c over the whole sample (iCT §3.3). c = 0 is the plain L2 norm (ECT CIFAR-10);
+    the floor inside the square root keeps its gradient finite where a = b.
+    """
+    squared_norm = jnp.sum(jnp.square(a - b).reshape(a.shape[0], -1), axis=1)
+    return jnp.sqrt(jnp.maximum(squared_norm + c**2, 1e-20)) - c
+
+
+def ict_huber_c(sample_shape) -> float:
+    """c = 0.00054·√d, d the data dimension (iCT §3.3: 0.03 for CIFAR-10's d = 3072)."""
+    return 0.00054 * math.sqrt(math.prod(sample_shape))
+
+
+_DISTANCES: dict[str, Callable] = {
+    "l2": l2_distance,
+    "l1": l1_distance,
+    "pseudo_huber": pseudo_huber_distance,
+}
+
+
+def register_distance(name: str, fn: Callable) -> None:
+    """Adds a distance `fn(a, b) -> [B]` (the metrics package registers `lpips` here)."""
+    _DISTANCES[name] = fn
+
+
+def get_distance(name: str, sample_shape, huber_c: float | None = None) -> Callable:
+    """The distance `config.method.distance` names, as `fn(a, b) -> [B]`."""
+    if name == "lpips" and name not in _DISTANCES:
+        try:  # The LPIPS network lives with the metrics; importing it registers the distance.
+            importlib.import_module("cmjax.metrics.lpips")
+        except ModuleNotFoundError as err:
+            raise ValueError(
+                "distance 'lpips' needs cmjax.metrics.lpips (VGG16 LPIPS), which this installation "
+                f"lacks ({err}); use one of {sorted(_DISTANCES)}."
+            ) from err
+    if name not in _DISTANCES:
+        raise ValueError(f"Unknown distance {name!r}; choose one of {sorted(_DISTANCES)}.")
+    if name == "pseudo_huber":
+        c = ict_huber_c(sample_shape) if huber_c is None else huber_c
+        return lambda a, b: pseudo_huber_distance(a, b, c)
+    return _DISTANCES[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Weightings λ(σ_{n+1}, σ_n): per-sample, shape [B].
+
+
+def _weighting(name: str, sigma, sigma_prev, sigma_data):
+    """uniform: 1; karras: 1/σ² + 1/σd² (openai `get_weightings`); ict and ect: 1/(σ − σ_prev)
+    (iCT §3.2 with σ_prev = σ_i; ECT with σ_prev = r)."""
+    if name == "uniform":
+        return jnp.ones_like(sigma)
+    if name == "karras":
+        return 1.0 / jnp.square(sigma) + 1.0 / sigma_data**2
+    if name in ("ict", "ect"):
+        return 1.0 / (sigma - sigma_prev)
+    raise ValueError(f"Unknown weighting {name!r}; choose uniform, karras, ict or ect.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces.
+
+
+def _bind(network, params, dropout_key, kind, sigma_data, sigma_min):
+    """The preconditioned model x, σ ↦ D or f with parameters and dropout key bound."""
+    apply_fn = lambda p, x_in, t_in: network(p, x_in, t_in, dropout_key)  # noqa: E731
+    return lambda x, sigma: parameterization.denoise(
+        apply_fn, params, x, sigma, kind=kind, sigma_data=sigma_data, sigma_min=sigma_min
+    )
+
+
+def curriculum(step, *, curriculum: str, total_steps: int, num_scales: int, s0: int, s1: int,
+               mu0: float, target_ema: float):
+    """(N(k), μ(k)) of a discrete consistency objective: "fixed" (N = num_scales, μ = target_ema),
+    "cm_adaptive" (CM 2023 released code) or "ict" (iCT doubling; no target EMA, μ = 0)."""
+    if curriculum == "fixed":
+        return schedules.fixed_schedule(step, num_scales, target_ema)
+    if curriculum == "cm_adaptive":
+        return schedules.cm_adaptive_schedule(jnp.asarray(step), total_steps, s0, s1, mu0)
+    if curriculum == "ict":
+        return schedules.ict_num_scales(step, total_steps, s0, s1), jnp.float32(0.0)
+    raise ValueError(f"Unknown curriculum {curriculum!r}; choose fixed, cm_adaptive or ict.")
+
+
+def max_num_scales(*, curriculum: str, num_scales: int, s1: int) -> int:
+    """The largest N a curriculum reaches: the static size of the masked index grid."""
+    return num_scales if curriculum == "fixed" else s1 + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Objectives.
+
+
+def edm_loss(network, params, x, key, step, *, sigma_data=SIGMA_DATA, p_mean=-1.2, p_std=1.2,
+             target_params=None, teacher_params=None, teacher_network=None):
+    """EDM denoising score matching (EDM eq. 2, 8): ln σ ~ N(Pm, Ps²), λ(σ)·‖D(x + σn, σ) − x‖²,
+    λ = (σ² + σd²)/(σ·σd)²."""
+    del step, target_params, teacher_params, teacher_network
+    sigma_key, noise_key, dropout_key = jax.random.split(key, 3)
+    sigma = schedules.lognormal_sigmas(sigma_key, x.shape[:1], p_mean, p_std)
+    noise = jax.random.normal(noise_key, x.shape, jnp.float32)
+    denoise = _bind(network, params, dropout_key, "edm", sigma_data, SIGMA_MIN)
+    denoised = denoise(x + broadcast_per_sample(sigma, x) * noise, sigma)
+    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+    loss = jnp.mean(weight * l2_distance(denoised, x))
+    return loss, {"loss": loss, "mean_sigma": jnp.mean(sigma)}
+
+
+def _discrete_consistency_loss(
+    network, params, x, key, step, *, teacher, target_params, total_steps, curriculum_name,
+    num_scales, s0, s1, mu0, target_ema, index_distribution, p_mean, p_std, distance, huber_c,
+    weighting, sigma_min, sigma_max, sigma_data, rho,
+):
+    """CM 2023 eq. 7/10, iCT: λ·d(f_θ(x + σ_{n+1}z, σ_{n+1}), sg f_θ⁻(x̂_n, σ_n)).
+
+    `teacher(x_next, sigma_next, sigma_n)` produces x̂_n: a teacher ODE step (CD), or None for CT
+    where x̂_n = x + σ_n·z with the same z.
+    """
+    n_scales, mu = curriculum(step, curriculum=curriculum_name, total_steps=total_steps,
+                              num_scales=num_scales, s0=s0, s1=s1, mu0=mu0, target_ema=target_ema)
+    index_key, noise_key, dropout_key = jax.random.split(key, 3)
+    batch = x.shape[0]
+    if index_distribution == "uniform":
+        index = jax.random.randint(index_key, (batch,), 0, n_scales - 1)
+    elif index_distribution == "lognormal":
+        grid_size = max_num_scales(curriculum=curriculum_name, num_scales=num_scales, s1=s1)
+        index = schedules.sample_ict_indices(index_key, batch, n_scales, grid_size, p_mean, p_std,
+                                             sigma_min, sigma_max, rho)
+    else:
+        raise ValueError(f"Unknown index_distribution {index_distribution!r}; use uniform or lognormal.")
+    sigma_n = schedules.karras_sigma(index, n_scales, sigma_min, sigma_max, rho)
+    sigma_next = schedules.karras_sigma(index + 1, n_scales, sigma_min, sigma_max, rho)
+
+    z = jax.random.normal(noise_key, x.shape, jnp.float32)
+    x_next = x + broadcast_per_sample(sigma_next, x) * z
+    if teacher is None:
+        x_hat = x + broadcast_per_sample(sigma_n, x) * z
+    else:
+        x_hat = jax.lax.stop_gradient(teacher(x_next, sigma_next, sigma_n))
+
+    online = _bind(network, params, dropout_key, "consistency", sigma_data, sigma_min)
+    target_params = jax.lax.stop_gradient(params if target_params is None else target_params)
+    target = _bind(network, target_params, dropout_key, "consistency", sigma_data, sigma_min)
+    distance_fn = get_distance(distance, x.shape[1:], huber_c)
+    per_sample = distance_fn(online(x_next, sigma_next), jax.lax.stop_gradient(target(x_hat, sigma_n)))
+    weight = _weighting(weighting, sigma_next, sigma_n, sigma_data)
+    loss = jnp.mean(weight * per_sample)
+    metrics = {"loss": loss, "num_scales": n_scales, "target_ema": mu,
+               "mean_sigma": jnp.mean(sigma_next)}
+    return loss, metrics
+
+
+def cd_loss(network, params, x, key, step, *, target_params=None, teacher_params=None,
+            teacher_network=None, teacher_solver="heun", total_steps=1, curriculum="fixed",
+            num_scales=18, s0=2, s1=150, mu0=0.9, target_ema=0.0, distance="l2", huber_c=None,
+            weighting="uniform", sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_data=SIGMA_DATA,
+            rho=schedules.RHO):
+    """Consistency distillation (CM 2023 eq. 7): x̂_n is one Heun (or Euler) step of the EDM teacher
+    from σ_{n+1} to σ_n. CIFAR-10: N = 18, μ = 0; ImageNet-64/LSUN: N = 40, μ = 0.95."""
+    if teacher_params is None or teacher_network is None:
+        raise ValueError("method 'cd' needs a teacher: set config.method.teacher to an EDM run.")
+    steppers = {"heun": solvers.heun_step, "euler": solvers.euler_step}
+    if teacher_solver not in steppers:
+        raise ValueError(f"Unknown teacher_solver {teacher_solver!r}; choose {sorted(steppers)}.")
+    teacher_apply = lambda p, x_in, t_in: teacher_network(p, x_in, t_in)  # noqa: E731
+    teacher_denoise = lambda xs, s: parameterization.edm_denoise(  # noqa: E731
+        teacher_apply, teacher_params, xs, s, sigma_data)
+    teacher = lambda xs, s, s_prev: steppers[teacher_solver](teacher_denoise, xs, s, s_prev)  # noqa: E731
+    return _discrete_consistency_loss(
+        network, params, x, key, step, teacher=teacher, target_params=target_params,
+        total_steps=total_steps, curriculum_name=curriculum, num_scales=num_scales, s0=s0, s1=s1,
+        mu0=mu0, target_ema=target_ema, index_distribution="uniform", p_mean=-1.1, p_std=2.0,
+        distance=distance, huber_c=huber_c, weighting=weighting, sigma_min=sigma_min,
+        sigma_max=sigma_max, sigma_data=sigma_data, rho=rho)
+
+
+def ct_loss(network, params, x, key, step, *, target_params=None, teacher_params=None,
+            teacher_network=None, total_steps=800_000, curriculum="cm_adaptive", num_scales=18,
+            s0=2, s1=150, mu0=0.9, target_ema=0.0, distance="l2", huber_c=None,
+            weighting="uniform", sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_data=SIGMA_DATA,
+            rho=schedules.RHO):
+    """Consistency training, CM 2023 (eq. 10): x̂_n = x + σ_n·z, target EMA μ(k) from the adaptive
+    curriculum (CIFAR-10: s0 = 2, s1 = 150, μ0 = 0.9, K = 800k)."""
+    del teacher_params, teacher_network
+    if target_params is None:
+        raise ValueError("method 'ct' keeps a target EMA network: pass target_params.")
+    return _discrete_consistency_loss(
+        network, params, x, key, step, teacher=None, target_params=target_params,
+        total_steps=total_steps, curriculum_name=curriculum, num_scales=num_scales, s0=s0, s1=s1,
+        mu0=mu0, target_ema=target_ema, index_distribution="uniform", p_mean=-1.1, p_std=2.0,
+        distance=distance, huber_c=huber_c, weighting=weighting, sigma_min=sigma_min,
+        sigma_max=sigma_max, sigma_data=sigma_data, rho=rho)
+
+
+def ict_loss(network, params, x, key, step, *, target_params=None, teacher_params=None,
+             teacher_network=None, total_steps=400_000, s0=10, s1=1280, p_mean=-1.1, p_std=2.0,
+             distance="pseudo_huber", huber_c=None, weighting="ict", sigma_min=SIGMA_MIN,
+             sigma_max=SIGMA_MAX, sigma_data=SIGMA_DATA, rho=schedules.RHO):
+    """Improved consistency training (Song & Dhariwal 2023): target = sg(θ), doubling curriculum,
+    lognormal pair indices, λ = 1/(σ_{i+1} − σ_i), pseudo-Huber with c = 0.00054·√d."""
+    del target_params, teacher_params, teacher_network
+    return _discrete_consistency_loss(
+        network, params, x, key, step, teacher=None, target_params=None, total_steps=total_steps,
+        curriculum_name="ict", num_scales=s1 + 1, s0=s0, s1=s1, mu0=0.0, target_ema=0.0,
+        index_distribution="lognormal", p_mean=p_mean, p_std=p_std, distance=distance,
+        huber_c=huber_c, weighting=weighting, sigma_min=sigma_min, sigma_max=sigma_max,
+        sigma_data=sigma_data, rho=rho)
+
+
+def ect_loss(network, params, x, key, step, *, target_params=None, teacher_params=None,
+             teacher_network=None, p_mean=-1.1, p_std=2.0, q=2.0, k=8.0, b=1.0,
+             stage_steps=25_000, huber_c=0.0, parameterization_kind="edm",
+             sigma_min=SIGMA_MIN, sigma_data=SIGMA_DATA):
+    """Easy consistency tuning (Geng et al. 2024): t = exp(Pm + Ps·n), r = ECT r(t), shared noise,
+    w·(√(‖f(x + tε, t) − sg f(x + rε, r)‖² + c²) − c) with w = 1/(t − r); the target is x where r = 0.
+
+    The default EDM parameterisation matches the EDM model ECT starts from (f(x, 0) = x exactly).
+    """
+    del target_params, teacher_params, teacher_network
+    t_key, noise_key, dropout_key = jax.random.split(key, 3)
+    t = schedules.lognormal_sigmas(t_key, x.shape[:1], p_mean, p_std)
+    r = schedules.ect_r(t, schedules.ect_stage(step, stage_steps), q, k, b)
+    eps = jax.random.normal(noise_key, x.shape, jnp.float32)
+    online = _bind(network, params, dropout_key, parameterization_kind, sigma_data, sigma_min)
+    target = _bind(network, jax.lax.stop_gradient(params), dropout_key, parameterization_kind,
+                   sigma_data, sigma_min)
+    prediction = online(x + broadcast_per_sample(t, x) * eps, t)
+    target_value = target(x + broadcast_per_sample(r, x) * eps, r)
+    target_value = jnp.where(broadcast_per_sample(r, x) > 0, target_value, x)
+    per_sample = pseudo_huber_distance(prediction, jax.lax.stop_gradient(target_value), huber_c)
+    loss = jnp.mean(_weighting("ect", t, r, sigma_data) * per_sample)
+    return loss, {"loss": loss, "mean_sigma": jnp.mean(t), "mean_r_over_t": jnp.mean(r / t)}
+
+
+OBJECTIVES: dict[str, Callable] = {
+    "edm": edm_loss, "cd": cd_loss, "ct": ct_loss, "ict": ict_loss, "ect": ect_loss,
+}
+_CALL_ARGS = {"target_params", "teacher_params", "teacher_network"}
+
+
+def objective_settings(name: str) -> dict[str, Any]:
+    """The hyper-parameters objective `name` accepts, with their defaults."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"Unknown method {name!r}; choose one of {sorted(OBJECTIVES)}.")
+    params = inspect.signature(OBJECTIVES[name]).parameters.values()
+    return {p.name: p.default for p in params
+            if p.kind is p.KEYWORD_ONLY and p.name not in _CALL_ARGS}
+
+
+def make_objective(name: str, **settings) -> Callable:
+    """Binds hyper-parameters (the keys of `config.method` other than its name) to an objective."""
+    allowed = objective_settings(name)
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise ValueError(f"Method {name!r} has no setting(s) {unknown}; it takes {sorted(allowed)}.")
+    fn = OBJECTIVES[name]
+
+    def objective(network, params, x, key, step, **call_args):
+        return fn(network, params, x, key, step, **settings, **call_args)
+
+    return objective

@@ -1,0 +1,85 @@
+"""Toy networks for low-dimensional data (2-D mixtures): an MLP with a sinusoidal time embedding."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cmjax.models import layers
+
+
+def sinusoidal_embedding(time_input, dim: int, max_period: float = 10000.0):
+    """openai `timestep_embedding`: [cos(t·f_j), sin(t·f_j)], f_j = max_period^(−j/(dim/2)), in float32."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(time_input, jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class MLP(nn.Module):
+    """Residual MLP F(x_in, t) for vectors; the time embedding is added to every hidden layer.
+
+    Inputs of any trailing shape are flattened and the output is reshaped back, so the same network
+    serves 2-D points ([B, 2]) and tiny images.
+    """
+
+    hidden_dim: int = 128
+    num_layers: int = 3
+    time_embed_dim: int = 64
+    num_classes: int = 0
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    def _dense(self, features, name, zero_init=False):
+        init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
+        return nn.Dense(
+            features,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(init, layers.DENSE_KERNEL_AXES),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), layers.DENSE_BIAS_AXES),
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(self, x, time_input, class_labels=None, train: bool = False):
+        batch_shape = x.shape
+        h = x.reshape(x.shape[0], -1).astype(self.dtype)
+        emb = sinusoidal_embedding(time_input, self.time_embed_dim)
+        emb = nn.silu(self._dense(self.hidden_dim, "time_embed_0")(emb))
+        emb = self._dense(self.hidden_dim, "time_embed_1")(emb)
+        if self.num_classes:
+            if class_labels is None:
+                raise ValueError("This MLP is class-conditional (num_classes > 0): pass class_labels.")
+            emb = emb + nn.Embed(self.num_classes, self.hidden_dim, name="label_emb")(class_labels)
+        elif class_labels is not None:
+            raise ValueError("class_labels given to an unconditional MLP (num_classes = 0).")
+        h = self._dense(self.hidden_dim, "input")(h)
+        block = nn.remat(_ResidualBlock, static_argnums=(3,)) if self.remat else _ResidualBlock
+        for i in range(self.num_layers):
+            h = block(self.hidden_dim, self.dropout, self.dtype, name=f"block_{i}")(h, emb, train)
+        h = nn.silu(nn.LayerNorm(dtype=jnp.float32, name="out_norm")(h))
+        out = self._dense(math.prod(batch_shape[1:]), "output", zero_init=True)(h)
+        return out.astype(jnp.float32).reshape(batch_shape)
+
+
+class _ResidualBlock(nn.Module):
+    features: int
+    dropout: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, h, emb, train):
+        dense = lambda name: nn.Dense(  # noqa: E731
+            self.features, dtype=self.dtype, param_dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), layers.DENSE_KERNEL_AXES),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), layers.DENSE_BIAS_AXES),
+            name=name)
+        y = nn.silu(nn.LayerNorm(dtype=jnp.float32, name="norm")(h))
+        y = dense("dense_0")(y) + dense("emb_proj")(nn.silu(emb))
+        y = nn.silu(y)
+        y = nn.Dropout(self.dropout, deterministic=not train)(y)
+        return h + dense("dense_1")(y)
