@@ -152,23 +152,28 @@ def process_dataset(
         ds = ds.enumerate().map(flip, **parallel)
     ds = ds.batch(per_process_batch_size, drop_remainder=True)
     ds = ds.prefetch(int(data_config.get("prefetch", 2)))
-    return ds.with_options(pipeline_options(data_config))
+    return ds.with_options(pipeline_options(data_config, pure_python_step=spec.center_crop))
 
 
-def pipeline_options(data_config: Mapping[str, Any]) -> tf.data.Options:
+def pipeline_options(data_config: Mapping[str, Any], *, pure_python_step: bool = False) -> tf.data.Options:
     """Deterministic order, bounded host memory, and no TF threads racing JAX for every core."""
     options = tf.data.Options()
     options.deterministic = True
     options.autotune.ram_budget = int(float(data_config.get("ram_budget_gb", 4)) * 2**30)
     options.threading.max_intra_op_parallelism = 1
+    # tf.data counts every Python function as stateful and refuses to checkpoint it. Our only one (the PIL
+    # center crop) is a pure function of its input, so its "state" may be ignored; other pipelines keep FAIL.
+    policy = tf.data.experimental.ExternalStatePolicy
+    options.experimental_external_state_policy = policy.IGNORE if pure_python_step else policy.FAIL
     return options
 
 
-def serialize_iterator(iterator: tf.data.Iterator) -> bytes:
+def serialize_iterator(iterator: tf.data.Iterator, dataset: tf.data.Dataset) -> bytes:
     """A tf.data iterator's full state as one byte string."""
+    policy = dataset.options().experimental_external_state_policy or tf.data.experimental.ExternalStatePolicy.FAIL
     variant = tf.raw_ops.SerializeIterator(
         resource_handle=iterator._iterator_resource,  # pylint: disable=protected-access
-        external_state_policy=tf.data.experimental.ExternalStatePolicy.FAIL.value,
+        external_state_policy=policy.value,
     )
     parts = [tf.io.serialize_tensor(part) for part in tf.unstack(variant)]
     return tf.io.serialize_tensor(tf.stack(parts)).numpy()
@@ -210,7 +215,7 @@ class GlobalBatchIterator:
     def get_state(self) -> bytes:
         """This process's position: a header naming the stream, then the tf.data iterator state."""
         header = json.dumps(self._description, sort_keys=True).encode() + b"\n"
-        return STATE_MAGIC + header + serialize_iterator(self._iterator)
+        return STATE_MAGIC + header + serialize_iterator(self._iterator, self._dataset)
 
     def set_state(self, state: bytes) -> None:
         """Continues from a `get_state()` of the same stream (same data config, seed, batch, process)."""
