@@ -1,8 +1,8 @@
 """Subprocess body for the data tests: a fresh Python process that reads the pipeline and writes what it saw.
 
 Modes:
-  resume DATA_DIR STATE_FILE STEPS OUT.npz
-      build the digits pipeline, restore STATE_FILE, write the next STEPS global batches.
+  resume DATA_DIR STATE_DIR STEPS OUT.npz
+      build the digits pipeline, restore this process's state from STATE_DIR, write the next STEPS batches.
   distributed DATA_DIR PORT PROCESS_ID STEPS OUT.npz
       join a 2-process jax.distributed run (4 CPU devices each), read STEPS batches of `train[:96]`, and
       write this process's rows plus the sum of every global batch computed on the 8-device mesh.
@@ -23,7 +23,7 @@ DISTRIBUTED_CONFIG = dict(
 DISTRIBUTED_BATCH, DISTRIBUTED_SEED = 32, 3
 
 
-def resume(data_dir: str, state_file: str, steps: int, out: str) -> None:
+def resume(data_dir: str, state_dir: str, steps: int, out: str) -> None:
     import jax
 
     from cmjax import sharding
@@ -33,8 +33,7 @@ def resume(data_dir: str, state_file: str, steps: int, out: str) -> None:
     iterator = pipeline.build(
         dict(RESUME_CONFIG, data_dir=data_dir), mesh, global_batch_size=RESUME_BATCH, seed=RESUME_SEED
     )
-    with open(state_file, "rb") as handle:
-        iterator.set_state(handle.read())
+    pipeline.restore_state(iterator, state_dir)
     batches = [jax.device_get(next(iterator)) for _ in range(steps)]
     np.savez(out, image=np.stack([b["image"] for b in batches]), label=np.stack([b["label"] for b in batches]))
 

@@ -120,11 +120,11 @@ def test_state_resume_is_bit_exact_after_a_process_restart(data_dir, mesh, tmp_p
     it = pipeline.build(config, mesh, global_batch_size=helper.RESUME_BATCH, seed=helper.RESUME_SEED)
     for _ in range(30):  # past one epoch (1437 / 64 = 22.5 batches): reshuffle and flips of epoch two
         next(it)
-    state_file = tmp_path / "state.tfdata"
-    state_file.write_bytes(it.get_state())
+    state_file = pipeline.save_state(it, str(tmp_path / "ckpt"))
+    assert os.path.basename(state_file) == "data_process_00000-of-00001.tfdata"
     expected = [jax.device_get(next(it)) for _ in range(5)]
     out = tmp_path / "resumed.npz"
-    subprocess.run([sys.executable, HELPER, "resume", data_dir, str(state_file), "5", str(out)],
+    subprocess.run([sys.executable, HELPER, "resume", data_dir, str(tmp_path / "ckpt"), "5", str(out)],
                    check=True, timeout=180, env=subprocess_env(), capture_output=True)
     resumed = np.load(out)
     np.testing.assert_array_equal(resumed["image"], np.stack([b["image"] for b in expected]))
@@ -134,11 +134,22 @@ def test_state_resume_is_bit_exact_after_a_process_restart(data_dir, mesh, tmp_p
     assert not np.array_equal(fresh["image"], expected[0]["image"])
 
 
-def test_state_of_another_stream_is_refused(data_dir, mesh):
+def test_state_of_another_stream_is_refused(data_dir, mesh, tmp_path):
     state = pipeline.build(dict(BASE, data_dir=data_dir), mesh, global_batch_size=64, seed=0).get_state()
     other = pipeline.build(dict(BASE, data_dir=data_dir), mesh, global_batch_size=128, seed=0)
     with pytest.raises(ValueError, match="global_batch_size"):
         other.set_state(state)
+    with pytest.raises(FileNotFoundError, match="process 0 of 1"):
+        pipeline.restore_state(other, str(tmp_path))
+
+
+def test_config_defaults_and_unknown_keys(data_dir, mesh):
+    config = pipeline.default_config()
+    assert sorted(config.keys()) == sorted(pipeline.DEFAULTS) and config.data_dir is None
+    config.data_dir = data_dir  # the placeholder takes a path
+    assert pipeline.resolve_config(config)["shuffle_buffer"] == 10_000
+    with pytest.raises(ValueError, match=r"Unknown config.data key\(s\) \['batch_size'\]"):
+        pipeline.build(dict(BASE, data_dir=data_dir, batch_size=8), mesh, global_batch_size=64, seed=0)
 
 
 def free_port():

@@ -11,16 +11,26 @@ prefetched batches included). `set_state(bytes)` on a freshly built iterator, in
 continues with exactly the batches the uninterrupted stream would have given. Each process saves its own
 state: one file per process index (`state_filename`).
 
-Config (`config.data`): name, split, data_dir, shuffle_buffer, random_flip, cache, prefetch, ram_budget_gb;
-the global batch size and the seed are the top-level `config.batch_size` and `config.seed`.
+Config (`config.data`, defaults in `DEFAULTS`, unknown keys are errors); the global batch size and the seed
+are the top-level `config.batch_size` and `config.seed`, shared with the train step:
+  name            dataset: digits | cifar10 | imagenet64 | lsun_bedroom | lsun_cat (cmjax/data/datasets.py)
+  split           TFDS split, slicing allowed ("train", "train[:90%]")
+  data_dir        TFDS data dir, local or gs://; None: TFDS's default, which honours TFDS_DATA_DIR
+  shuffle_buffer  examples per process in the shuffle buffer; 0 reads in file order (no file shuffling either)
+  random_flip     mirror each image left-right with probability 1/2
+  cache           keep the decoded split in host memory (small datasets only; the cache is part of the state)
+  prefetch        batches tf.data prepares ahead of the train step
+  ram_budget_gb   cap on the memory tf.data's autotuner may spend on buffers, per process
 """
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -30,6 +40,32 @@ from cmjax import sharding
 from cmjax.data import datasets, digits
 
 STATE_MAGIC = b"cmjax-tfdata-iterator-v1\n"
+DEFAULTS = {
+    "name": "digits",
+    "split": "train",
+    "data_dir": None,
+    "shuffle_buffer": 10_000,
+    "random_flip": True,
+    "cache": False,
+    "prefetch": 2,
+    "ram_budget_gb": 4.0,
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """`config.data` with every key at its default."""
+    config = ml_collections.ConfigDict(dict(DEFAULTS, data_dir=None))
+    config.data_dir = ml_collections.config_dict.placeholder(str)  # None now, a path later
+    return config
+
+
+def resolve_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The data config with defaults filled in; a key this module does not read is an error."""
+    given = dict(data_config)
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"Unknown config.data key(s) {unknown}; the keys are {sorted(DEFAULTS)}.")
+    return {**DEFAULTS, **given}
 
 
 def to_model_range(image_uint8: jax.Array) -> jax.Array:
@@ -40,11 +76,6 @@ def to_model_range(image_uint8: jax.Array) -> jax.Array:
 def state_filename(process_index: int, process_count: int) -> str:
     """File name under which process `process_index` stores its iterator state in a checkpoint."""
     return f"data_process_{process_index:05d}-of-{process_count:05d}.tfdata"
-
-
-def resolve_data_dir(data_dir: str | None) -> str:
-    """`config.data.data_dir`, or TFDS's default (which honours TFDS_DATA_DIR)."""
-    return data_dir or tfds.core.constants.DATA_DIR
 
 
 def process_seeds(seed: int, process_index: int) -> dict[str, int]:
@@ -102,14 +133,15 @@ def process_dataset(
     process_count: int,
 ) -> tf.data.Dataset:
     """The infinite, deterministic stream of this process's batches `{"image": uint8 BHWC, "label": int32 B}`."""
+    data_config = resolve_config(data_config)
     spec = datasets.get_spec(data_config["name"])
-    builder = load_builder(spec, data_config.get("data_dir"))
+    builder = load_builder(spec, data_config["data_dir"])
     seeds = process_seeds(seed, process_index)
-    shuffle_buffer = int(data_config.get("shuffle_buffer", 0))
+    shuffle_buffer = int(data_config["shuffle_buffer"])
     ds = read_split(
         builder,
         spec,
-        data_config.get("split", "train"),
+        data_config["split"],
         process_index=process_index,
         process_count=process_count,
         file_seed=seeds["files"],
@@ -129,9 +161,9 @@ def process_dataset(
         return {"image": example["image"], "label": label}
 
     parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    decode_late = spec.shuffle_encoded and not data_config.get("cache", False)
+    decode_late = spec.shuffle_encoded and not data_config["cache"]
     ds = ds.map(keep_encoded if decode_late else decode, **parallel)
-    if data_config.get("cache", False):
+    if data_config["cache"]:
         ds = ds.cache()
     if shuffle_buffer > 0:
         ds = ds.shuffle(shuffle_buffer, seed=seeds["shuffle"], reshuffle_each_iteration=True)
@@ -140,7 +172,7 @@ def process_dataset(
         ds = ds.map(decode, **parallel)
 
     flip_seed = tf.constant(seeds["flip"], tf.int64)
-    random_flip = bool(data_config.get("random_flip", False))
+    random_flip = bool(data_config["random_flip"])
 
     def flip(position: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         # Keyed by stream position, not by a stateful generator: the same batches after a resume.
@@ -151,7 +183,7 @@ def process_dataset(
     if random_flip:
         ds = ds.enumerate().map(flip, **parallel)
     ds = ds.batch(per_process_batch_size, drop_remainder=True)
-    ds = ds.prefetch(int(data_config.get("prefetch", 2)))
+    ds = ds.prefetch(int(data_config["prefetch"]))
     return ds.with_options(pipeline_options(data_config, pure_python_step=spec.center_crop))
 
 
@@ -159,7 +191,7 @@ def pipeline_options(data_config: Mapping[str, Any], *, pure_python_step: bool =
     """Deterministic order, bounded host memory, and no TF threads racing JAX for every core."""
     options = tf.data.Options()
     options.deterministic = True
-    options.autotune.ram_budget = int(float(data_config.get("ram_budget_gb", 4)) * 2**30)
+    options.autotune.ram_budget = int(float(data_config["ram_budget_gb"]) * 2**30)
     options.threading.max_intra_op_parallelism = 1
     # tf.data counts every Python function as stateful and refuses to checkpoint it. Our only one (the PIL
     # center crop) is a pure function of its input, so its "state" may be ignored; other pipelines keep FAIL.
@@ -242,6 +274,7 @@ def build(
     seed: int,
 ) -> GlobalBatchIterator:
     """The training input: global batches `{"image": uint8 [B,H,W,C], "label": int32 [B]}` sharded over `mesh`."""
+    data_config = resolve_config(data_config)
     process_index, process_count = jax.process_index(), jax.process_count()
     per_process_batch_size = sharding.process_batch_size(global_batch_size, mesh)  # raises on an uneven split
     spec = datasets.get_spec(data_config["name"])
@@ -254,7 +287,7 @@ def build(
     )
     description = {
         # Where the files live and the memory budget may change between runs; the stream does not.
-        "data": {k: data_config.get(k) for k in sorted(data_config.keys()) if k not in ("data_dir", "ram_budget_gb")},
+        "data": {k: v for k, v in sorted(data_config.items()) if k not in ("data_dir", "ram_budget_gb")},
         "seed": seed,
         "global_batch_size": global_batch_size,
         "per_process_batch_size": per_process_batch_size,
@@ -262,3 +295,26 @@ def build(
         "process_count": process_count,
     }
     return GlobalBatchIterator(dataset, mesh, description, spec)
+
+
+def save_state(iterator: GlobalBatchIterator, directory: str) -> str:
+    """Writes this process's iterator state to `directory` (local or gs://), one file per process."""
+    path = os.path.join(directory, state_filename(jax.process_index(), jax.process_count()))
+    tf.io.gfile.makedirs(directory)
+    with tf.io.gfile.GFile(path, "wb") as handle:
+        handle.write(iterator.get_state())
+    return path
+
+
+def restore_state(iterator: GlobalBatchIterator, directory: str) -> None:
+    """Reads this process's file written by `save_state` into `iterator`."""
+    path = os.path.join(directory, state_filename(jax.process_index(), jax.process_count()))
+    if not tf.io.gfile.exists(path):
+        found = sorted(tf.io.gfile.glob(os.path.join(directory, "data_process_*")))
+        raise FileNotFoundError(
+            f"No data iterator state {path!r} for process {jax.process_index()} of {jax.process_count()}; "
+            f"the directory holds {[os.path.basename(f) for f in found]}. States are per process: resume "
+            "with the process count that saved them, or start the data stream afresh."
+        )
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        iterator.set_state(handle.read())
