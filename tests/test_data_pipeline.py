@@ -55,6 +55,10 @@ def test_global_batch_shape_dtype_and_sharding(data_dir, mesh):
     # Each of the 8 devices holds its own 8 rows.
     assert sorted(s.data.shape for s in batch["image"].addressable_shards) == [(8, 8, 8, 1)] * 8
     assert (it.image_shape, it.num_classes, it.per_process_batch_size) == ((8, 8, 1), 10, 64)
+    abstract = it.abstract_batch()  # what the train step compiles against
+    for key in ("image", "label"):
+        assert (abstract[key].shape, abstract[key].dtype) == (batch[key].shape, batch[key].dtype)
+        assert abstract[key].sharding == batch[key].sharding
 
 
 def test_one_epoch_is_a_permutation_of_the_split_with_matching_labels(data_dir, mesh):

@@ -92,7 +92,10 @@ def prepare(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     builder = SklearnDigits(data_dir=data_dir)
     if builder.is_prepared():
         return builder
-    with _file_lock(os.path.join(str(builder.data_dir_root), ".sklearn_digits.lock")):
+    root = str(builder.data_dir_root)
+    # A local lock serialises processes on one host; remote dirs (gs://) rely on TFDS's atomic rename.
+    lock = _file_lock(os.path.join(root, ".sklearn_digits.lock")) if "://" not in root else contextlib.nullcontext()
+    with lock:
         builder = SklearnDigits(data_dir=data_dir)  # another process may have built it meanwhile
         if not builder.is_prepared():
             builder.download_and_prepare(

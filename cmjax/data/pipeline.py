@@ -192,6 +192,7 @@ def pipeline_options(data_config: Mapping[str, Any], *, pure_python_step: bool =
     options = tf.data.Options()
     options.deterministic = True
     options.autotune.ram_budget = int(float(data_config["ram_budget_gb"]) * 2**30)
+    # tf.data already runs elements in parallel; threads inside each op would only compete with them.
     options.threading.max_intra_op_parallelism = 1
     # tf.data counts every Python function as stateful and refuses to checkpoint it. Our only one (the PIL
     # center crop) is a pure function of its input, so its "state" may be ignored; other pipelines keep FAIL.
@@ -224,7 +225,9 @@ def deserialize_iterator(iterator: tf.data.Iterator, state: bytes) -> None:
 class GlobalBatchIterator:
     """Infinite iterator of global batches; `get_state`/`set_state` make it resumable per process."""
 
-    def __init__(self, dataset: tf.data.Dataset, mesh: Mesh, description: Mapping[str, Any], spec):
+    def __init__(
+        self, dataset: tf.data.Dataset, mesh: Mesh, description: Mapping[str, Any], spec: datasets.DatasetSpec
+    ):
         self._dataset = dataset
         self._iterator = iter(dataset)
         self._mesh = mesh
@@ -236,6 +239,14 @@ class GlobalBatchIterator:
 
     def __iter__(self) -> Iterator[dict[str, jax.Array]]:
         return self
+
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes, dtypes and shardings of a global batch, to compile the train step before any data arrives."""
+        rows, batch_sharding = self.global_batch_size, sharding.batch_sharding(self._mesh)
+        return {
+            "image": jax.ShapeDtypeStruct((rows, *self.image_shape), jnp.uint8, sharding=batch_sharding),
+            "label": jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=batch_sharding),
+        }
 
     def next_local(self) -> dict[str, np.ndarray]:
         """This process's rows of the next batch, as numpy (no device transfer)."""
