@@ -1,0 +1,176 @@
+"""NCSN++ (Song et al. 2021) as configured by the CM CIFAR-10 release (`configs/cifar10_ve_cd.py`).
+
+Defaults are the release's model settings: nf 128, ch_mult (2, 2, 2), 4 res blocks, attention at 16×16, BigGAN
+res blocks with FIR [1, 3, 3, 1] resampling, skip_rescale, progressive "none" / progressive_input "residual"
+(combine "sum"), Gaussian Fourier time embedding (scale 16), init_scale 0, conditional: 56,395,651 parameters.
+Settings the release's config carries but its network never reads (`conv_size`, `attention_type`) and the ones
+it does not have (score_sde's `centered`: inputs arrive already scaled by c_in) are not fields here.
+
+Time input: the release feeds its Fourier embedding `cond_t = 0.25·ln σ` (EDM's c_noise; `jcm/models/utils.py:
+get_denoiser_fn`), not log σ as score_sde's VE NCSN++ did. cmjax hands every network `time_input =
+250·ln(σ + 1e-44) = 1000·c_noise`, so this module embeds `time_input / 1000`.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cmjax.models import ncsnpp_layers as L
+
+# cmjax's time input is 1000·c_noise (openai's ADM convention); the release's NCSN++ embeds c_noise itself.
+TIME_INPUT_PER_C_NOISE = 1000.0
+
+
+class NCSNpp(nn.Module):
+    """The CM CIFAR-10 NCSN++ (`jcm/models/ncsnpp.py`); iCT uses the same network with fourier_scale 0.02."""
+
+    image_size: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    nf: int = 128
+    ch_mult: Sequence[int] = (2, 2, 2)
+    num_res_blocks: int = 4
+    attn_resolutions: Sequence[int] = (16,)
+    # CD/CT release configs use 0.0; the EDM teacher (cifar10_k_ve) 0.13; iCT 0.3.
+    dropout: float = 0.0
+    conditional: bool = True
+    fourier_scale: float = 16.0
+    resblock_type: str = "biggan"
+    # Only read by the "ddpm" res blocks' Upsample/Downsample (BigGAN blocks resample inside themselves).
+    resamp_with_conv: bool = True
+    fir: bool = True
+    fir_kernel: Sequence[int] = (1, 3, 3, 1)
+    skip_rescale: bool = True
+    progressive: str = "none"
+    progressive_input: str = "residual"
+    progressive_combine: str = "sum"
+    init_scale: float = 0.0
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    def _check(self, x_bhwc, class_labels_b):
+        if class_labels_b is not None:
+            raise ValueError(
+                "class_labels_b given to NCSNpp, which is unconditional (as in the CM CIFAR-10 release); "
+                "pass class_labels_b=None or use the 'unet' model with num_classes for class conditioning."
+            )
+        expected = (self.image_size, self.image_size, self.in_channels)
+        if tuple(x_bhwc.shape[1:]) != expected:
+            raise ValueError(f"NCSNpp expects inputs [B, {expected[0]}, {expected[1]}, {expected[2]}], got {x_bhwc.shape}.")
+        if self.image_size % 2 ** (len(self.ch_mult) - 1):
+            raise ValueError(f"image_size {self.image_size} does not halve {len(self.ch_mult) - 1} times.")
+        for key, value, allowed in (
+            ("resblock_type", self.resblock_type, ("biggan", "ddpm")),
+            ("progressive", self.progressive, ("none", "output_skip", "residual")),
+            ("progressive_input", self.progressive_input, ("none", "input_skip", "residual")),
+            ("progressive_combine", self.progressive_combine, ("sum", "cat")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"NCSNpp {key}={value!r} is not one of {allowed}.")
+
+    @nn.compact
+    def __call__(self, x_bhwc, time_input_b, class_labels_b=None, train: bool = False):
+        self._check(x_bhwc, class_labels_b)
+        dtype = jnp.dtype(self.dtype)
+        nf, num_levels = self.nf, len(self.ch_mult)
+
+        # Time embedding, float32: Fourier features of c_noise, then (if conditional) two dense layers.
+        c_noise_b = jnp.asarray(time_input_b, jnp.float32) / TIME_INPUT_PER_C_NOISE
+        temb = L.GaussianFourierProjection(nf, self.fourier_scale, name="time_fourier")(c_noise_b)
+        if self.conditional:
+            temb = L.dense(4 * nf, name="time_dense_0", dtype=jnp.float32)(temb)
+            temb = L.dense(4 * nf, name="time_dense_1", dtype=jnp.float32)(nn.swish(temb))
+        else:
+            temb = None
+
+        # Rematerialise per block: activations inside a block are recomputed in the backward pass.
+        res_cls = L.ResnetBlockBigGAN if self.resblock_type == "biggan" else L.ResnetBlockDDPM
+        res_cls = nn.remat(res_cls, static_argnums=(3,)) if self.remat else res_cls
+        attn_cls = nn.remat(L.AttnBlock) if self.remat else L.AttnBlock
+
+        def res_block(name, h, out_ch=None, up=False, down=False):
+            kwargs = dict(out_ch=out_ch, dropout=self.dropout, skip_rescale=self.skip_rescale,
+                          init_scale=self.init_scale, dtype=dtype, name=name)
+            if self.resblock_type == "biggan":
+                kwargs.update(up=up, down=down, fir=self.fir, fir_kernel=tuple(self.fir_kernel))
+            return res_cls(**kwargs)(h, temb, train)
+
+        def attn_block(name, h):
+            return attn_cls(skip_rescale=self.skip_rescale, init_scale=self.init_scale, dtype=dtype, name=name)(h)
+
+        def resample(name, h, up, out_ch=None, with_conv=self.resamp_with_conv):
+            return L.Resample(up, out_ch=out_ch, with_conv=with_conv, fir=self.fir,
+                              fir_kernel=tuple(self.fir_kernel), dtype=dtype, name=name)(h)
+
+        def rescaled_sum(a, b):
+            # A Python float keeps the compute dtype (a numpy scalar would promote bfloat16 to float32).
+            return (a + b) / 2.0**0.5 if self.skip_rescale else a + b
+
+        # Downsampling path; `skips` holds every activation the upsampling path concatenates.
+        x = x_bhwc.astype(dtype)
+        input_pyramid = x
+        skips = [L.conv(nf, name="input_conv", dtype=dtype)(x)]
+        for level in range(num_levels):
+            for i in range(self.num_res_blocks):
+                h = res_block(f"down_{level}_block_{i}", skips[-1], out_ch=nf * self.ch_mult[level])
+                if h.shape[1] in self.attn_resolutions:
+                    h = attn_block(f"down_{level}_attn_{i}", h)
+                skips.append(h)
+            if level == num_levels - 1:
+                continue
+            if self.resblock_type == "ddpm":
+                h = resample(f"down_{level}_downsample", skips[-1], up=False)
+            else:
+                h = res_block(f"down_{level}_downsample", skips[-1], down=True)
+            if self.progressive_input == "input_skip":
+                input_pyramid = resample(f"down_{level}_pyramid", input_pyramid, up=False, with_conv=False)
+                h = L.Combine(self.progressive_combine, dtype=dtype, name=f"down_{level}_combine")(input_pyramid, h)
+            elif self.progressive_input == "residual":
+                input_pyramid = resample(f"down_{level}_pyramid", input_pyramid, up=False,
+                                         out_ch=h.shape[-1], with_conv=True)
+                h = input_pyramid = rescaled_sum(input_pyramid, h)
+            skips.append(h)
+
+        h = skips[-1]
+        h = res_block("mid_block_0", h)
+        h = attn_block("mid_attn", h)
+        h = res_block("mid_block_1", h)
+
+        # Upsampling path.
+        pyramid = None
+        for level in reversed(range(num_levels)):
+            for i in range(self.num_res_blocks + 1):
+                h = res_block(f"up_{level}_block_{i}", jnp.concatenate([h, skips.pop()], axis=-1),
+                              out_ch=nf * self.ch_mult[level])
+            if h.shape[1] in self.attn_resolutions:
+                h = attn_block(f"up_{level}_attn", h)
+            if self.progressive == "output_skip":
+                features = L.norm_act(h, name=f"up_{level}_pyramid_norm", dtype=dtype)
+                out = L.conv(self.out_channels, name=f"up_{level}_pyramid_conv", dtype=dtype,
+                             init_scale=self.init_scale)(features)
+                if pyramid is not None:
+                    pyramid = resample(f"up_{level}_pyramid_upsample", pyramid, up=True, with_conv=False)
+                pyramid = out if pyramid is None else pyramid + out
+            elif self.progressive == "residual":
+                if pyramid is None:  # coarsest level: the pyramid starts from the trunk's features
+                    features = L.norm_act(h, name=f"up_{level}_pyramid_norm", dtype=dtype)
+                    pyramid = L.conv(h.shape[-1], name=f"up_{level}_pyramid_conv", dtype=dtype)(features)
+                else:
+                    pyramid = resample(f"up_{level}_pyramid_upsample", pyramid, up=True,
+                                       out_ch=h.shape[-1], with_conv=True)
+                    h = pyramid = rescaled_sum(pyramid, h)
+            if level != 0:
+                if self.resblock_type == "ddpm":
+                    h = resample(f"up_{level}_upsample", h, up=True)
+                else:
+                    h = res_block(f"up_{level}_upsample", h, up=True)
+        assert not skips, "every skip connection is consumed"
+
+        if self.progressive == "output_skip":
+            h = pyramid
+        else:
+            h = L.norm_act(h, name="out_norm", dtype=dtype)
+            h = L.conv(self.out_channels, name="out_conv", dtype=dtype, init_scale=self.init_scale)(h)
+        return h.astype(jnp.float32)
