@@ -76,6 +76,25 @@ def test_one_epoch_is_a_permutation_of_the_split_with_matching_labels(data_dir, 
     assert not np.array_equal(first["label"], other["label"])  # the seed changes the order
 
 
+def test_cache_changes_speed_not_the_stream(data_dir, mesh):
+    def first_batches(cache, state=None):
+        it = pipeline.build(dict(BASE, data_dir=data_dir, cache=cache, random_flip=True), mesh,
+                            global_batch_size=64, seed=5)
+        if state is not None:
+            it.set_state(state)
+        return it, [jax.device_get(next(it)) for _ in range(3)]
+
+    _, plain = first_batches(False)
+    cached_it, cached = first_batches(True)
+    for a, b in zip(plain, cached):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    state = cached_it.get_state()  # the partly filled cache travels in the state; resume is exact too
+    expected = [jax.device_get(next(cached_it)) for _ in range(2)]
+    _, resumed = first_batches(True, state)
+    for a, b in zip(expected, resumed[:2]):
+        np.testing.assert_array_equal(a["image"], b["image"])
+
+
 def test_to_model_range():
     x = jax.numpy.array([0, 1, 127, 128, 255], dtype=jax.numpy.uint8)
     y = pipeline.to_model_range(x)
