@@ -195,7 +195,7 @@ def cd_loss(network, params, x, key, step, *, target_params=None, teacher_params
             rho=schedules.RHO):
     """Consistency distillation (CM 2023 eq. 7): x̂_n is one Heun (or Euler) step of the EDM teacher
     from σ_{n+1} to σ_n. CIFAR-10: N = 18, μ = 0; ImageNet-64/LSUN: N = 40, μ = 0.95."""
-    if teacher_params is None or teacher_network is None:
+    if teacher_network is None:
         raise ValueError("method 'cd' needs a teacher: set config.method.teacher to an EDM run.")
     steppers = {"heun": solvers.heun_step, "euler": solvers.euler_step}
     if teacher_solver not in steppers:
