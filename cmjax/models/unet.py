@@ -159,7 +159,9 @@ class UNet(nn.Module):
             )
 
         def attention(channels, name):
-            return attn_block(self._heads(channels), dtype=dtype, attention_dtype=self.attention_dtype, name=name)
+            return attn_block(
+                self._heads(channels), dtype=dtype, attention_dtype=jnp.dtype(self.attention_dtype), name=name
+            )
 
         # Time (and label) embedding in float32, as openai keeps `time_embed` out of its fp16 conversion.
         time_embed_dim = 4 * self.model_channels
