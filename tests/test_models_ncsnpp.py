@@ -53,6 +53,15 @@ def _numpy_params(model, x, t, seed=0):
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+    """XLA's optimisation passes double these tests' compile time and change no property they check."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     model = NCSNpp(**TINY)
@@ -101,15 +110,35 @@ def test_group_norm_follows_the_release():
 
 
 def test_fourier_embedding_receives_c_noise(tiny):
-    """The release embeds cond_t = ¼·ln σ; cmjax passes 250·ln σ, so the module divides by 1000."""
+    """The release embeds cond_t = ¼·ln σ (EDM's c_noise); cmjax passes 250·ln σ, so the module divides by 1000."""
     model, params, x, t = tiny
-    _, state = model.apply(
-        {"params": params}, x, t, capture_intermediates=lambda mdl, _: mdl.name == "time_fourier"
+    seen = {}
+
+    class Seen(Exception):
+        pass
+
+    def intercept(next_fn, args, kwargs, context):
+        if isinstance(context.module, L.GaussianFourierProjection):
+            seen["t"] = np.asarray(args[0])
+            raise Seen  # nothing after the embedding needs to run
+        return next_fn(*args, **kwargs)
+
+    with nn.intercept_methods(intercept), pytest.raises(Seen):
+        model.apply({"params": params}, x, t)
+    np.testing.assert_allclose(seen["t"], 0.25 * np.log([0.05, 20.0]), rtol=1e-6)
+
+
+def test_fourier_features():
+    """[sin(2π·t·W), cos(2π·t·W)] with W ~ N(0, scale²), W of length `embedding_size`."""
+    layer = L.GaussianFourierProjection(embedding_size=4096, scale=16.0)
+    c_noise = jnp.array([-0.7, 0.3])
+    variables = layer.init(_key(0), c_noise)
+    w = np.asarray(nn.unbox(variables["params"])["W"])
+    assert w.shape == (4096,) and 15.0 < w.std() < 17.0
+    proj = np.asarray(c_noise)[:, None] * w[None] * 2 * np.pi
+    np.testing.assert_allclose(
+        np.asarray(layer.apply(variables, c_noise)), np.concatenate([np.sin(proj), np.cos(proj)], -1), atol=1e-4
     )
-    features = np.asarray(state["intermediates"]["time_fourier"]["__call__"][0])
-    c_noise = 0.25 * np.log(np.array([0.05, 20.0]))
-    proj = c_noise[:, None] * np.asarray(params["time_fourier"]["W"])[None] * 2 * np.pi
-    np.testing.assert_allclose(features, np.concatenate([np.sin(proj), np.cos(proj)], -1), atol=2e-4)
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +148,11 @@ def tiny_grads(tiny):
     targets = jnp.ones_like(x)
 
     def loss_and_grads(m):
-        fn = lambda p: jnp.mean((m.apply({"params": p}, x, t) - targets) ** 2)  # noqa: E731
-        return jax.jit(jax.value_and_grad(fn))(params)
+        def fn(p):
+            out = m.apply({"params": p}, x, t)
+            return jnp.mean((out - targets) ** 2), out
+
+        return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
 
     return loss_and_grads(model), loss_and_grads(model.clone(remat=True))
 
@@ -193,18 +225,23 @@ def test_bfloat16_compute_tracks_float32(tiny):
     """bfloat16 convs/matmuls (float32 params, norms, softmax, time embedding): max error < 5% of the output range."""
     model, params, x, t = tiny
     ref = model.apply({"params": params}, x, t)
-    low = model.clone(dtype="bfloat16").apply({"params": params}, x, t)
+    low = jax.jit(model.clone(dtype="bfloat16").apply)({"params": params}, x, t)  # one compile beats eager bf16 ops
     assert low.dtype == jnp.float32
     err = float(jnp.abs(low - ref).max()) / float(jnp.abs(ref).max())
     assert 0.0 < err < 0.05
 
 
 def test_remat_gives_identical_outputs_and_gradients(tiny_grads):
-    (loss, grads), (loss_remat, grads_remat) = tiny_grads
-    np.testing.assert_allclose(float(loss_remat), float(loss), rtol=1e-6)
+    """Same function, same gradients, up to float32 reassociation (remat changes XLA's fusion, not the maths)."""
+    ((loss, out), grads), ((loss_remat, out_remat), grads_remat) = tiny_grads
+    np.testing.assert_allclose(np.asarray(out_remat), np.asarray(out), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(loss_remat), float(loss), rtol=1e-5)
     assert jax.tree.structure(grads) == jax.tree.structure(grads_remat)
+    # The attention key biases have gradients that are zero up to rounding (softmax ignores a per-query shift):
+    # compare on the scale of the whole gradient.
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
     for g, g_remat in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat)):
-        np.testing.assert_allclose(np.asarray(g_remat), np.asarray(g), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(g_remat), np.asarray(g), rtol=1e-4, atol=1e-6 * scale)
 
 
 @pytest.mark.parametrize(
