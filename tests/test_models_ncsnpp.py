@@ -319,7 +319,9 @@ def test_fused_fir_conv_equals_resample_then_conv_inside(up):
     params = _numpy_params_for_layer(layer, x)
     fused = np.asarray(layer.apply({"params": params}, x))
     w = params["weight"]
-    same = lambda y: jax.lax.conv_general_dilated(y, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
+    def same(y):
+        return jax.lax.conv_general_dilated(y, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
     unfused = np.asarray(same(L.upsample_2d(x, FIR)) if up else L.downsample_2d(same(x), FIR)) + params["bias"]
     assert fused.shape == ((1, 16, 16, 5) if up else (1, 4, 4, 5))
     np.testing.assert_allclose(fused[:, 1:-1, 1:-1], unfused[:, 1:-1, 1:-1], atol=1e-5)

@@ -3,8 +3,9 @@
 Defaults are the release's model settings: nf 128, ch_mult (2, 2, 2), 4 res blocks, attention at 16×16, BigGAN
 res blocks with FIR [1, 3, 3, 1] resampling, skip_rescale, progressive "none" / progressive_input "residual"
 (combine "sum"), Gaussian Fourier time embedding (scale 16), init_scale 0, conditional: 56,395,651 parameters.
-Settings the release's config carries but its network never reads (`conv_size`, `attention_type`) and the ones
-it does not have (score_sde's `centered`: inputs arrive already scaled by c_in) are not fields here.
+Release settings with a single value here are not fields: nonlinearity "swish", normalization "GroupNorm",
+embedding_type "fourier", double_heads False; `conv_size` and `attention_type` are in the release config but its
+network never reads them, and score_sde's `centered` is gone from it (inputs arrive already scaled by c_in).
 
 Time input: the release feeds its Fourier embedding `cond_t = 0.25·ln σ` (EDM's c_noise; `jcm/models/utils.py:
 get_denoiser_fn`), not log σ as score_sde's VE NCSN++ did. cmjax hands every network `time_input =
@@ -58,7 +59,10 @@ class NCSNpp(nn.Module):
             )
         expected = (self.image_size, self.image_size, self.in_channels)
         if tuple(x_bhwc.shape[1:]) != expected:
-            raise ValueError(f"NCSNpp expects inputs [B, {expected[0]}, {expected[1]}, {expected[2]}], got {x_bhwc.shape}.")
+            raise ValueError(
+                f"NCSNpp expects inputs [B, {expected[0]}, {expected[1]}, {expected[2]}] (image_size, in_channels), "
+                f"got {x_bhwc.shape}."
+            )
         if self.image_size % 2 ** (len(self.ch_mult) - 1):
             raise ValueError(f"image_size {self.image_size} does not halve {len(self.ch_mult) - 1} times.")
         for key, value, allowed in (

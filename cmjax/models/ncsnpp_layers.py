@@ -109,7 +109,7 @@ def fir_kernel_2d(kernel_1d: Sequence[float], gain: float = 1.0) -> np.ndarray:
 
 
 def upfirdn_2d(x_bhwc, kernel_2d: np.ndarray, *, up: int = 1, down: int = 1, pad0: int = 0, pad1: int = 0):
-    """Zero-insert by `up`, zero-pad (pad0, pad1), convolve with `kernel_2d`, keep every `down`-th pixel; per channel."""
+    """StyleGAN2 `upfirdn_2d` per channel: zero-insert by `up`, pad (pad0, pad1), convolve, keep every `down`-th."""
     if pad0 < 0 or pad1 < 0:
         raise ValueError(f"upfirdn_2d supports non-negative padding only, got ({pad0}, {pad1}).")
     channels = x_bhwc.shape[-1]
@@ -258,7 +258,7 @@ class AttnBlock(nn.Module):
 
 
 class ResnetBlockBigGAN(nn.Module):
-    """Release `ResnetBlockBigGANpp`: norm-act, optional FIR up/down of both paths, conv, +temb, norm-act, dropout, conv."""
+    """Release `ResnetBlockBigGANpp`: norm-act, FIR up/down of both paths, conv, +temb, norm-act, dropout, conv."""
 
     out_ch: Optional[int] = None
     up: bool = False
