@@ -1,11 +1,13 @@
-"""The UNet ↔ openai/diffusers maps: reference key names and shapes, round trips, and numerical parity with diffusers."""
+"""UNet ↔ openai/diffusers maps: released key names and shapes, round trips, numerical parity with diffusers."""
 import json
 
+import diffusers
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from cmjax.interop import openai as interop
 from cmjax.models.unet import UNet
@@ -96,7 +98,8 @@ def test_round_trip_and_layouts():
     params = _randomized(_init_shapes(unet), seed=0)
     sd = interop.to_openai_state_dict(params)
     # Conv HWIO → OIHW, Dense (in, out) → (out, in), embedding unchanged.
-    np.testing.assert_array_equal(sd["input_blocks.0.0.weight"], np.transpose(params["input_blocks_0_0"]["kernel"], (3, 2, 0, 1)))
+    conv_in_hwio = np.asarray(params["input_blocks_0_0"]["kernel"])
+    np.testing.assert_array_equal(sd["input_blocks.0.0.weight"], np.transpose(conv_in_hwio, (3, 2, 0, 1)))
     np.testing.assert_array_equal(sd["time_embed.0.weight"], np.asarray(params["time_embed_0"]["kernel"]).T)
     np.testing.assert_array_equal(sd["label_emb.weight"], params["label_emb"]["embedding"])
     back = interop.from_openai_state_dict(sd, params)
@@ -135,13 +138,11 @@ def test_legacy_qkv_order_matches_legacy_attention():
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_numerical_parity_with_diffusers_unet2d(name):
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
     unet = UNet(**TINY[name])
     params = _randomized(_init_shapes(unet), seed=1)
 
     torch_model = diffusers.UNet2DModel(**interop.diffusers_unet2d_config(unet)).eval()
-    sd = {k: torch.from_numpy(v) for k, v in interop.to_diffusers_state_dict(params, unet).items()}
+    sd = {k: torch.tensor(v) for k, v in interop.to_diffusers_state_dict(params, unet).items()}
     torch_model.load_state_dict(sd, strict=True)
 
     rng = np.random.default_rng(2)

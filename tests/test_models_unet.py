@@ -1,4 +1,4 @@
-"""ADM UNet: released parameter counts, output contract, conditioning, dropout, bfloat16 compute, remat, sharding names."""
+"""ADM UNet: released parameter counts, output contract, conditioning, dropout, bfloat16, remat, sharding names."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -162,9 +162,18 @@ def test_parameters_carry_logical_axis_names():
     assert tuple(specs["middle_block_1"]["qkv"]["kernel"]) == layers.CONV_KERNEL_AXES
     assert tuple(specs["out_0"]["scale"]) == layers.NORM_AXES
     assert tuple(specs["label_emb"]["embedding"]) == layers.EMBEDDING_AXES
-    unnamed = [p for p, leaf in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda v: isinstance(v, nn.Partitioned))
-               if not isinstance(leaf, nn.Partitioned)]
+    leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda v: isinstance(v, nn.Partitioned))
+    unnamed = [p for p, leaf in leaves if not isinstance(leaf, nn.Partitioned)]
     assert unnamed == []
+
+
+def test_hooks_are_checked_and_keep_the_parameter_tree():
+    x, t, labels = _inputs(UNet(**TINY))
+    with pytest.raises(ValueError, match="emb_norm='rms'"):
+        jax.eval_shape(lambda: UNet(**{**TINY, "emb_norm": "rms"}).init(jax.random.key(0), x, t, labels))
+    pixel = UNet(**{**TINY, "emb_norm": "pixel_norm"})
+    hooked = jax.eval_shape(lambda: pixel.init(jax.random.key(0), x, t, labels))["params"]
+    assert jax.tree.structure(nn.meta.unbox(hooked)) == jax.tree.structure(_shapes(UNet(**TINY)))
 
 
 def test_group_norm_and_timestep_embedding():

@@ -66,7 +66,7 @@ def conv(
 
 
 class GroupNorm32(nn.Module):
-    """openai `normalization(channels)`: GroupNorm, 32 groups, eps 1e-5, computed in float32, cast back to the input dtype."""
+    """openai `normalization(channels)`: GroupNorm, 32 groups, eps 1e-5, in float32, cast back to the input dtype."""
 
     num_groups: int = 32
     epsilon: float = 1e-5

@@ -19,7 +19,7 @@ from cmjax.models import layers
 
 
 class ResBlock(nn.Module):
-    """openai `ResBlock`: GN→SiLU→conv, time embedding added (or AdaGN scale-shift), GN→SiLU→dropout→zero conv, skip."""
+    """openai `ResBlock`: GN→SiLU→conv, + time embedding (or AdaGN scale-shift), GN→SiLU→dropout→zero conv, + skip."""
 
     out_channels: int
     dropout: float = 0.0
@@ -60,7 +60,7 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """openai `AttentionBlock` with `QKVFlashAttention`: GN, 1×1 qkv conv ([all q | all k | all v] rows), zero proj_out."""
+    """openai `AttentionBlock` (flash path): GN, 1×1 qkv conv with rows [all q | all k | all v], zero proj_out."""
 
     num_heads: int
     dtype: Any = jnp.float32
@@ -141,6 +141,12 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x_bhwc, time_input_b, class_labels_b=None, train: bool = False):
+        for field, value, choices in (
+            ("time_embedding", self.time_embedding, layers.TIME_EMBEDDINGS),
+            ("emb_norm", self.emb_norm, layers.EMB_NORMS),
+        ):
+            if value not in choices:
+                raise ValueError(f"UNet {field}={value!r} is not one of {sorted(choices)}.")
         dtype = jnp.dtype(self.dtype)
         res_block = nn.remat(ResBlock) if self.remat else ResBlock
         attn_block = nn.remat(AttentionBlock) if self.remat else AttentionBlock
@@ -170,7 +176,9 @@ class UNet(nn.Module):
         emb = layers.dense(time_embed_dim, name="time_embed_2")(nn.silu(emb))
         if self.num_classes:
             if class_labels_b is None:
-                raise ValueError(f"This UNet is class-conditional (num_classes={self.num_classes}); pass class_labels_b.")
+                raise ValueError(
+                    f"This UNet is class-conditional (num_classes={self.num_classes}); pass class_labels_b."
+                )
             label_emb = nn.Embed(
                 self.num_classes,
                 time_embed_dim,
