@@ -1,0 +1,111 @@
+"""Subprocess bodies for the checkpoint tests: jobs that die mid-save or run on two processes.
+
+Modes:
+  killed WORKDIR
+      save step 1 and let it finish; start an asynchronous save of step 2 (a ~32 MB state, so the write takes
+      a while) and SIGKILL this process as soon as Orbax's temporary directory for step 2 appears.
+  distributed PORT PROCESS_ID WORKDIR
+      one of 2 processes x 4 CPU devices: save a state sharded over the 8-device mesh together with this
+      process's data-iterator state, then check that `should_stop_for_preemption` agrees on both processes
+      after process 0 alone receives SIGTERM. Prints one "RESULT ..." line.
+"""
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+KILLED_SHAPE = (2048, 4096)  # float32: 32 MiB of random (incompressible) values
+
+
+def killed_state(step: int):
+    """The state saved at `step` by the `killed` job: its values tell the steps apart."""
+    import jax.numpy as jnp
+
+    values = np.random.default_rng(step).standard_normal(KILLED_SHAPE, dtype=np.float32)
+    return {"weights": jnp.asarray(values), "step": jnp.asarray(step, jnp.int32)}
+
+
+def killed(workdir: str) -> None:
+    from cmjax import checkpointing
+
+    checkpointer = checkpointing.Checkpointer(workdir, save_every=1, keep=5, async_save=True)
+    assert checkpointer.save(1, killed_state(1))
+    checkpointer.wait()
+    state = killed_state(2)
+    assert checkpointer.save(2, state)
+    root = os.path.join(workdir, "checkpoints")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if any(name.startswith("2.") and "tmp" in name for name in os.listdir(root)):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if "2" in os.listdir(root):
+            sys.exit(3)  # the save finished before we could kill it: the test would prove nothing
+        time.sleep(0.001)
+    sys.exit(4)
+
+
+class CountingIterator:
+    """Stand-in data iterator: its state is the process index and how many batches it has given."""
+
+    def __init__(self, process_index: int, position: int = 0):
+        self.process_index, self.position = process_index, position
+
+    def get_state(self) -> bytes:
+        return f"process={self.process_index} position={self.position}".encode()
+
+    def set_state(self, state: bytes) -> None:
+        fields = dict(part.split("=") for part in state.decode().split())
+        self.process_index, self.position = int(fields["process"]), int(fields["position"])
+
+
+def distributed_state(mesh):
+    """A state sharded over both processes' devices; values known to every process."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    kernel = np.arange(16 * 8, dtype=np.float32).reshape(16, 8)
+    return {
+        "kernel": jax.device_put(jnp.asarray(kernel), NamedSharding(mesh, P("data", "fsdp"))),
+        "step": jax.device_put(jnp.asarray(40, jnp.int32), NamedSharding(mesh, P())),
+    }
+
+
+def distributed(port: int, process_id: int, workdir: str) -> None:
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # The flag path: without JAX's preemption service our SIGTERM handler and its all-gather decide.
+    jax.config.update("jax_enable_preemption_service", False)
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    from cmjax import checkpointing, sharding
+
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    checkpointer = checkpointing.Checkpointer(workdir, save_every=20, keep=2, preemption_check_every=10)
+    iterator = CountingIterator(process_id, position=100 + process_id)
+    assert checkpointer.save(40, distributed_state(mesh), iterator)
+    checkpointer.wait()
+
+    if process_id == 0:
+        os.kill(os.getpid(), signal.SIGTERM)  # only this process is told
+    decisions = [checkpointer.should_stop_for_preemption(step) for step in (41, 45, 50)]
+    restored_iterator = CountingIterator(-1)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            distributed_state(mesh))
+    state, step = checkpointer.restore(abstract, restored_iterator)
+    local_rows = sorted({int(s.index[0].start or 0) for s in state["kernel"].addressable_shards})
+    checkpointer.close()
+    print(f"RESULT decisions={decisions} step={step} iterator={restored_iterator.get_state().decode()!r} "
+          f"rows={local_rows}", flush=True)
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "killed":
+        killed(sys.argv[2])
+    elif mode == "distributed":
+        distributed(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
