@@ -253,7 +253,12 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_iterator: Optional[ResumableIterator] = None, *,
              force: bool = False) -> bool:
-        """Starts saving `step` if it is due (or `force`); True if a save started. Raises on a non-finite state."""
+        """Starts saving `step` if it is due (or `force`); True if a save started. Raises on a non-finite state.
+
+        Call it after the step that consumed the iterator's last batch and before the next `next()`, so the
+        iterator state saved is the position that step `step + 1` starts from. With `async_save` it returns
+        once the arrays are copied off the devices: the caller may donate `state` to the next step at once.
+        """
         if step in self._manager.all_steps():
             return False  # Already saved (a periodic save and a preemption save can fall on one step).
         if not force and not self._manager.should_save(step):

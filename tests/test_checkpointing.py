@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -227,6 +228,28 @@ def test_matching_tree_with_namedtuples_and_dataclass_paths_is_not_a_mismatch(me
                 "opt_state": [{"count": state["opt_state"][0].count, "mu": state["opt_state"][0].mu,
                                "nu": state["opt_state"][0].nu}, None]}
     assert checkpointing.tree_mismatches(as_saved, abstract_of(state)) == []
+
+
+@flax.struct.dataclass
+class TrainStateLike:
+    step: jax.Array
+    params: dict
+    opt_state: tuple
+    target_params: dict | None  # None where a method has no target network (iCT)
+    ema: dict  # empty when no EMA rates are configured
+    apply_fn: object = flax.struct.field(pytree_node=False, default=None)
+
+
+def test_a_dataclass_train_state_with_empty_fields_round_trips(mesh8, tmp_path, checkpointers):
+    params = make_state(mesh8)["params"]
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+    state = TrainStateLike(step=jnp.asarray(3, jnp.int32), params=params, opt_state=tx.init(params),
+                           target_params=None, ema={})
+    checkpointers(tmp_path, async_save=False).save(3, state)
+    restored, _ = checkpointers(tmp_path).restore(abstract_of(state))
+    assert isinstance(restored, TrainStateLike)
+    assert restored.target_params is None and restored.ema == {}
+    assert_same_values(restored, state)
 
 
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf])
