@@ -4,10 +4,12 @@ Modes:
   killed WORKDIR
       save step 1 and let it finish; start an asynchronous save of step 2 (a ~32 MB state, so the write takes
       a while) and SIGKILL this process as soon as Orbax's temporary directory for step 2 appears.
-  distributed PORT PROCESS_ID WORKDIR
+  distributed PORT PROCESS_ID WORKDIR flag|service
       one of 2 processes x 4 CPU devices: save a state sharded over the 8-device mesh together with this
-      process's data-iterator state, then check that `should_stop_for_preemption` agrees on both processes
-      after process 0 alone receives SIGTERM. Prints one "RESULT ..." line.
+      process's data-iterator state, then send SIGTERM to process 0 alone and record at which steps
+      `should_stop_for_preemption` says stop. `flag`: JAX's preemption service off, so our SIGTERM flag and
+      its all-gather decide (asked at steps 41, 45, 50). `service`: JAX's service catches SIGTERM and Orbax's
+      sync point decides (asked every step from 41; the first "stop" step is saved). Prints one "RESULT" line.
 """
 import os
 import signal
@@ -73,12 +75,11 @@ def distributed_state(mesh):
     }
 
 
-def distributed(port: int, process_id: int, workdir: str) -> None:
+def distributed(port: int, process_id: int, workdir: str, preemption: str) -> None:
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # The flag path: without JAX's preemption service our SIGTERM handler and its all-gather decide.
-    jax.config.update("jax_enable_preemption_service", False)
+    jax.config.update("jax_enable_preemption_service", preemption == "service")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     from cmjax import checkpointing, sharding
 
@@ -90,11 +91,21 @@ def distributed(port: int, process_id: int, workdir: str) -> None:
 
     if process_id == 0:
         os.kill(os.getpid(), signal.SIGTERM)  # only this process is told
-    decisions = [checkpointer.should_stop_for_preemption(step) for step in (41, 45, 50)]
+    if preemption == "flag":
+        decisions = [checkpointer.should_stop_for_preemption(step) for step in (41, 45, 50)]
+    else:
+        decisions = []
+        for step in range(41, 1000):  # a stand-in train loop: one call per step, as the sync point requires
+            if checkpointer.should_stop_for_preemption(step):
+                decisions.append(step)
+                assert checkpointer.save(step, distributed_state(mesh), iterator, force=True)
+                checkpointer.wait()
+                break
+            time.sleep(0.01)
     restored_iterator = CountingIterator(-1)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             distributed_state(mesh))
-    state, step = checkpointer.restore(abstract, restored_iterator)
+    state, step = checkpointer.restore(abstract, restored_iterator, step=40)
     local_rows = sorted({int(s.index[0].start or 0) for s in state["kernel"].addressable_shards})
     checkpointer.close()
     print(f"RESULT decisions={decisions} step={step} iterator={restored_iterator.get_state().decode()!r} "
@@ -106,6 +117,6 @@ if __name__ == "__main__":
     if mode == "killed":
         killed(sys.argv[2])
     elif mode == "distributed":
-        distributed(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+        distributed(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
     else:
         raise SystemExit(f"unknown mode {mode!r}")

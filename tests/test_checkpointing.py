@@ -312,12 +312,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_save_per_process_data_and_agree_on_preemption(tmp_path, checkpointers, mesh8):
+def run_two_processes(workdir, preemption):
+    """Runs the worker's `distributed` mode on 2 processes x 4 devices; returns each one's RESULT line."""
     port, env = free_port(), subprocess_env()
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     processes = [
-        subprocess.Popen([sys.executable, WORKER, "distributed", str(port), str(i), str(tmp_path)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.Popen([sys.executable, WORKER, "distributed", str(port), str(i), str(workdir), preemption],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for i in range(2)
     ]
     logs = []
@@ -331,11 +332,16 @@ def test_two_processes_save_per_process_data_and_agree_on_preemption(tmp_path, c
     for process, log in zip(processes, logs):
         assert process.returncode == 0, log[-3000:]
         results.append([line for line in log.splitlines() if line.startswith("RESULT")][-1])
-    # Only process 0 got SIGTERM; both stop at the same (checked) step, neither before it.
     for i, result in enumerate(results):
-        assert "decisions=[False, False, True]" in result and "step=40" in result
-        assert f"iterator='process={i} position={100 + i}'" in result
+        assert "step=40" in result and f"iterator='process={i} position={100 + i}'" in result
     assert "rows=[0]" in results[0] and "rows=[8]" in results[1]  # each process restored its own half
+    return results
+
+
+def test_two_processes_save_per_process_data_and_agree_on_a_sigterm_flag(tmp_path, checkpointers, mesh8):
+    results = run_two_processes(tmp_path, "flag")
+    # Only process 0 got SIGTERM; both stop at the same (checked) step, neither before it.
+    assert all("decisions=[False, False, True]" in result for result in results)
 
     data_files = sorted(os.listdir(tmp_path / "checkpoints" / "40" / "data"))
     assert [f for f in data_files if f.startswith("data_process")] == [
@@ -348,3 +354,12 @@ def test_two_processes_save_per_process_data_and_agree_on_preemption(tmp_path, c
                                   np.arange(16 * 8, dtype=np.float32).reshape(16, 8))
     with pytest.raises(FileNotFoundError, match="process 0 of 1.*data_process_00000-of-00002"):
         checkpointer.restore(abstract, worker.CountingIterator(0))
+
+
+def test_two_processes_stop_at_the_same_step_through_jax_preemption_service(tmp_path, checkpointers):
+    results = run_two_processes(tmp_path, "service")
+    # JAX caught process 0's SIGTERM (it survived), told process 1, and both reached one sync step.
+    stop_steps = [result.split("decisions=")[1].split(" ")[0] for result in results]
+    assert stop_steps[0] == stop_steps[1] and stop_steps[0] != "[]", results
+    stop_step = int(stop_steps[0].strip("[]"))
+    assert checkpointers(tmp_path, save_every=20).latest_step() == stop_step > 40
