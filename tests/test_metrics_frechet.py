@@ -17,7 +17,7 @@ def psd_sqrt(matrix):
 
 
 def reference_distance(mu1, sigma1, mu2, sigma2):
-    """‖μ1−μ2‖² + Tr Σ1 + Tr Σ2 − 2 Tr (Σ1^{1/2} Σ2 Σ1^{1/2})^{1/2}: the same quantity without sqrtm(Σ1Σ2)."""
+    """‖μ1−μ2‖² + Tr Σ1 + Tr Σ2 − 2 Tr (Σ1^{1/2} Σ2 Σ1^{1/2})^{1/2}: the same value without sqrtm(Σ1Σ2)."""
     root1 = psd_sqrt(sigma1)
     cross = np.trace(psd_sqrt(root1 @ sigma2 @ root1))
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * cross)

@@ -1,13 +1,15 @@
 """Sample quality on the embedded digits dataset, judged by a small digit classifier trained here.
 
 Inception features mean nothing on 8x8 grayscale digits, so the digits demo measures its samples with a small
-CNN trained deterministically on the `sklearn_digits` train split (seconds on CPU, cached to a file):
+network trained deterministically on the `sklearn_digits` train split (seconds on CPU, cached to a file):
 - `frechet`: the Fréchet distance between Gaussians fitted to the classifier's 64-d penultimate features of the
   samples and of real reference images (FID's formula in a digit classifier's feature space);
 - `confident_fraction`: the fraction of samples the classifier puts in one class with probability ≥ 0.9;
 - `class_fractions` / `balanced`: how often each class is the argmax, and whether every class lies in
   [5 %, 15 %] (an unconditional model should not drop or over-produce digits).
-`floor()` gives the same numbers for held-out real images, the best a model can hope for.
+`floor()` gives the same numbers for the held-out real test images against the train split: what perfect
+samples would score. Score samples against the same reference, `reference_images("train")`, to compare with it
+(FID likewise compares against training-set statistics).
 """
 from __future__ import annotations
 
@@ -45,7 +47,10 @@ EVAL_CHUNK = 512
 
 
 class DigitsNet(nn.Module):
-    """2 convs + a 64-d feature layer + a 10-way head, on 8x8x1 images in [-1, 1]."""
+    """An MLP on the 64 pixels: 256 hidden, a 64-d feature layer, a 10-way head; inputs in [-1, 1]."""
+
+    # An MLP, not a CNN: with one-pixel-shift augmentation it reaches the same ~98.6 % test accuracy as a
+    # 2-conv net here, and XLA's CPU convolution gradients made the conv net's training ~50x slower (70 s).
 
     @nn.compact
     def __call__(self, x_bhwc: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -173,7 +178,7 @@ def _param_shapes() -> Any:
 
 
 def _flatten(params: Any) -> dict[str, Any]:
-    """{"['Conv_0']['kernel']": leaf, ...} in the tree's leaf order."""
+    """{"['Dense_0']['kernel']": leaf, ...} in the tree's leaf order."""
     return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
@@ -199,9 +204,11 @@ def _load(path: epath.Path, seed: int, steps: int) -> DigitsClassifier | None:
     """The cached classifier, or None if the file is missing, unreadable, or of another version or shape."""
     try:
         with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as stored:
-            if (str(stored["__version__"]), int(stored["__seed__"]), int(stored["__steps__"])) != (VERSION, seed, steps):
+            stored_key = (str(stored["__version__"]), int(stored["__seed__"]), int(stored["__steps__"]))
+            if stored_key != (VERSION, seed, steps):
                 return None
-            template = _flatten(_param_shapes())
+            shapes = _param_shapes()
+            template = _flatten(shapes)
             names = {name[len("params") :] for name in stored.files if name.startswith("params")}
             if names != set(template):
                 return None
@@ -214,8 +221,7 @@ def _load(path: epath.Path, seed: int, steps: int) -> DigitsClassifier | None:
             accuracy = float(stored["__test_accuracy__"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing, truncated or not an npz
         return None
-    treedef = jax.tree_util.tree_structure(_param_shapes())
-    params = jax.tree_util.tree_unflatten(treedef, [flat[name] for name in template])
+    params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), list(flat.values()))
     return DigitsClassifier(params, accuracy)
 
 
@@ -242,15 +248,18 @@ def train_classifier(
 
 
 def sample_quality(classifier: DigitsClassifier, samples, reference_images) -> dict[str, Any]:
-    """Fréchet distance to the reference in classifier features, confident fraction and class balance."""
+    """Fréchet distance to the reference in classifier features, confident fraction and class balance.
+
+    `samples` and `reference_images`: host-local arrays [N >= 128, 8, 8, 1] in [-1, 1]; N may differ.
+    """
     samples = np.asarray(samples, dtype=np.float32)
     reference_images = np.asarray(reference_images, dtype=np.float32)
     minimum = 2 * FEATURE_DIM  # fewer images than this leave the 64x64 covariance badly underdetermined
     for name, images in (("samples", samples), ("reference_images", reference_images)):
         if images.ndim != 4 or len(images) < minimum:
             raise ValueError(
-                f"sample_quality needs at least {minimum} {name} (2 x the classifier's {FEATURE_DIM}-d features) "
-                f"of shape [N, 8, 8, 1]; got shape {images.shape}."
+                f"sample_quality needs at least {minimum} {name} (2 x the classifier's {FEATURE_DIM}-d "
+                f"features) of shape [N, 8, 8, 1]; got shape {images.shape}."
             )
     if not np.all(np.isfinite(samples)):
         bad = int(np.sum(~np.isfinite(samples).reshape(len(samples), -1).all(axis=1)))

@@ -43,7 +43,7 @@ def _significantly_complex(matrix: np.ndarray) -> bool:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Squared Fréchet distance between N(μ1, Σ1) and N(μ2, Σ2): ‖μ1−μ2‖² + Tr(Σ1 + Σ2 − 2(Σ1Σ2)^{1/2})."""
+    """Fréchet distance (squared, as FID) of N(μ1, Σ1) and N(μ2, Σ2): ‖μ1−μ2‖² + Tr(Σ1+Σ2−2(Σ1Σ2)^{1/2})."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     dim = mu1.shape[0]
