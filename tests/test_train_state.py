@@ -79,7 +79,7 @@ def test_create_unboxes_partitioned_params():
 
 
 def test_finite_step_updates_params_ema_and_target_by_hand(sgd_step):
-    """θ' = θ − lr·g; EMA_r = r·θ + (1 − r)·θ'; θ⁻ = μ·θ + (1 − μ)·θ' (both from the new θ, CM Alg. 3)."""
+    """θ' = θ − lr·g; EMA_r = r·θ + (1 − r)·θ'; θ⁻ = μ·θ + (1 − μ)·θ' (from the new θ, CM Alg. 3)."""
     tx, step = sgd_step
     params = _params()
     state = train_state.create(params, tx, ema_rates=[0.9, 0.5], keep_target=True)
@@ -122,7 +122,8 @@ def test_nonfinite_step_is_skipped_inside_one_program(sgd_step, bad):
         # Nothing moves and nothing turns NaN: θ, optimizer state, EMA and target are the pre-skip values.
         _assert_tree_equal((state.params, state.opt_state, state.ema, state.target_params),
                            (before.params, before.opt_state, before.ema, before.target_params))
-        assert (int(state.step), int(state.nonfinite_steps), int(state.skipped_steps)) == (1 + skipped, skipped, skipped)
+        counters = (int(state.step), int(state.nonfinite_steps), int(state.skipped_steps))
+        assert counters == (1 + skipped, skipped, skipped)
     state = step(state, _grads(), jnp.float32(1.0), jnp.float32(0.5))
     assert (int(state.step), int(state.nonfinite_steps), int(state.skipped_steps)) == (4, 0, 2)
     expected_bias = before.params["dense"]["bias"] - SGD_LR * _grads()["dense"]["bias"]
