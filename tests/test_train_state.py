@@ -79,7 +79,7 @@ def test_create_unboxes_partitioned_params():
 
 
 def test_finite_step_updates_params_ema_and_target_by_hand(sgd_step):
-    """θ' = θ − lr·g; EMA_r = r·θ + (1 − r)·θ'; θ⁻ = μ·θ + (1 − μ)·θ' (from the new θ, CM Alg. 3)."""
+    """θ' = θ − lr·g, EMA_r = r·θ + (1 − r)·θ', θ⁻ = μ·θ + (1 − μ)·θ' (new θ: CM Alg. 3)."""
     tx, step = sgd_step
     params = _params()
     state = train_state.create(params, tx, ema_rates=[0.9, 0.5], keep_target=True)
