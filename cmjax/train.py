@@ -1,0 +1,269 @@
+"""`train_and_evaluate(config, workdir)`: the training loop, one readable function in sections.
+
+A batch's life: TFDS → per-process uint8 rows → one global array sharded over ("data", "fsdp") → the
+jitted step (loss, gradients, optimizer, EMA and target updates; state donated) → metrics every
+`log_every` steps → asynchronous Orbax checkpoint every `ckpt_every` steps (data-iterator state included)
+→ sample grids and quality metrics every `eval_every` steps. The step compiles once: the curriculum
+N(k), μ(k) and the learning rate are computed from the traced step inside it.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from cmjax import checkpointing, evaluate, losses, models, optim, parameterization, sharding, train_state
+from cmjax.data import pipeline
+
+CONFIG_FILE = "config.json"
+# Objectives that keep a target EMA network θ⁻ (iCT and ECT use sg(θ) instead).
+METHODS_WITH_TARGET = ("cd", "ct")
+METHODS_WITH_TEACHER = ("cd", "ect")
+
+
+class TrainingStoppedError(RuntimeError):
+    """Training cannot continue (e.g. too many consecutive non-finite steps); the last checkpoint is intact."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces the loop is made of (each testable on its own).
+
+
+def objective_from_config(config) -> Any:
+    """The objective `config.method.name` with the method's settings bound (`teacher` is not one)."""
+    settings = {k: v for k, v in config.method.items() if k not in ("name", "teacher")}
+    if "total_steps" in losses.objective_settings(config.method.name):
+        settings.setdefault("total_steps", config.total_steps)
+    return losses.make_objective(config.method.name, **settings)
+
+
+def sample_inputs(config, batch_size: int = 1):
+    """Dummy network inputs of the configured shapes, for `init` and `eval_shape`."""
+    image_shape = (config.model.image_size, config.model.image_size, config.model.in_channels)
+    x = jnp.zeros((batch_size, *image_shape), jnp.float32)
+    labels = jnp.zeros((batch_size,), jnp.int32) if config.model.get("num_classes") else None
+    return x, jnp.zeros((batch_size,), jnp.float32), labels
+
+
+def init_params(module, config, key):
+    """Float32 parameters of `module`, logical-axis boxes removed (the rules in `sharding` read shapes)."""
+    x, t, labels = sample_inputs(config)
+    return nn.meta.unbox(module.init({"params": key}, x, t, labels)["params"])
+
+
+def make_train_step(config, module, objective, optimizer, learning_rate_fn, teacher_module=None):
+    """The pure step (state, batch, teacher_params) → (state, metrics); jitted by the caller."""
+    conditional = bool(config.model.get("num_classes"))
+    base_key = jax.random.key(config.seed)
+
+    def step_fn(state: train_state.TrainState, batch, teacher_params):
+        x = pipeline.to_model_range(batch["image"])
+        labels = batch["label"] if conditional else None
+        # (seed, step) → key: a resumed run draws the same noise as an uninterrupted one.
+        key = jax.random.fold_in(base_key, state.step)
+
+        def network(params, x_in, t_in, dropout_key):
+            return module.apply({"params": params}, x_in, t_in, labels, train=True,
+                                rngs={"dropout": dropout_key})
+
+        teacher_network = None
+        if teacher_module is not None:
+            teacher_network = lambda p, x_in, t_in: teacher_module.apply(  # noqa: E731
+                {"params": p}, x_in, t_in, labels, train=False)
+
+        def loss_fn(params):
+            return objective(network, params, x, key, state.step, target_params=state.target_params,
+                             teacher_params=teacher_params, teacher_network=teacher_network)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        new_state = train_state.apply_gradients(
+            state, grads, optimizer, target_ema=metrics.get("target_ema", jnp.float32(0.0)), loss=loss)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                       learning_rate=learning_rate_fn(train_state.updates_applied(state)),
+                       nonfinite_steps=new_state.nonfinite_steps, skipped_steps=new_state.skipped_steps)
+        return new_state, metrics
+
+    return step_fn
+
+
+def load_teacher(teacher_workdir: str, mesh):
+    """(module, EMA params, its config) of a cmjax run in `teacher_workdir`, sharded for `mesh`."""
+    path = os.path.join(teacher_workdir, CONFIG_FILE)
+    if not teacher_workdir or not os.path.exists(path):
+        raise ValueError(
+            f"config.method.teacher={teacher_workdir!r} is not a cmjax workdir (no {CONFIG_FILE}); train an "
+            "EDM teacher first (method.name='edm') and point config.method.teacher at its workdir.")
+    with open(path) as f:
+        teacher_config = ml_collections.ConfigDict(json.load(f))
+    module = models.get(teacher_config.model)
+    abstract_state, shardings = abstract_train_state(teacher_config, module, mesh)
+    restored = checkpointing.Checkpointer(teacher_workdir, save_every=0, keep=1).restore(
+        _with_shardings(abstract_state, shardings))
+    if restored is None:
+        raise ValueError(f"Teacher workdir {teacher_workdir!r} holds no checkpoint.")
+    state, _ = restored
+    rate = train_state.ema_key(teacher_config.ema_rates[0])
+    return module, state.ema[rate], teacher_config
+
+
+def abstract_train_state(config, module, mesh):
+    """Shapes of the train state (nothing allocated) and the shardings it lives with on `mesh`."""
+    optimizer, _ = optim.make_optimizer(config.optim, config.total_steps)
+    keep_target = config.method.name in METHODS_WITH_TARGET
+
+    def create(key):
+        return train_state.create(init_params(module, config, key), optimizer, config.ema_rates, keep_target)
+
+    key = jax.random.key(config.seed)
+    abstract = jax.eval_shape(create, key)
+    x, t, labels = sample_inputs(config)
+    boxed = jax.eval_shape(lambda k: module.init({"params": k}, x, t, labels)["params"], key)
+    param_specs = sharding.param_partition_specs(boxed, mesh)  # FSDP by logical axis names
+    return abstract, sharding.state_shardings(abstract, mesh, param_specs=param_specs)
+
+
+def _with_shardings(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def write_config(config, workdir: str) -> None:
+    """Saves the run's config as JSON (process 0): the teacher loader and `--mode=sample` read it back."""
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains per `config`, resuming from the newest checkpoint in `workdir`. Returns the last metrics."""
+    # ---- Logging -------------------------------------------------------------------------------
+    write_config(config, workdir)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    jsonl_path = os.path.join(workdir, "metrics.jsonl")
+
+    # ---- Mesh ----------------------------------------------------------------------------------
+    mesh = sharding.make_mesh(config.mesh)
+
+    # ---- Input (a batch that does not divide over the devices fails here, naming both) -----------
+    data_iter = pipeline.build(config.data, mesh, global_batch_size=config.batch_size, seed=config.seed)
+    image_shape = tuple(data_iter.image_shape)
+    model_shape = (config.model.image_size, config.model.image_size, config.model.in_channels)
+    if image_shape != model_shape:
+        raise ValueError(f"Dataset {config.data.name!r} yields images {image_shape} but the model expects "
+                         f"{model_shape}; set config.model.image_size / in_channels to match.")
+
+    # ---- Model, objective, optimizer -------------------------------------------------------------
+    module = models.get(config.model)
+    objective = objective_from_config(config)
+    optimizer, learning_rate_fn = optim.make_optimizer(config.optim, config.total_steps)
+
+    # ---- Sharding and state (created already sharded) --------------------------------------------
+    abstract_state, state_shardings = abstract_train_state(config, module, mesh)
+    keep_target = config.method.name in METHODS_WITH_TARGET
+
+    @functools.partial(jax.jit, out_shardings=state_shardings)
+    def create_state(key):
+        return train_state.create(init_params(module, config, key), optimizer, config.ema_rates, keep_target)
+
+    teacher_module, teacher_params = None, None
+    if config.method.name in METHODS_WITH_TEACHER:
+        teacher_module, teacher_params, _ = load_teacher(config.method.teacher, mesh)
+
+    # ---- Restore or initialise -------------------------------------------------------------------
+    checkpointer = checkpointing.Checkpointer(workdir, save_every=config.ckpt_every, keep=config.keep_checkpoints)
+    restored = checkpointer.restore(_with_shardings(abstract_state, state_shardings), data_iter)
+    if restored is not None:
+        state, start_step = restored
+        logging.info("Resumed from step %d in %s.", start_step, workdir)
+    else:
+        start_step = 0
+        if config.method.name == "ect":  # ECT tunes the EDM teacher: start from its weights
+            state = jax.jit(lambda p: train_state.create(p, optimizer, config.ema_rates, keep_target),
+                            out_shardings=state_shardings)(teacher_params)
+        else:
+            state = create_state(jax.random.key(config.seed))
+
+    # ---- The step: one jit, sharded in and out, state donated ------------------------------------
+    step_fn = make_train_step(config, module, objective, optimizer, learning_rate_fn, teacher_module)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    teacher_shardings = (None if teacher_params is None
+                         else jax.tree.map(lambda a: a.sharding, teacher_params))
+    train_step = jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings),
+                         out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+    # ---- Evaluation hook ---------------------------------------------------------------------------
+    evaluator = evaluate.PeriodicEvaluator(config, workdir, module, mesh, writer)
+
+    # ---- Loop ----------------------------------------------------------------------------------------
+    hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
+                                             every_steps=config.log_every)]
+    last_metrics: dict[str, Any] = {}
+    window_start, window_steps = time.time(), 0
+    step = start_step
+    logging.info("Training %s/%s from step %d to %d on %d devices.", config.method.name, config.model.name,
+                 start_step, config.total_steps, jax.device_count())
+    while step < config.total_steps:
+        batch = next(data_iter)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            state, metrics = train_step(state, batch, teacher_params)
+        step += 1
+        window_steps += 1
+        for hook in hooks:
+            hook(step)
+
+        if step % config.log_every == 0 or step == config.total_steps:
+            metrics = jax.device_get(metrics)
+            elapsed = max(time.time() - window_start, 1e-9)
+            scalars = {k: float(v) for k, v in metrics.items()}
+            scalars.update(steps_per_sec=window_steps / elapsed,
+                           images_per_sec=window_steps * config.batch_size / elapsed,
+                           images_per_sec_per_device=window_steps * config.batch_size / elapsed / jax.device_count())
+            writer.write_scalars(step, scalars)
+            if jax.process_index() == 0:
+                with open(jsonl_path, "a") as f:
+                    f.write(json.dumps({"step": step, **scalars}) + "\n")
+            last_metrics = scalars
+            window_start, window_steps = time.time(), 0
+            if scalars["nonfinite_steps"] >= config.max_nonfinite_steps:
+                checkpointer.wait()
+                first_bad = step - int(scalars["nonfinite_steps"]) + 1
+                raise TrainingStoppedError(
+                    f"Loss or gradients were non-finite for {int(scalars['nonfinite_steps'])} consecutive steps "
+                    f"(since step {first_bad}, stopped at step {step}); those updates were skipped and nothing "
+                    f"non-finite was saved. Resume from checkpoint {checkpointer.latest_step()} with a lower "
+                    "learning rate or gradient clipping (config.optim).")
+
+        # Saves every ckpt_every steps (and at Orbax's preemption sync point); after the step that used the
+        # batch, so the saved iterator position is where step + 1 starts.
+        checkpointer.save(step, state, data_iter, force=step == config.total_steps)
+        if checkpointer.should_stop_for_preemption(step):
+            checkpointer.save(step, state, data_iter, force=True)
+            checkpointer.wait()
+            checkpointer.close()
+            logging.warning("Preempted: saved step %d, exiting.", step)
+            writer.flush()
+            return last_metrics
+        if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
+            evaluator(step, state)
+
+    last_metrics.update(evaluator(step, state))
+    # One executable for the whole run, curriculum stages included (a diagnostic the tests check).
+    last_metrics["train_step_compilations"] = train_step._cache_size()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.flush()
+    return last_metrics
