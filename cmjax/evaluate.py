@@ -99,7 +99,9 @@ class PeriodicEvaluator:
 
     def __init__(self, config, workdir: str, module, mesh: Mesh, writer):
         self.config, self.workdir, self.module, self.mesh, self.writer = config, workdir, module, mesh, writer
-        self.image_shape = (config.model.image_size, config.model.image_size, config.model.in_channels)
+        from cmjax import train
+
+        self.image_shape = train.image_shape(config)
         self.num_classes = int(config.model.get("num_classes") or 0)
         self.kind = "edm" if config.method.name in ("edm", "ect") else "consistency"
         self._classifier = None

@@ -23,7 +23,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from cmjax import checkpointing, evaluate, losses, models, optim, parameterization, sharding, train_state
-from cmjax.data import pipeline
+from cmjax.data import datasets, pipeline
 
 CONFIG_FILE = "config.json"
 # Objectives that keep a target EMA network θ⁻ (iCT and ECT use sg(θ) instead).
@@ -47,10 +47,22 @@ def objective_from_config(config) -> Any:
     return losses.make_objective(config.method.name, **settings)
 
 
+def image_shape(config) -> tuple[int, int, int]:
+    """(H, W, C) of the configured dataset's images; checked against the model's own fields, if it has them."""
+    shape = tuple(datasets.get_spec(config.data.name).image_shape)
+    model = config.model
+    if "image_size" in model and (model.image_size, model.image_size) != shape[:2] or (
+            "in_channels" in model and model.in_channels != shape[2]):
+        raise ValueError(
+            f"Dataset {config.data.name!r} yields images {shape} but the model expects "
+            f"({model.get('image_size')}, {model.get('image_size')}, {model.get('in_channels')}); set "
+            "config.model.image_size / in_channels to match.")
+    return shape
+
+
 def sample_inputs(config, batch_size: int = 1):
     """Dummy network inputs of the configured shapes, for `init` and `eval_shape`."""
-    image_shape = (config.model.image_size, config.model.image_size, config.model.in_channels)
-    x = jnp.zeros((batch_size, *image_shape), jnp.float32)
+    x = jnp.zeros((batch_size, *image_shape(config)), jnp.float32)
     labels = jnp.zeros((batch_size,), jnp.int32) if config.model.get("num_classes") else None
     return x, jnp.zeros((batch_size,), jnp.float32), labels
 
@@ -88,7 +100,7 @@ def make_train_step(config, module, objective, optimizer, learning_rate_fn, teac
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         new_state = train_state.apply_gradients(
             state, grads, optimizer, target_ema=metrics.get("target_ema", jnp.float32(0.0)), loss=loss)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                        learning_rate=learning_rate_fn(train_state.updates_applied(state)),
                        nonfinite_steps=new_state.nonfinite_steps, skipped_steps=new_state.skipped_steps)
         return new_state, metrics
@@ -159,12 +171,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = sharding.make_mesh(config.mesh)
 
     # ---- Input (a batch that does not divide over the devices fails here, naming both) -----------
+    image_shape(config)  # a model that does not fit the data fails before any data is read
     data_iter = pipeline.build(config.data, mesh, global_batch_size=config.batch_size, seed=config.seed)
-    image_shape = tuple(data_iter.image_shape)
-    model_shape = (config.model.image_size, config.model.image_size, config.model.in_channels)
-    if image_shape != model_shape:
-        raise ValueError(f"Dataset {config.data.name!r} yields images {image_shape} but the model expects "
-                         f"{model_shape}; set config.model.image_size / in_channels to match.")
 
     # ---- Model, objective, optimizer -------------------------------------------------------------
     module = models.get(config.model)

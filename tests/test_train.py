@@ -1,0 +1,143 @@
+"""End-to-end training on the 8-device CPU mesh, in process (subprocess cases: test_train_processes.py)."""
+import glob
+import re
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from cmjax import losses, models, optim, sharding, train, train_state
+from configs import digits
+
+
+def _config(tmp_path_factory, **overrides):
+    config = digits.get_config("smoke")
+    config.data.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
+    config.log_every = 1
+    for key, value in overrides.items():
+        target = config
+        *path, leaf = key.split(".")
+        for part in path:
+            target = target[part]
+        target[leaf] = value
+    return config
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def ict_run(tmp_path_factory):
+    """10 iCT steps whose curriculum passes N = 11, 21, 41, 81, 161 (K′ = 2 steps per stage)."""
+    config = _config(tmp_path_factory, total_steps=10, ckpt_every=5, **{"optim.warmup_steps": 0})
+    workdir = str(tmp_path_factory.mktemp("ict_run"))
+    final = train.train_and_evaluate(config, workdir)
+    return config, workdir, final
+
+
+def test_run_writes_metrics_checkpoints_grids_and_compiles_once(ict_run):
+    config, workdir, final = ict_run
+    rows = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    for key in ("loss", "grad_norm", "num_scales", "target_ema", "learning_rate", "steps_per_sec",
+                "images_per_sec", "images_per_sec_per_device", "skipped_steps"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert sorted({int(r["num_scales"]) for r in rows}) == [11, 21, 41, 81, 161]
+    assert final["train_step_compilations"] == 1  # every curriculum stage ran in one executable
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "5"]
+    assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+    grids = sorted(os.path.basename(p) for p in glob.glob(os.path.join(workdir, "samples", "*.png")))
+    assert grids == ["ema0.999_1step_00000010.png", "ema0.999_2step_00000010.png"]
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["method"]["name"] == "ict"
+
+
+def test_rerun_of_a_finished_run_resumes_and_does_nothing(ict_run, tmp_path_factory):
+    config, workdir, _ = ict_run
+    before = len(_read_jsonl(os.path.join(workdir, "metrics.jsonl")))
+    train.train_and_evaluate(config, workdir)
+    assert len(_read_jsonl(os.path.join(workdir, "metrics.jsonl"))) == before
+
+
+def test_edm_loss_falls(tmp_path_factory):
+    config = _config(tmp_path_factory, total_steps=40, ckpt_every=40, batch_size=64, model=MLP,
+                     **{"method": _edm_method(), "optim.learning_rate": 2e-3, "optim.warmup_steps": 0,
+                        "optim.optimizer": "adam"})
+    workdir = str(tmp_path_factory.mktemp("edm_run"))
+    train.train_and_evaluate(config, workdir)
+    loss = np.array([r["loss"] for r in _read_jsonl(os.path.join(workdir, "metrics.jsonl"))])
+    assert loss[-10:].mean() < 0.7 * loss[:5].mean(), loss
+
+
+def _edm_method(**settings):
+    return ml_collections.ConfigDict({"name": "edm", "teacher": "", **settings})
+
+
+# A small MLP compiles in a fraction of the UNet's time; these tests are about the loop, not the network.
+MLP = ml_collections.ConfigDict({"name": "mlp", "hidden_dim": 64, "num_layers": 2})
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(tmp_path_factory):
+    # σ_data = 0 makes the EDM weight (σ² + σd²)/(σ·σd)² infinite: every step is non-finite.
+    config = _config(tmp_path_factory, total_steps=20, max_nonfinite_steps=3, ckpt_every=2, model=MLP,
+                     **{"method": _edm_method(sigma_data=0.0), "optim.warmup_steps": 0})
+    workdir = str(tmp_path_factory.mktemp("nan_run"))
+    with pytest.raises(train.TrainingStoppedError, match=r"non-finite for 3 consecutive steps \(since step 1, stopped at step 3\)"):
+        train.train_and_evaluate(config, workdir)
+    rows = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["skipped_steps"] for r in rows] == [1, 2, 3]
+    # The checkpoint written at step 2 holds the untouched (finite) initial parameters.
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+
+
+def test_config_errors(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("bad"))
+    with pytest.raises(ValueError, match=r"12.*8 devices"):
+        train.train_and_evaluate(_config(tmp_path_factory, batch_size=12), workdir)
+    with pytest.raises(ValueError, match=r"config.method.teacher"):
+        train.train_and_evaluate(_config(tmp_path_factory, method=_edm_method(name="cd")), workdir)
+    with pytest.raises(ValueError, match=r"no setting\(s\) \['s0'\]"):
+        train.train_and_evaluate(_config(tmp_path_factory, method=_edm_method(s0=3)), workdir)
+    with pytest.raises(ValueError, match=r"yields images \(8, 8, 1\).*\(16, 16, 1\)"):
+        train.train_and_evaluate(_config(tmp_path_factory, **{"model.image_size": 16}), workdir)
+
+
+def test_compiled_cd_step_takes_teacher_as_argument_not_constant(tmp_path_factory):
+    """The teacher's parameters must be sharded arguments: a closed-over teacher would be baked into the
+    executable as constants (and replicated on every chip)."""
+    config = _config(tmp_path_factory, method=_edm_method(name="cd"), model=MLP)
+    mesh = sharding.make_mesh(config.mesh)
+    module = models.get(config.model)
+    objective = losses.make_objective("cd", num_scales=18)
+    optimizer, lr_fn = optim.make_optimizer(config.optim, config.total_steps)
+    abstract_state, state_shardings = train.abstract_train_state(config, module, mesh)
+    teacher_params = jax.eval_shape(lambda k: train.init_params(module, config, k), jax.random.key(0))
+    step = jax.jit(train.make_train_step(config, module, objective, optimizer, lr_fn, teacher_module=module),
+                   in_shardings=(state_shardings, sharding.batch_sharding(mesh), None))
+    batch = {"image": jax.ShapeDtypeStruct((16, 8, 8, 1), jnp.uint8),
+             "label": jax.ShapeDtypeStruct((16,), jnp.int32)}
+    module_text = step.lower(abstract_state, batch, teacher_params).as_text()
+    main_signature = re.search(r"func.func public @main\((.*?)\) ->", module_text, re.S).group(1)
+    num_args = len(re.findall(r"%arg\d+:", main_signature))
+    # + the image; the label is pruned by jit because this model is unconditional.
+    expected = len(jax.tree.leaves(abstract_state)) + len(jax.tree.leaves(teacher_params)) + 1
+    assert num_args == expected, (num_args, expected)
+    assert _largest_constant(module_text) < 4096
+
+
+def test_constant_check_catches_a_closed_over_teacher():
+    """The HLO check above would fail if the teacher were baked in: lower such a function and look."""
+    teacher = {"w": jnp.ones((256, 256))}
+    text = jax.jit(lambda x: x @ teacher["w"]).lower(jnp.ones((2, 256))).as_text()
+    assert _largest_constant(text) >= 256 * 256
+
+
+def _largest_constant(module_text):
+    shapes = re.findall(r"stablehlo.constant dense[^\n]*?: tensor<([0-9x]*)[a-z][a-z0-9]*>", module_text)
+    return max((int(np.prod([int(d) for d in shape.split("x") if d] or [1])) for shape in shapes), default=0)
