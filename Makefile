@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # 8 virtual CPU devices so every sharding path runs without accelerators.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo demo-2d test test-slow install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job: iCT on the embedded digits dataset (no downloads), on 8 virtual CPU devices.
 demo: $(STAMP)
+	$(TEST_ENV) $(PY) -m cmjax.main --config=configs/digits.py --workdir=$${WORKDIR:-workdirs/digits}
+
+# Consistency distillation of an exact 2-D Gaussian-mixture teacher (about a minute).
+demo-2d: $(STAMP)
 	$(TEST_ENV) $(PY) -m cmjax.demo_2d --workdir=$${WORKDIR:-workdirs/demo_2d}
 
 test: $(STAMP)

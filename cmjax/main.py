@@ -31,9 +31,18 @@ def _initialize_distributed() -> None:
         jax.distributed.initialize()  # cluster auto-detection (Cloud TPU, SLURM, explicit env)
 
 
+class _QuietLibraries(logging.logging.Filter):
+    """Drops INFO records from Orbax and TFDS internals, which would otherwise drown the training log."""
+
+    def filter(self, record):
+        noisy = ("/orbax/", "/tensorflow_datasets/", "/etils/")
+        return record.levelno > logging.logging.INFO or not any(part in record.pathname for part in noisy)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     _initialize_distributed()
     import jax
 
@@ -42,7 +51,13 @@ def main(argv):
     logging.info("JAX process %d/%d, %d local / %d global devices.", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
     if FLAGS.mode == "train":
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        if jax.process_index() == 0:
+            workdir = FLAGS.workdir
+            print(f"\nFinal metrics: { {k: round(v, 4) for k, v in final.items() if isinstance(v, float)} }")
+            print(f"Checkpoints:  {os.path.join(workdir, 'checkpoints')}")
+            print(f"Metrics:      {os.path.join(workdir, 'metrics.jsonl')}  (TensorBoard: tensorboard --logdir {workdir})")
+            print(f"Sample grids: {os.path.join(workdir, 'samples')}")
 
 
 if __name__ == "__main__":
