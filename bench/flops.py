@@ -1,0 +1,65 @@
+"""XLA-counted FLOPs of the compiled train step divided by one forward pass of the network.
+
+Expected about 3 for edm (forward + backward), 4 for ict (plus one target forward) and 6 for cd with the
+Heun teacher (plus two teacher forwards); a ratio well above these is wasted work.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python bench/flops.py [--channels 64]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+
+from cmjax import losses, models, optim, sharding, train  # noqa: E402
+from configs import digits  # noqa: E402
+
+
+def flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis.get("flops", 0.0))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+
+    config = digits.get_config()
+    config.model.model_channels = args.channels
+    config.model.num_head_channels = args.channels
+    config.batch_size = args.batch
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+    module = models.get(config.model)
+    x, t, labels = train.sample_inputs(config, args.batch)
+    params = jax.eval_shape(lambda k: train.init_params(module, config, k), jax.random.key(0))
+    forward = jax.jit(lambda p, x, t: module.apply({"params": p}, x, t, labels)).lower(params, x, t).compile()
+    forward_flops = flops(forward)
+    print(f"device: {jax.devices()[0].device_kind}; UNet {args.channels} channels, batch {args.batch}; "
+          f"forward {forward_flops / 1e9:.3f} GFLOPs")
+    batch = {"image": jax.ShapeDtypeStruct((args.batch, *train.image_shape(config)), jnp.uint8),
+             "label": jax.ShapeDtypeStruct((args.batch,), jnp.int32)}
+    expected = {"edm": 3, "ict": 4, "cd": 6}
+    for name, settings in [("edm", {}), ("ict", {}), ("cd", {"num_scales": 18, "teacher_solver": "heun"})]:
+        config.method = ml_collections.ConfigDict({"name": name, "teacher": "", **settings})
+        objective = losses.make_objective(name, **settings, **({"total_steps": 1000} if name == "ict" else {}))
+        optimizer, lr_fn = optim.make_optimizer(config.optim, config.total_steps)
+        abstract_state, _ = train.abstract_train_state(config, module, mesh)
+        teacher = module if name == "cd" else None
+        step = jax.jit(train.make_train_step(config, module, objective, optimizer, lr_fn, teacher_module=teacher))
+        compiled = step.lower(abstract_state, batch, params if teacher else None).compile()
+        ratio = flops(compiled) / forward_flops
+        print(f"{name:4s} train step {flops(compiled) / 1e9:8.3f} GFLOPs = {ratio:5.2f} forward passes "
+              f"(expected about {expected[name]})")
+
+
+if __name__ == "__main__":
+    main()
