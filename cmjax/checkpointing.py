@@ -187,7 +187,10 @@ class Checkpointer:
         keep: int,
         async_save: bool = True,
         preemption_check_every: int = 10,
+        read_only: bool = False,
     ):
+        """`read_only=True` opens another run's checkpoints (a teacher) without touching them: no saves, no
+        clean-up of its temporary directories, no SIGTERM handler."""
         if save_every < 1 or keep < 1 or preemption_check_every < 1:
             raise ValueError(
                 f"save_every={save_every}, keep={keep} and preemption_check_every={preemption_check_every} "
@@ -204,7 +207,9 @@ class Checkpointer:
             ),
             enable_async_checkpointing=async_save,
             # Temporary directories of a save that never finished (a killed job) are garbage; drop them.
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
+            create=not read_only,
         )
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -213,7 +218,8 @@ class Checkpointer:
         )
         self._sigterm_received = threading.Event()
         self._previous_sigterm_handler = None
-        self._install_sigterm_handler()
+        if not read_only:
+            self._install_sigterm_handler()
 
     # -- preemption --------------------------------------------------------------------------------------
 

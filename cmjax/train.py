@@ -119,8 +119,8 @@ def load_teacher(teacher_workdir: str, mesh):
         teacher_config = ml_collections.ConfigDict(json.load(f))
     module = models.get(teacher_config.model)
     abstract_state, shardings = abstract_train_state(teacher_config, module, mesh)
-    restored = checkpointing.Checkpointer(teacher_workdir, save_every=0, keep=1).restore(
-        _with_shardings(abstract_state, shardings))
+    with checkpointing.Checkpointer(teacher_workdir, save_every=1, keep=1, read_only=True) as reader:
+        restored = reader.restore(_with_shardings(abstract_state, shardings))
     if restored is None:
         raise ValueError(f"Teacher workdir {teacher_workdir!r} holds no checkpoint.")
     state, _ = restored

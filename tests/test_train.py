@@ -141,3 +141,40 @@ def test_constant_check_catches_a_closed_over_teacher():
 def _largest_constant(module_text):
     shapes = re.findall(r"stablehlo.constant dense[^\n]*?: tensor<([0-9x]*)[a-z][a-z0-9]*>", module_text)
     return max((int(np.prod([int(d) for d in shape.split("x") if d] or [1])) for shape in shapes), default=0)
+
+
+@pytest.fixture(scope="module")
+def edm_teacher(tmp_path_factory):
+    config = _config(tmp_path_factory, total_steps=4, ckpt_every=4, model=MLP,
+                     **{"method": _edm_method(), "optim.warmup_steps": 0})
+    workdir = str(tmp_path_factory.mktemp("edm_teacher"))
+    train.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def test_cd_distils_from_an_edm_run(edm_teacher, tmp_path_factory):
+    config = _config(tmp_path_factory, total_steps=3, ckpt_every=3, model=MLP,
+                     **{"method": _edm_method(name="cd", teacher=edm_teacher, num_scales=18),
+                        "optim.warmup_steps": 0})
+    final = train.train_and_evaluate(config, str(tmp_path_factory.mktemp("cd_run")))
+    assert np.isfinite(final["loss"]) and final["num_scales"] == 18
+
+
+def test_ect_starts_from_the_teacher_weights(edm_teacher, tmp_path_factory):
+    config = _config(tmp_path_factory, total_steps=1, ckpt_every=1, model=MLP,
+                     **{"method": _edm_method(name="ect", teacher=edm_teacher), "optim.warmup_steps": 0,
+                        "optim.learning_rate": 1e-12})
+    workdir = str(tmp_path_factory.mktemp("ect_run"))
+    train.train_and_evaluate(config, workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    _, teacher_params, _ = train.load_teacher(edm_teacher, mesh)
+    module = models.get(config.model)
+    abstract, shardings = train.abstract_train_state(config, module, mesh)
+    from cmjax import checkpointing
+
+    state, step = checkpointing.Checkpointer(workdir, save_every=1, keep=1, read_only=True).restore(
+        train._with_shardings(abstract, shardings))
+    assert step == 1
+    # One update at lr 1e-12 leaves the student equal to the teacher's EMA weights it started from.
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(teacher_params)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
