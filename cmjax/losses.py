@@ -200,9 +200,8 @@ def cd_loss(network, params, x, key, step, *, target_params=None, teacher_params
     steppers = {"heun": solvers.heun_step, "euler": solvers.euler_step}
     if teacher_solver not in steppers:
         raise ValueError(f"Unknown teacher_solver {teacher_solver!r}; choose {sorted(steppers)}.")
-    teacher_apply = lambda p, x_in, t_in: teacher_network(p, x_in, t_in)  # noqa: E731
     teacher_denoise = lambda xs, s: parameterization.edm_denoise(  # noqa: E731
-        teacher_apply, teacher_params, xs, s, sigma_data)
+        teacher_network, teacher_params, xs, s, sigma_data)
     teacher = lambda xs, s, s_prev: steppers[teacher_solver](teacher_denoise, xs, s, s_prev)  # noqa: E731
     return _discrete_consistency_loss(
         network, params, x, key, step, teacher=teacher, target_params=target_params,
