@@ -52,7 +52,11 @@ def generate(module, params, key, *, mesh: Mesh, num_images: int, image_shape: S
 
 
 def to_uint8(images) -> np.ndarray:
-    """[−1, 1] floats → uint8 pixels, gathered to this host."""
+    """[−1, 1] floats → uint8 pixels of the whole global array, on every host."""
+    if isinstance(images, jax.Array) and not images.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        images = multihost_utils.process_allgather(images, tiled=True)  # rows of every process, in order
     host = np.asarray(jax.device_get(images), np.float32)
     return np.clip(np.round((host + 1.0) * 127.5), 0, 255).astype(np.uint8)
 

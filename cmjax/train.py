@@ -108,13 +108,21 @@ def make_train_step(config, module, objective, optimizer, learning_rate_fn, teac
     return step_fn
 
 
+def check_teacher(config) -> None:
+    """Fails fast, before anything compiles, when a method that needs a teacher has none."""
+    if config.method.name not in METHODS_WITH_TEACHER:
+        return
+    teacher = config.method.get("teacher") or ""
+    if not teacher or not os.path.exists(os.path.join(teacher, CONFIG_FILE)):
+        raise ValueError(
+            f"Method {config.method.name!r} needs a teacher, but config.method.teacher={teacher!r} is not a cmjax "
+            f"workdir (no {CONFIG_FILE}); train an EDM teacher first (--config.method.name=edm) and point "
+            "config.method.teacher at its workdir.")
+
+
 def load_teacher(teacher_workdir: str, mesh):
     """(module, EMA params, its config) of a cmjax run in `teacher_workdir`, sharded for `mesh`."""
     path = os.path.join(teacher_workdir, CONFIG_FILE)
-    if not teacher_workdir or not os.path.exists(path):
-        raise ValueError(
-            f"config.method.teacher={teacher_workdir!r} is not a cmjax workdir (no {CONFIG_FILE}); train an "
-            "EDM teacher first (method.name='edm') and point config.method.teacher at its workdir.")
     with open(path) as f:
         teacher_config = ml_collections.ConfigDict(json.load(f))
     module = models.get(teacher_config.model)
@@ -163,6 +171,7 @@ def write_config(config, workdir: str) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains per `config`, resuming from the newest checkpoint in `workdir`. Returns the last metrics."""
     # ---- Logging -------------------------------------------------------------------------------
+    check_teacher(config)
     write_config(config, workdir)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     jsonl_path = os.path.join(workdir, "metrics.jsonl")
