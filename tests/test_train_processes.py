@@ -27,8 +27,9 @@ STEPS = 8
 PREEMPT_AFTER = 3  # SIGTERM once metrics.jsonl shows this step
 RUN_TIMEOUT = 600  # seconds for one training subprocess (20-370 s seen on 2 cores under load 5-7)
 ERROR_TIMEOUT = 180
-# smoke: batch 16, checkpoint every 3 steps, no periodic evaluation; a one-resolution UNet without attention.
-TRAIN_ARGS = ["--config=configs/digits.py:smoke", f"--config.total_steps={STEPS}", "--config.log_every=1",
+# configs/digits.py:smoke (batch 16, checkpoint every 3 steps, no periodic evaluation) with a one-resolution UNet
+# without attention.
+TRAIN_ARGS = [f"--config.total_steps={STEPS}", "--config.log_every=1",
               "--config.ckpt_every=3", "--config.model.channel_mult=(1,)", "--config.model.attention_resolutions=()"]
 # Fields of a metrics.jsonl row that are wall-clock measurements, not results.
 TIMING_KEYS = ("steps_per_sec", "images_per_sec", "images_per_sec_per_device")
@@ -52,7 +53,10 @@ def shared(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_processes")
     data_dir = str(root / "tfds")
     digits.prepare(data_dir)  # once here, not concurrently in two processes
-    return {"data_dir": data_dir, "cache_dir": str(root / "jax_cache"), "root": root}
+    # Every run of the session reads one copy of the config, even if configs/digits.py is edited meanwhile.
+    config_file = str(root / "digits_config.py")
+    shutil.copy(os.path.join(ROOT, "configs", "digits.py"), config_file)
+    return {"data_dir": data_dir, "cache_dir": str(root / "jax_cache"), "root": root, "config": config_file}
 
 
 def subprocess_env(shared, devices, **extra):
@@ -72,8 +76,8 @@ def subprocess_env(shared, devices, **extra):
 
 
 def train_command(shared, workdir, *extra):
-    return [sys.executable, "-m", "cmjax.main", *TRAIN_ARGS, f"--config.data.data_dir={shared['data_dir']}",
-            f"--workdir={workdir}", *extra]
+    return [sys.executable, "-m", "cmjax.main", f"--config={shared['config']}:smoke", *TRAIN_ARGS,
+            f"--config.data.data_dir={shared['data_dir']}", f"--workdir={workdir}", *extra]
 
 
 class Run:
@@ -291,10 +295,6 @@ def two_processes(two_processes_started):
     return {"workdir": workdir, "runs": runs, "rows": read_metrics(workdir)}
 
 
-# Strict: once evaluate.py is fixed this test passes (verified with the fix applied) and the marker must go.
-@pytest.mark.xfail(strict=True, reason=(
-    "evaluate.to_uint8 calls jax.device_get on sample images sharded over both processes' devices, which "
-    "raises at the end of a multi-process run; fix: multihost_utils.process_allgather(images, tiled=True)"))
 def test_two_processes_train_and_agree(two_processes, uninterrupted):
     runs, rows = two_processes["runs"], two_processes["rows"]
     for i, run in enumerate(runs):
@@ -350,10 +350,7 @@ def error_runs(error_runs_started):
 
 @pytest.mark.parametrize("name", [
     "unknown_key", "misspelt_model_key", "batch_not_divisible",
-    # Strict: passes once train.objective_from_config checks the teacher before the method's settings.
-    pytest.param("cd_without_teacher", marks=pytest.mark.xfail(strict=True, reason=(
-        "the digits config's iCT-only method settings (p_mean, p_std) are rejected for cd before the "
-        "missing teacher is, and cannot be removed from the command line"))),
+    "cd_without_teacher",
 ])
 def test_config_error_exits_nonzero_naming_the_value_before_compiling(error_runs, name):
     run, (_, expected) = error_runs[name], ERROR_CASES[name]
