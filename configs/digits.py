@@ -12,20 +12,19 @@ Sized for 10 minutes on 2 shared CPU cores, run on ONE XLA device:
   XLA_FLAGS=--xla_force_host_platform_device_count=1 JAX_PLATFORMS=cpu python -m cmjax.main \
       --config=configs/digits.py --workdir=workdirs/digits --config.mesh.data=1
 
-The network is the residual MLP on the flattened 64-d image (`cmjax/models/toy.py`: 512 wide, 4 blocks,
-3.55M parameters, no dropout). Dense layers suit the CPU: on one device it ran 6–22 steps/s at batch 128
-where a 32-channel one-resolution UNet without attention ran 1.1–1.6 (load average 5–10 from other jobs).
-On 8 virtual devices the same MLP ran ~2 steps/s, and 3 of 5 MLP runs there aborted in XLA's CPU
-all-reduce rendezvous ("Termination timeout ... of 40 seconds exceeded") on the loaded machine.
-No left-right flips: mirrored digits are not digits. Evaluation EMAs are sized for 3k steps (0.999
-scored lower: 59 % confident at 3k steps, 22 % at 1k).
+The network is the residual MLP on the flattened 64-d image (`cmjax/models/toy.py`: 256 wide, 4 blocks,
+0.92M parameters, no dropout). Dense layers suit the CPU: on one device it ran 16–20 steps/s at batch 128
+(load average 4–6 from other jobs) where a 32-channel one-resolution UNet without attention ran 1.1–1.6
+(load 9–10). On 8 virtual devices (the Makefile's) it ran 5–9 steps/s, and 3 of 5 MLP runs there aborted
+in XLA's CPU all-reduce rendezvous ("Termination timeout ... of 40 seconds exceeded") on the loaded machine.
+No left-right flips: mirrored digits are not digits. Evaluation EMAs are sized for 3k steps (0.999 scored
+lower: 59 % confident at 3k steps, 22 % at 1k, with a 512-wide MLP).
 
-Measured (1 device, load average 5–10, 2026-11-26): 3,000 steps trained in 5 min 20 s (9.4 steps/s),
-whole run 6 min 14 s including start-up and the final evaluation (run with eval_every=0; the
-default eval_every=1000 adds two evaluations of ~30 s). 1-step samples, EMA 0.995: 66 % classified with
-confidence ≥ 0.9 (target 80 %: not reached), Fréchet 19.3, classes 6.1–19.1 %; 2-step: 60 %, Fréchet
-32.0. EMA 0.998: 1-step 64 %, Fréchet 22.7, classes 6.4–18.6 %. (Dropout 0.1 with s1 = 160: 63–64 %,
-Fréchet 16.8–21.3, within the noise of 512 samples.)
+Measured (this file, 1 device, load average 4–6, 2026-11-26): 3,000 steps trained in 3 min 05 s
+(16 steps/s); whole run 3 min 42 s including start-up and the evaluations at 1k, 2k and 3k steps.
+1-step samples, EMA 0.998: 71 % classified with confidence ≥ 0.9 (target 80 %: not reached), Fréchet
+12.8, classes 6.4–14.6 %; 2-step: 70 %, Fréchet 17.6. EMA 0.995: 1-step 69 %, Fréchet 10.8, classes
+6.4–15.6 %; 2-step 68 %. (512 wide: 64–66 %, Fréchet 19–23; with dropout 0.1 and s1 = 160: 63–64 %.)
 """
 import ml_collections
 
@@ -42,7 +41,7 @@ def get_config(arg: str | None = None):
     config.method.s1 = 80  # N = 11, 21, 41, 81: four stages of 750 steps
     config.model = ml_collections.ConfigDict({
         "name": "mlp",
-        "hidden_dim": 512,
+        "hidden_dim": 256,
         "num_layers": 4,
         "time_embed_dim": 128,
         "num_classes": 0,
