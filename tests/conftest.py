@@ -6,10 +6,17 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
+# XLA's CPU collectives abort a program whose devices do not all reach an all-reduce within 40 s; on a
+# loaded 2-core machine 8 virtual devices can be that slow. Subprocesses inherit these flags.
+COLLECTIVE_TIMEOUT_FLAGS = (
+    "--xla_cpu_collective_call_terminate_timeout_seconds=600 --xla_cpu_collective_timeout_seconds=600"
+)
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    _flags += " --xla_force_host_platform_device_count=8"
+if "xla_cpu_collective_call_terminate_timeout_seconds" not in _flags:
+    _flags += " " + COLLECTIVE_TIMEOUT_FLAGS
+os.environ["XLA_FLAGS"] = _flags.strip()
 
 import jax  # noqa: E402
 
