@@ -35,7 +35,7 @@ def _read_jsonl(path):
 @pytest.fixture(scope="module")
 def ict_run(tmp_path_factory):
     """10 iCT steps whose curriculum passes N = 11, 21, 41, 81, 161 (K′ = 2 steps per stage)."""
-    config = _config(tmp_path_factory, total_steps=10, ckpt_every=5, **{"optim.warmup_steps": 0})
+    config = _config(tmp_path_factory, total_steps=10, ckpt_every=5, **{"optim.warmup_steps": 0, "method.s1": 160})
     workdir = str(tmp_path_factory.mktemp("ict_run"))
     final = train.train_and_evaluate(config, workdir)
     return config, workdir, final
