@@ -157,7 +157,7 @@ def _with_shardings(abstract, shardings):
 
 
 def write_config(config, workdir: str) -> None:
-    """Saves the run's config as JSON (process 0): the teacher loader and `--mode=sample` read it back."""
+    """Saves the run's config as JSON (process 0): a later run that uses this one as teacher reads it back."""
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
