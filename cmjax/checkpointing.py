@@ -22,6 +22,7 @@ Preemption: the loop asks `should_stop_for_preemption(step)` every step; when it
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any, Optional, Protocol
@@ -196,6 +197,8 @@ class Checkpointer:
                 f"save_every={save_every}, keep={keep} and preemption_check_every={preemption_check_every} "
                 "must all be at least 1."
             )
+        if "://" not in str(workdir):  # Orbax needs absolute local paths; gs:// and other URLs stay as given
+            workdir = os.path.abspath(workdir)
         self.directory = epath.Path(workdir) / "checkpoints"
         self.preemption_check_every = preemption_check_every
         policies = ocp.checkpoint_managers

@@ -364,3 +364,14 @@ def test_two_processes_stop_at_the_same_step_through_jax_preemption_service(tmp_
     assert stop_steps[0] == stop_steps[1] and stop_steps[0] != "[]", results
     stop_step = int(stop_steps[0].strip("[]"))
     assert checkpointers(tmp_path, save_every=20).latest_step() == stop_step > 40
+
+
+def test_relative_workdir_is_made_absolute(tmp_path, monkeypatch):
+    """`--workdir=workdirs/x` is what people type; Orbax refuses relative paths, so the checkpointer resolves it."""
+    monkeypatch.chdir(tmp_path)
+    with checkpointing.Checkpointer("relative/run", save_every=1, keep=1, async_save=False) as ckpt:
+        assert ckpt.save(1, {"w": jnp.ones((4,))})
+        assert os.path.isabs(str(ckpt.directory))
+        restored, step = ckpt.restore({"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
+    assert step == 1 and float(restored["w"].sum()) == 4.0
+    assert (tmp_path / "relative" / "run" / "checkpoints" / "1").is_dir()
