@@ -1,6 +1,13 @@
 """cmjax command line. This file is intentionally kept short: parse, initialise, dispatch.
 
   python -m cmjax.main --config=configs/digits.py --workdir=/tmp/digits [--config.batch_size=256]
+  python -m cmjax.main --config=configs/digits.py --workdir=/tmp/digits --mode=sample [--step=3000]
+  python -m cmjax.main --config=configs/digits.py --workdir=/tmp/digits --mode=eval [--num_samples=50000]
+  python -m cmjax.main --config=... --workdir=RUN --mode=export --format=diffusers --output=DIR [--ema_rate=0.9999]
+  python -m cmjax.main --config=... --workdir=NEW_RUN --mode=import --format=openai --input=cd_imagenet64_l2.pt
+  python -m cmjax.main --config=... --workdir=DIR --mode=compile   # memory and FLOPs of the step, no training
+
+Each mode is one library function (MODES below); this file only parses flags and dispatches.
 
 On several hosts every process runs the same command; `jax.distributed.initialize()` is called when
 the environment says the job spans processes (Cloud TPU pod slices, SLURM, or the explicit flags).
@@ -13,7 +20,24 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples (local or gs://).")
-flags.DEFINE_enum("mode", "train", ["train"], "What to do.")
+# mode -> "module:function", each called as function(config, workdir, **options_of_that_mode).
+MODES = {
+    "train": "cmjax.train:train_and_evaluate",
+    "sample": "cmjax.evaluate:sample_checkpoint",
+    "eval": "cmjax.evaluate:evaluate_checkpoint",
+    "export": "cmjax.interop:export_checkpoint",
+    "import": "cmjax.interop:import_checkpoint",
+    "compile": "cmjax.train:compile_report",
+}
+flags.DEFINE_enum("mode", "train", list(MODES), "What to do.")
+flags.DEFINE_integer("step", None, "sample/eval/export: checkpoint step (default: the newest).")
+flags.DEFINE_string("ema_rate", None, "sample/eval/export: EMA rate of the parameters (default: the config's "
+                    "first; 'online' for the raw parameters).")
+flags.DEFINE_integer("num_samples", None, "sample/eval: number of samples per sampler (default: from the config).")
+flags.DEFINE_enum("format", "diffusers", ["diffusers", "openai"], "export/import: checkpoint layout.")
+flags.DEFINE_string("output", None, "sample/eval/export: output file or directory (default: inside --workdir).")
+flags.DEFINE_string("input", None, "import: the checkpoint to import (a diffusers folder, or an openai .pt / "
+                    ".safetensors file).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run.")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "Index of this process in a multi-process run.")
@@ -42,23 +66,56 @@ class _QuietLibraries(logging.logging.Filter):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    options = _mode_options(FLAGS.mode)  # flag errors before any distributed set-up
     logging.get_absl_handler().addFilter(_QuietLibraries())
     _initialize_distributed()
     import jax
 
-    from cmjax import train
-
     logging.info("JAX process %d/%d, %d local / %d global devices.", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
-    if FLAGS.mode == "train":
-        final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-        if jax.process_index() == 0:
-            workdir = FLAGS.workdir
-            print(f"\nFinal metrics: { {k: round(v, 4) for k, v in final.items() if isinstance(v, float)} }")
-            print(f"Checkpoints:  {os.path.join(workdir, 'checkpoints')}")
-            print(f"Metrics:      {os.path.join(workdir, 'metrics.jsonl')}  (TensorBoard: tensorboard --logdir {workdir})")
-            print(f"Sample grids: {os.path.join(workdir, 'samples')}")
+    result = _mode_function(FLAGS.mode)(FLAGS.config, FLAGS.workdir, **options)
+    if jax.process_index() == 0:
+        _report(FLAGS.mode, FLAGS.workdir, result)
 
+
+def _mode_function(mode: str):
+    import importlib
+
+    module_name, function_name = MODES[mode].split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def _mode_options(mode: str) -> dict:
+    """The flags a mode takes; flags given to a mode that ignores them are errors, not silently dropped."""
+    accepted = {
+        "train": [], "compile": [],
+        "sample": ["step", "ema_rate", "num_samples", "output"],
+        "eval": ["step", "ema_rate", "num_samples", "output"],
+        "export": ["step", "ema_rate", "format", "output"],
+        "import": ["format", "input"],
+    }[mode]
+    ignored = [name for name in ("step", "ema_rate", "num_samples", "output", "input")
+               if name not in accepted and FLAGS[name].present]
+    if ignored:
+        raise app.UsageError(f"--mode={mode} does not take --{', --'.join(ignored)}.")
+    if mode == "import" and not FLAGS.input:
+        raise app.UsageError("--mode=import needs --input=PATH (a diffusers folder or an openai .pt/.safetensors).")
+    if mode == "export" and not FLAGS.output:
+        raise app.UsageError("--mode=export needs --output=DIR.")
+    return {name: FLAGS[name].value for name in accepted}
+
+
+def _report(mode: str, workdir: str, result) -> None:
+    if mode == "train":
+        print(f"\nFinal metrics: { {k: round(v, 4) for k, v in result.items() if isinstance(v, float)} }")
+        print(f"Checkpoints:  {os.path.join(workdir, 'checkpoints')}")
+        print(f"Metrics:      {os.path.join(workdir, 'metrics.jsonl')}  (TensorBoard: tensorboard --logdir {workdir})")
+        print(f"Sample grids: {os.path.join(workdir, 'samples')}")
+    elif isinstance(result, dict):
+        for key, value in result.items():
+            print(f"{key}: {round(value, 4) if isinstance(value, float) else value}")
+    elif result is not None:
+        print(result)
 
 if __name__ == "__main__":
     app.run(main)

@@ -120,20 +120,42 @@ def check_teacher(config) -> None:
             "config.method.teacher at its workdir.")
 
 
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a cmjax run wrote to `workdir/config.json`."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir!r} is not a cmjax workdir: it has no {CONFIG_FILE}.")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def load_params(workdir: str, mesh, *, step: int | None = None, ema_rate: float | str | None = None,
+                config: ml_collections.ConfigDict | None = None):
+    """(module, params, config, step) of a cmjax run: one EMA copy of a checkpoint, sharded for `mesh`.
+
+    `config` defaults to the run's own `config.json`; `step` to the newest checkpoint; `ema_rate` to the
+    config's first EMA rate (`"online"` gives the raw online parameters).
+    """
+    config = read_run_config(workdir) if config is None else config
+    module = models.get(config.model)
+    abstract_state, shardings = abstract_train_state(config, module, mesh)
+    with checkpointing.Checkpointer(workdir, save_every=1, keep=1, read_only=True) as reader:
+        restored = reader.restore(_with_shardings(abstract_state, shardings), step=step)
+    if restored is None:
+        raise FileNotFoundError(f"Workdir {workdir!r} holds no checkpoint.")
+    state, restored_step = restored
+    if ema_rate in ("online", "params"):
+        return module, state.params, config, restored_step
+    rate = train_state.ema_key(config.ema_rates[0] if ema_rate is None else float(ema_rate))
+    if rate not in state.ema:
+        raise ValueError(f"EMA rate {ema_rate!r} is not kept by this run; it keeps {sorted(state.ema)} or 'online'.")
+    return module, state.ema[rate], config, restored_step
+
+
 def load_teacher(teacher_workdir: str, mesh):
     """(module, EMA params, its config) of a cmjax run in `teacher_workdir`, sharded for `mesh`."""
-    path = os.path.join(teacher_workdir, CONFIG_FILE)
-    with open(path) as f:
-        teacher_config = ml_collections.ConfigDict(json.load(f))
-    module = models.get(teacher_config.model)
-    abstract_state, shardings = abstract_train_state(teacher_config, module, mesh)
-    with checkpointing.Checkpointer(teacher_workdir, save_every=1, keep=1, read_only=True) as reader:
-        restored = reader.restore(_with_shardings(abstract_state, shardings))
-    if restored is None:
-        raise ValueError(f"Teacher workdir {teacher_workdir!r} holds no checkpoint.")
-    state, _ = restored
-    rate = train_state.ema_key(teacher_config.ema_rates[0])
-    return module, state.ema[rate], teacher_config
+    module, params, config, _ = load_params(teacher_workdir, mesh)
+    return module, params, config
 
 
 def abstract_train_state(config, module, mesh):
