@@ -178,6 +178,26 @@ def _with_shardings(abstract, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+def truncate_metrics_log(jsonl_path: str, last_step: int) -> None:
+    """Drops `metrics.jsonl` rows logged after `last_step`: a run killed after its last checkpoint logged
+    steps it will now repeat, and the log should hold each step once."""
+    if not os.path.exists(jsonl_path):
+        return
+    with open(jsonl_path) as f:
+        lines = f.readlines()
+    def logged_by_then(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= last_step
+        except (ValueError, KeyError):  # a row cut off when the process was killed mid-write
+            return False
+
+    kept = [line for line in lines if line.endswith("\n") and logged_by_then(line)]
+    if len(kept) != len(lines):
+        with open(jsonl_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(jsonl_path + ".tmp", jsonl_path)  # atomic: a crash here leaves the old or the new log
+
+
 def write_config(config, workdir: str) -> None:
     """Saves the run's config as JSON (process 0): a later run that uses this one as teacher reads it back."""
     if jax.process_index() == 0:
@@ -228,6 +248,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if restored is not None:
         state, start_step = restored
         logging.info("Resumed from step %d in %s.", start_step, workdir)
+        if jax.process_index() == 0:
+            truncate_metrics_log(jsonl_path, start_step)
     else:
         start_step = 0
         if config.method.name == "ect":  # ECT tunes the EDM teacher: start from its weights

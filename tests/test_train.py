@@ -65,6 +65,17 @@ def test_rerun_of_a_finished_run_resumes_and_does_nothing(ict_run, tmp_path_fact
     assert len(_read_jsonl(os.path.join(workdir, "metrics.jsonl"))) == before
 
 
+def test_resume_drops_metrics_rows_logged_after_the_checkpoint(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 9)]
+    with open(path, "w") as f:
+        f.writelines(rows + ['{"step": 9, "lo'])  # killed while writing step 9
+    train.truncate_metrics_log(path, 5)
+    assert [r["step"] for r in _read_jsonl(path)] == [1, 2, 3, 4, 5]
+    train.truncate_metrics_log(path, 5)  # idempotent
+    assert [r["step"] for r in _read_jsonl(path)] == [1, 2, 3, 4, 5]
+
+
 def test_edm_loss_falls(tmp_path_factory):
     config = _config(tmp_path_factory, total_steps=40, ckpt_every=40, batch_size=64, model=MLP,
                      **{"method": _edm_method(), "optim.learning_rate": 2e-3, "optim.warmup_steps": 0,
