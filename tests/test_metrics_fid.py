@@ -91,7 +91,7 @@ def test_reference_cache_roundtrip_and_published_formats(tmp_path):
     batches = [rng.normal(size=(40, 6)) for _ in range(3)]
     stats, kept = fid.accumulate_reference(batches, 6)
     path = fid.reference_cache_path(str(tmp_path), "cifar10", "train[:50%]", 299, "inception")
-    assert path.endswith("cifar10_train__50__299px_inception.npz")
+    assert path.endswith("cifar10_train__50___299px_inception.npz")
     fid.save_reference(path, stats, kept)
     loaded = fid.load_reference(path)
     np.testing.assert_allclose(loaded["mu"], np.concatenate(batches).mean(0))
