@@ -43,21 +43,31 @@ def multistep_sample(
     sigma_min=SIGMA_MIN,
     sigma_max=SIGMA_MAX,
     clip=True,
+    noise: Sequence[jnp.ndarray] | None = None,
 ):
     """CM Algorithm 1: x = f(σ0·z, σ0); for each later τ: x = f(x + √(τ² − σmin²)·z, τ).
 
     `sigmas` is decreasing and starts at the first noise level (usually σmax); len(sigmas) network
-    evaluations. The noise for step j is drawn from `jax.random.fold_in(key, j)`.
+    evaluations. The noise for step j is drawn from `jax.random.fold_in(key, j)`, or is `noise[j]` when
+    standard-normal arrays are given (e.g. the latents and generator draws of a PyTorch pipeline).
     """
     sigmas = [float(s) for s in sigmas]
     if not sigmas or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
         raise ValueError(f"Sampling sigmas must be a non-empty decreasing list, got {sigmas}.")
-    x = sigmas[0] * jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
+    x = sigmas[0] * _noise(noise, key, 0, shape)
     x = _denoised(consistency_fn, x, sigmas[0], clip)
     for j, tau in enumerate(sigmas[1:], start=1):
-        noise = jax.random.normal(jax.random.fold_in(key, j), shape, jnp.float32)
-        x = _denoised(consistency_fn, renoise(x, tau, noise, sigma_min, sigma_max), tau, clip)
+        x_tau = renoise(x, tau, _noise(noise, key, j, shape), sigma_min, sigma_max)
+        x = _denoised(consistency_fn, x_tau, tau, clip)
     return x
+
+
+def _noise(noise, key, j: int, shape):
+    if noise is None:
+        return jax.random.normal(jax.random.fold_in(key, j), shape, jnp.float32)
+    if len(noise) <= j or tuple(noise[j].shape) != tuple(shape):
+        raise ValueError(f"noise[{j}] must be an array of shape {tuple(shape)}, one per sampling step.")
+    return jnp.asarray(noise[j], jnp.float32)
 
 
 def openai_ts_sigmas(
@@ -87,14 +97,15 @@ def openai_multistep_sample(
     sigma_max=SIGMA_MAX,
     rho=schedules.RHO,
     clip=True,
+    noise: Sequence[jnp.ndarray] | None = None,
 ):
     """openai's `stochastic_iterative_sampler`: evaluate at the σ of ts[:-1]; ts[-1] only sets the last
-    renoising level, which is σmin (no noise) when ts[-1] = steps − 1.
+    renoising level, which is σmin (no noise) when ts[-1] = steps − 1. `noise`: as in `multistep_sample`
+    (len(ts) arrays; the last one is used only when ts[-1] < steps − 1).
     """
     sigmas = openai_ts_sigmas(ts, steps, sigma_min, sigma_max, rho)
     final = float(np.clip(sigmas[-1], sigma_min, sigma_max))
-    x = multistep_sample(consistency_fn, key, shape, sigmas[:-1], sigma_min, sigma_max, clip)
+    x = multistep_sample(consistency_fn, key, shape, sigmas[:-1], sigma_min, sigma_max, clip, noise)
     if final > sigma_min * (1 + 1e-6):  # the grid's last point is σmin up to float64 rounding
-        noise = jax.random.normal(jax.random.fold_in(key, len(sigmas) - 1), shape, jnp.float32)
-        x = renoise(x, final, noise, sigma_min, sigma_max)
+        x = renoise(x, final, _noise(noise, key, len(sigmas) - 1, shape), sigma_min, sigma_max)
     return x

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cmjax.interop import diffusers as interop_diffusers
 from cmjax.interop import openai as interop
 from cmjax.models.unet import UNet
 
@@ -141,8 +142,8 @@ def test_numerical_parity_with_diffusers_unet2d(name):
     unet = UNet(**TINY[name])
     params = _randomized(_init_shapes(unet), seed=1)
 
-    torch_model = diffusers.UNet2DModel(**interop.diffusers_unet2d_config(unet)).eval()
-    sd = {k: torch.tensor(v) for k, v in interop.to_diffusers_state_dict(params, unet).items()}
+    torch_model = diffusers.UNet2DModel(**interop_diffusers.diffusers_unet2d_config(unet)).eval()
+    sd = {k: torch.tensor(v) for k, v in interop_diffusers.to_diffusers_state_dict(params, unet).items()}
     torch_model.load_state_dict(sd, strict=True)
 
     rng = np.random.default_rng(2)

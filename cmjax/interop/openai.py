@@ -10,14 +10,21 @@ trained with `QKVFlashAttention`, whose einops pattern "b (three h d) s" orders 
 [all q heads | all k heads | all v heads]; diffusers' conversion script splits them with `chunk(3)`, which agrees.
 Our `AttentionBlock` uses the same order, so the map is a plain transpose. guided-diffusion checkpoints and
 cm's non-flash `QKVAttentionLegacy` order rows per head, [q_h k_h v_h]; `legacy_qkv_to_flash_order` converts those.
+
+Files: `save_state_dict` / `load_state_dict` read and write `.pt` (`torch.save` of a plain state dict, what
+`cm`'s `load_state_dict` and the released `cd_imagenet64_l2.pt`, `edm_imagenet64_ema.pt`, … hold; needs torch)
+and `.safetensors` (safetensors' numpy API, no torch). `openai_unet_kwargs` gives the `cm.unet.UNetModel`
+constructor arguments that build the matching network.
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 _INDEXED = re.compile(r"_(\d+)(?=_|$)")
@@ -116,126 +123,96 @@ def legacy_qkv_to_flash_order(qkv: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# diffusers UNet2DModel: the same network under diffusers' names (as in diffusers'
-# scripts/convert_consistency_to_diffusers.py), with attention as separate to_q/to_k/to_v/to_out.0 Linears.
+# The network a cmjax model config describes, and what openai's `cm` code needs to rebuild it.
 
-_RESBLOCK_NAMES = {
-    "in_layers.0": "norm1",
-    "in_layers.2": "conv1",
-    "emb_layers.1": "time_emb_proj",
-    "out_layers.0": "norm2",
-    "out_layers.3": "conv2",
-    "skip_connection": "conv_shortcut",
-}
+SUPPORTED_MODEL = "unet"
 
 
-def _levels_with_attention(unet) -> list[bool]:
-    return [unet.image_size // 2**level in unet.attention_resolutions for level in range(len(unet.channel_mult))]
+def unet_from_model_config(model_config: Mapping[str, Any], target: str):
+    """The `cmjax.models.unet.UNet` of `model_config`; a clear error when `target` cannot hold that network."""
+    from cmjax import models
+
+    name = model_config.get("name")
+    if name != SUPPORTED_MODEL:
+        raise ValueError(
+            f"{target} supports config.model.name={SUPPORTED_MODEL!r} (the ADM UNet of openai's cm/unet.py, "
+            f"diffusers' UNet2DModel); this model is {name!r}, which {target} cannot represent.")
+    unet = models.get(model_config)
+    for field, plain in (("time_embedding", "positional"), ("emb_norm", "none")):
+        if getattr(unet, field) != plain:
+            raise ValueError(f"{target} holds the ADM UNet with {field}={plain!r}; this one has "
+                             f"{field}={getattr(unet, field)!r}.")
+    return unet
 
 
-def diffusers_unet2d_config(unet) -> dict[str, Any]:
-    """The `UNet2DModel` config that builds the same network as `unet` (a `cmjax.models.unet.UNet`)."""
-    if unet.num_head_channels == -1:
-        raise ValueError("diffusers' UNet2DModel needs fixed-width heads: set num_head_channels (e.g. 64).")
-    if not unet.conv_resample and not unet.resblock_updown:
-        raise ValueError("diffusers' UNet2DModel has no conv-free resampling: use conv_resample or resblock_updown.")
-    attn = _levels_with_attention(unet)
-    plain_down, plain_up = ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if unet.resblock_updown else (
-        "DownBlock2D",
-        "UpBlock2D",
-    )
+def unet_param_shapes(unet) -> dict:
+    """The UNet's parameter tree as `jax.ShapeDtypeStruct`s (`jax.eval_shape`: nothing is allocated)."""
+    size = unet.image_size
+    labels = jnp.zeros((1,), jnp.int32) if unet.num_classes else None
+    variables = jax.eval_shape(lambda: unet.init(
+        jax.random.key(0), jnp.zeros((1, size, size, unet.in_channels)), jnp.zeros((1,)), labels))
+    return nn.meta.unbox(variables["params"])
+
+
+def openai_unet_kwargs(unet) -> dict[str, Any]:
+    """Keyword arguments of `cm.unet.UNetModel` (openai/consistency_models) for the same network.
+
+    openai takes `attention_resolutions` as downsampling rates (image_size // resolution), ours as resolutions.
+    """
     return {
-        "sample_size": unet.image_size,
+        "image_size": unet.image_size,
         "in_channels": unet.in_channels,
+        "model_channels": unet.model_channels,
         "out_channels": unet.out_channels,
-        "time_embedding_type": "positional",
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "block_out_channels": [int(m * unet.model_channels) for m in unet.channel_mult],
-        "layers_per_block": unet.num_res_blocks,
-        "down_block_types": ["AttnDownBlock2D" if a else plain_down for a in attn],
-        "up_block_types": ["AttnUpBlock2D" if a else plain_up for a in reversed(attn)],
-        "downsample_type": "resnet" if unet.resblock_updown else "conv",
-        "upsample_type": "resnet" if unet.resblock_updown else "conv",
-        "attention_head_dim": unet.num_head_channels,
-        "norm_num_groups": 32,
-        # Without this, diffusers drops the mid-block attention's GroupNorm when scale-shift is on.
-        "attn_norm_num_groups": 32,
-        "norm_eps": 1e-5,
-        "resnet_time_scale_shift": "scale_shift" if unet.use_scale_shift_norm else "default",
-        "add_attention": True,
-        "num_class_embeds": unet.num_classes or None,
+        "num_res_blocks": unet.num_res_blocks,
+        "attention_resolutions": sorted(unet.image_size // r for r in unet.attention_resolutions),
         "dropout": unet.dropout,
+        "channel_mult": list(unet.channel_mult),
+        "conv_resample": unet.conv_resample,
+        "dims": 2,
+        "num_classes": unet.num_classes or None,
+        "use_checkpoint": False,
+        "use_fp16": False,
+        "num_heads": unet.num_heads,
+        "num_head_channels": unet.num_head_channels,
+        "num_heads_upsample": -1,
+        "use_scale_shift_norm": unet.use_scale_shift_norm,
+        "resblock_updown": unet.resblock_updown,
+        "use_new_attention_order": False,
     }
 
 
-def openai_to_diffusers_prefixes(unet) -> dict[str, str]:
-    """openai module path → diffusers module path for every parameterised module of `unet`."""
-    prefixes = {
-        "time_embed.0": "time_embedding.linear_1",
-        "time_embed.2": "time_embedding.linear_2",
-        "label_emb": "class_embedding",
-        "input_blocks.0.0": "conv_in",
-        "middle_block.0": "mid_block.resnets.0",
-        "middle_block.1": "mid_block.attentions.0",
-        "middle_block.2": "mid_block.resnets.1",
-        "out.0": "conv_norm_out",
-        "out.2": "conv_out",
-    }
-    attn = _levels_with_attention(unet)
-    levels = len(unet.channel_mult)
-    resample = "" if unet.resblock_updown else ".op"
-    index = 1
-    for level in range(levels):
-        for j in range(unet.num_res_blocks):
-            prefixes[f"input_blocks.{index}.0"] = f"down_blocks.{level}.resnets.{j}"
-            prefixes[f"input_blocks.{index}.1"] = f"down_blocks.{level}.attentions.{j}"
-            index += 1
-        if level != levels - 1:
-            target = f"down_blocks.{level}.downsamplers.0" + (".conv" if resample else "")
-            prefixes[f"input_blocks.{index}.0{resample}"] = target
-            index += 1
-    index = 0
-    for up_level, level in enumerate(reversed(range(levels))):
-        for j in range(unet.num_res_blocks + 1):
-            prefixes[f"output_blocks.{index}.0"] = f"up_blocks.{up_level}.resnets.{j}"
-            prefixes[f"output_blocks.{index}.1"] = f"up_blocks.{up_level}.attentions.{j}"
-            if level and j == unet.num_res_blocks:
-                sub = 2 if attn[level] else 1
-                source = f"output_blocks.{index}.{sub}" + ("" if unet.resblock_updown else ".conv")
-                prefixes[source] = f"up_blocks.{up_level}.upsamplers.0" + ("" if unet.resblock_updown else ".conv")
-            index += 1
-    return prefixes
+def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> str:
+    """Writes a state dict as `.pt` (torch.save of CPU tensors; needs torch) or `.safetensors` (numpy API)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in state_dict.items()}
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import save_file
+
+        save_file(arrays, path, metadata={"format": "pt"})
+    elif path.endswith(".pt"):
+        import torch
+
+        torch.save({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, path)
+    else:
+        raise ValueError(f"An openai state dict is written as .pt or .safetensors, not {path!r}.")
+    return path
 
 
-def openai_to_diffusers_state_dict(state_dict: Mapping[str, np.ndarray], unet) -> dict[str, np.ndarray]:
-    """Renames (and splits qkv / squeezes 1×1 attention convs of) an openai state dict into `UNet2DModel`'s keys."""
-    prefixes = openai_to_diffusers_prefixes(unet)
-    out: dict[str, np.ndarray] = {}
-    for key, value in state_dict.items():
-        value = np.asarray(value)
-        parts = key.split(".")
-        # Longest module prefix that the map knows; the rest is the path inside that module.
-        cut = next(i for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in prefixes)
-        module, rest = prefixes[".".join(parts[:cut])], ".".join(parts[cut:])
-        leaf = parts[-1]
-        inner = ".".join(parts[cut:-1])
-        if inner in _RESBLOCK_NAMES:
-            out[f"{module}.{_RESBLOCK_NAMES[inner]}.{leaf}"] = value
-        elif inner == "norm":
-            out[f"{module}.group_norm.{leaf}"] = value
-        elif inner == "qkv":
-            for name, part in zip(("to_q", "to_k", "to_v"), np.split(value, 3, axis=0)):
-                out[f"{module}.{name}.{leaf}"] = part.reshape(part.shape[:2]) if part.ndim == 4 else part
-        elif inner == "proj_out":
-            out[f"{module}.to_out.0.{leaf}"] = value.reshape(value.shape[:2]) if value.ndim == 4 else value
-        elif inner == "":
-            out[f"{module}.{rest}"] = value
-        else:
-            raise ValueError(f"No diffusers name for openai key {key!r}.")
-    return out
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+    """Reads an openai state dict from `.pt` (needs torch; tensors only, never pickled code) or `.safetensors`."""
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
 
-
-def to_diffusers_state_dict(params, unet) -> dict[str, np.ndarray]:
-    """The UNet's parameters as a `diffusers.UNet2DModel(**diffusers_unet2d_config(unet))` state dict."""
-    return openai_to_diffusers_state_dict(to_openai_state_dict(params), unet)
+        return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+    if path.endswith((".pt", ".pth")):
+        try:
+            import torch
+        except ImportError:
+            raise ImportError(f"Reading {path!r} needs torch; install it, or convert the file to .safetensors.") \
+                from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if "state_dict" in state and not hasattr(state["state_dict"], "shape"):
+            state = state["state_dict"]
+        return {k: v.detach().float().numpy() for k, v in state.items()}
+    raise ValueError(f"An openai state dict is a .pt or .safetensors file, not {path!r}.")

@@ -1,0 +1,236 @@
+"""`--mode=export` and `--mode=import`: a cmjax run (workdir) ↔ the PyTorch files of diffusers and openai's `cm`.
+
+Export reads one EMA copy of a checkpoint (`cmjax.train.load_params`) and writes either a diffusers
+`ConsistencyModelPipeline` folder (`cmjax.interop.diffusers`) or an openai `UNetModel` state dict
+(`cmjax.interop.openai`). Import writes a real run: `config.json` and an Orbax checkpoint at step 0 whose
+parameters, every EMA copy (and the CT/CD target) are the imported weights, so `--mode=sample`, fine-tuning
+(training resumes from step 0) and `config.method.teacher=<workdir>` (CD teachers, ECT starts) all work.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from cmjax import parameterization, schedules
+from cmjax.interop import diffusers, openai
+
+FORMATS = ("diffusers", "openai")
+OPENAI_ARGS_FILE = "openai_unet.json"
+
+
+def _check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise ValueError(f"Unknown interop format {format!r}; choose one of {list(FORMATS)}.")
+
+
+def _method_settings(config) -> dict[str, Any]:
+    """The run's objective settings with the objective's defaults filled in."""
+    from cmjax import losses
+
+    settings = dict(losses.objective_settings(config.method.name))
+    settings.update({k: v for k, v in config.method.items() if k not in ("name", "teacher")})
+    return settings
+
+
+def consistency_parameterised(config) -> bool:
+    """Whether the run's network is a consistency function f(x, σmin) = x (CM App. C scalings), as
+    `CMStochasticIterativeScheduler` assumes; EDM runs and ECT in its default EDM form are denoisers."""
+    name = config.method.name
+    return name != "edm" and not (name == "ect" and _method_settings(config).get("parameterization_kind") == "edm")
+
+
+def sampler_settings(config) -> dict[str, Any]:
+    """σ range, σ_data, ρ and the Karras grid size the run trained on (the scheduler's `num_train_timesteps`).
+
+    cd/ct: their largest grid (`num_scales`, or s1 + 1 with a curriculum); ict: s1 + 1; otherwise 40,
+    openai's default `--steps` for sampling.
+    """
+    from cmjax import losses
+
+    s = _method_settings(config)
+    if config.method.name in ("cd", "ct"):
+        grid = losses.max_num_scales(curriculum=s["curriculum"], num_scales=s["num_scales"], s1=s["s1"])
+    elif config.method.name == "ict":
+        grid = s["s1"] + 1
+    else:
+        grid = 40
+    return {
+        "num_train_timesteps": int(grid),
+        "sigma_min": float(s.get("sigma_min", parameterization.SIGMA_MIN)),
+        "sigma_max": float(s.get("sigma_max", parameterization.SIGMA_MAX)),
+        "sigma_data": float(s.get("sigma_data", parameterization.SIGMA_DATA)),
+        "rho": float(s.get("rho", schedules.RHO)),
+    }
+
+
+def _host_tree(tree):
+    """The whole tree as host numpy arrays, gathered across processes when they hold only shards."""
+    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(tree)):
+        from jax.experimental import multihost_utils
+
+        tree = multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), tree)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export.
+
+
+def export_checkpoint(config, workdir: str, *, step: int | None = None, ema_rate: str | float | None = None,
+                      format: str = "diffusers", output: str) -> dict[str, Any]:
+    """Writes checkpoint `step` (newest if None) of the run in `workdir`, EMA copy `ema_rate` (the run's first
+    rate if None; "online" for the raw parameters), as a diffusers pipeline folder or an openai state dict.
+
+    The network is the one the run's own `workdir/config.json` describes; `config` (the command line's) is used
+    only for a workdir without one. Returns what was written, by name.
+    """
+    from cmjax import sharding, train
+
+    _check_format(format)
+    if os.path.exists(os.path.join(workdir, train.CONFIG_FILE)):
+        config = train.read_run_config(workdir)
+    target = "diffusers' ConsistencyModelPipeline" if format == "diffusers" else "openai's cm UNetModel"
+    unet = openai.unet_from_model_config(config.model, target)
+    settings = sampler_settings(config)
+    if format == "diffusers":
+        diffusers.diffusers_unet2d_config(unet)  # fails here, before reading, on what UNet2DModel cannot hold
+        if not consistency_parameterised(config):
+            raise ValueError(
+                f"This {config.method.name!r} run's network is an EDM denoiser, but CMStochasticIterativeScheduler "
+                "applies the consistency boundary scalings (CM App. C) to it; export it with --format=openai "
+                "(e.g. as a CD teacher for openai's cm code).")
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+    _, params, _, restored_step = train.load_params(workdir, mesh, step=step, ema_rate=ema_rate, config=config)
+    params = _host_tree(params)
+    rate = "online" if ema_rate in ("online", "params") else train_state_key(config, ema_rate)
+    result: dict[str, Any] = {"format": format, "step": int(restored_step), "ema_rate": rate}
+    if jax.process_index() != 0:
+        return result
+    if format == "diffusers":
+        result.update(diffusers.write_pipeline(output, params, unet, diffusers.scheduler_config(**settings)))
+        return result
+    name = f"model{restored_step:06d}" if rate == "online" else f"ema_{rate}_{restored_step:06d}"  # cm's names
+    result["state_dict"] = openai.save_state_dict(
+        openai.to_openai_state_dict(params), os.path.join(output, name + (".pt" if _has_torch() else ".safetensors")))
+    result["unet_kwargs"] = os.path.join(output, OPENAI_ARGS_FILE)
+    with open(result["unet_kwargs"], "w") as f:
+        json.dump({"unet_model_kwargs": openai.openai_unet_kwargs(unet), "sampler": settings,
+                   "parameterization": "consistency" if consistency_parameterised(config) else "edm",
+                   "step": int(restored_step), "ema_rate": rate}, f, indent=2)
+    return result
+
+
+def train_state_key(config, ema_rate) -> str:
+    from cmjax import train_state
+
+    return train_state.ema_key(config.ema_rates[0] if ema_rate is None else ema_rate)
+
+
+def _has_torch() -> bool:
+    from importlib import util
+
+    return util.find_spec("torch") is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Import.
+
+
+def _effective_attention(fields: dict[str, Any]) -> list[int]:
+    levels = [fields["image_size"] // 2**level for level in range(len(fields["channel_mult"]))]
+    return sorted(r for r in fields.get("attention_resolutions", ()) if r in levels)
+
+
+def _differences(model_config, folder_fields: dict[str, Any]) -> list[str]:
+    """Fields where config.model and the folder's network differ (fields the network ignores are skipped)."""
+    from cmjax.models.unet import UNet
+
+    ours = {f: model_config.get(f, getattr(UNet, f)) for f in folder_fields}
+    ours["num_classes"] = ours["num_classes"] or 0
+    for fields in (ours, folder_fields):
+        fields["attention_resolutions"] = _effective_attention({**folder_fields, **fields})
+        fields["channel_mult"] = list(fields["channel_mult"])
+    skipped = {"dropout"} | ({"conv_resample"} if folder_fields["resblock_updown"] else set())
+    skipped |= {"num_heads"} if folder_fields["num_head_channels"] != -1 else set()
+    return [f"{f}: folder {folder_fields[f]!r}, config {ours[f]!r}" for f in folder_fields
+            if f not in skipped and f in model_config and ours[f] != folder_fields[f]]
+
+
+def model_config_for_folder(config, folder_fields: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of `config` whose `model` is the folder's UNet: fields config.model sets must agree with the
+    folder (a clear error names each that differs), fields it leaves out are filled in from the folder."""
+    from cmjax.models.unet import UNet
+
+    openai.unet_from_model_config(config.model, "Import from diffusers")
+    differing = _differences(config.model, dict(folder_fields))
+    if differing:
+        overrides = " ".join(f"--config.model.{d.split(':')[0]}=..." for d in differing)
+        raise ValueError("The diffusers UNet differs from config.model in: " + "; ".join(differing) +
+                         f". Use a config that matches the folder ({overrides}).")
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for field, value in folder_fields.items():
+            if field not in config.model and value != getattr(UNet, field):
+                config.model[field] = value
+    return config
+
+
+def import_checkpoint(config, workdir: str, *, format: str = "openai", input: str) -> dict[str, Any]:
+    """Writes a cmjax run into `workdir` from a diffusers UNet2DModel folder or an openai .pt/.safetensors state
+    dict: `config.json` and a step-0 checkpoint whose parameters and every EMA copy are the imported weights.
+
+    The network is `config.model` (openai) or the folder's `unet/config.json` checked against `config.model`
+    (diffusers). A data-iterator state is saved with it when `config.data`'s dataset is prepared (training
+    resumes from a checkpoint with one); otherwise the checkpoint holds the state alone.
+    """
+    from cmjax import checkpointing, models, optim, sharding, train, train_state
+
+    _check_format(format)
+    if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
+        raise FileExistsError(f"{workdir!r} already holds checkpoints; import into a new workdir.")
+    if format == "diffusers":
+        fields, state_dict = diffusers.read_unet(input)
+        config = model_config_for_folder(config, fields)
+        unet = openai.unet_from_model_config(config.model, "Import from diffusers")
+        params = diffusers.from_diffusers_state_dict(state_dict, unet)
+    else:
+        unet = openai.unet_from_model_config(config.model, "Import from openai")
+        params = openai.from_openai_state_dict(openai.load_state_dict(input), openai.unet_param_shapes(unet))
+
+    mesh = sharding.make_mesh(config.mesh)
+    module = models.get(config.model)
+    _, shardings = train.abstract_train_state(config, module, mesh)
+    optimizer, _ = optim.make_optimizer(config.optim, config.total_steps)
+    keep_target = config.method.name in train.METHODS_WITH_TARGET
+    state = jax.jit(lambda p: train_state.create(p, optimizer, config.ema_rates, keep_target),
+                    out_shardings=shardings)(params)
+    data_iter, data_note = _fresh_data_iterator(config, mesh)
+    train.write_config(config, workdir)
+    checkpointer = checkpointing.Checkpointer(workdir, save_every=config.ckpt_every, keep=config.keep_checkpoints)
+    checkpointer.save(0, state, data_iter, force=True)
+    checkpointer.wait()
+    checkpointer.close()
+    return {
+        "format": format,
+        "input": input,
+        "config": os.path.join(workdir, train.CONFIG_FILE),
+        "checkpoint": os.path.join(workdir, "checkpoints", "0"),
+        "parameters": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+        "ema_rates": [train_state.ema_key(r) for r in config.ema_rates],
+        "data_state": data_note,
+    }
+
+
+def _fresh_data_iterator(config, mesh):
+    """The data stream of a fresh run, so that training resumes from the step-0 checkpoint as if it began there."""
+    from cmjax.data import datasets, pipeline
+
+    try:
+        return pipeline.build(config.data, mesh, global_batch_size=config.batch_size, seed=config.seed), "saved"
+    except datasets.DatasetNotPreparedError as e:
+        return None, f"not saved ({e})"
