@@ -1,10 +1,12 @@
 """UNet ↔ openai/diffusers maps: released key names and shapes, round trips, numerical parity with diffusers."""
 import json
+import os
 
 import diffusers
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -159,3 +161,43 @@ def test_numerical_parity_with_diffusers_unet2d(name):
         ).sample.numpy().transpose(0, 2, 3, 1)
     assert np.abs(theirs).mean() > 0.1  # randomised zero-init layers: the output is not trivially zero
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_imported_openai_checkpoint_is_a_cd_teacher_and_resumes(tmp_path):
+    """`--mode=import` of an openai state dict writes a run that `config.method.teacher` accepts (load_teacher
+    returns exactly the imported weights) and that training resumes from (step 0, with its data stream)."""
+    from cmjax import checkpointing, sharding, train
+    from cmjax.data import pipeline
+    from cmjax.interop import export_checkpoint, import_checkpoint
+    from configs import default
+
+    teacher_config = default.get_config()  # the default tiny UNet on the embedded digits
+    teacher_config.method = ml_collections.ConfigDict({"name": "edm", "teacher": ""})
+    unet = interop.unet_from_model_config(teacher_config.model, "test")
+    params = _randomized(interop.unet_param_shapes(unet), seed=3)
+    source = interop.save_state_dict(interop.to_openai_state_dict(params), str(tmp_path / "edm_digits_ema.pt"))
+    result = import_checkpoint(teacher_config, str(tmp_path / "teacher"), format="openai", input=source)
+    assert result["data_state"] == "saved"
+
+    student = default.get_config()
+    student.method = ml_collections.ConfigDict({"name": "cd", "teacher": str(tmp_path / "teacher")})
+    train.check_teacher(student)
+    mesh = sharding.make_mesh(student.mesh)
+    module, teacher_params, config = train.load_teacher(student.method.teacher, mesh)
+    assert config.method.name == "edm" and interop.openai_unet_kwargs(module) == interop.openai_unet_kwargs(unet)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(teacher_params), jax.tree.map(np.asarray, params))
+
+    # What train_and_evaluate does on start: restore the newest checkpoint, data-iterator state included.
+    abstract, shardings = train.abstract_train_state(config, module, mesh)
+    data_iter = pipeline.build(config.data, mesh, global_batch_size=config.batch_size, seed=config.seed)
+    with checkpointing.Checkpointer(str(tmp_path / "teacher"), save_every=1, keep=1) as checkpointer:
+        state, step = checkpointer.restore(train._with_shardings(abstract, shardings), data_iter)
+    assert step == 0 and int(state.step) == 0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(teacher_params))
+
+    # An EDM denoiser exports to openai's layout (not as a consistency pipeline) and back, bit for bit.
+    files = export_checkpoint(config, str(tmp_path / "teacher"), format="openai", output=str(tmp_path / "out"))
+    assert os.path.basename(files["state_dict"]) == "ema_0.999_000000.pt"
+    assert json.load(open(files["unet_kwargs"]))["parameterization"] == "edm"
+    exported = interop.load_state_dict(files["state_dict"])
+    jax.tree.map(np.testing.assert_array_equal, exported, interop.to_openai_state_dict(params))

@@ -68,6 +68,16 @@ def sampler_settings(config) -> dict[str, Any]:
     }
 
 
+def _io_mesh(config):
+    """The mesh that export and import hold parameters on: one device when one process does the work (Orbax
+    reshards on restore, so a run trained on any mesh reads it), the run's mesh across several processes."""
+    from cmjax import sharding
+
+    if jax.process_count() == 1:
+        return sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.local_devices()[:1])
+    return sharding.make_mesh(config.mesh)
+
+
 def _host_tree(tree):
     """The whole tree as host numpy arrays, gathered across processes when they hold only shards."""
     if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(tree)):
@@ -89,7 +99,7 @@ def export_checkpoint(config, workdir: str, *, step: int | None = None, ema_rate
     The network is the one the run's own `workdir/config.json` describes; `config` (the command line's) is used
     only for a workdir without one. Returns what was written, by name.
     """
-    from cmjax import sharding, train
+    from cmjax import train
 
     _check_format(format)
     if os.path.exists(os.path.join(workdir, train.CONFIG_FILE)):
@@ -104,8 +114,8 @@ def export_checkpoint(config, workdir: str, *, step: int | None = None, ema_rate
                 f"This {config.method.name!r} run's network is an EDM denoiser, but CMStochasticIterativeScheduler "
                 "applies the consistency boundary scalings (CM App. C) to it; export it with --format=openai "
                 "(e.g. as a CD teacher for openai's cm code).")
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
-    _, params, _, restored_step = train.load_params(workdir, mesh, step=step, ema_rate=ema_rate, config=config)
+    _, params, _, restored_step = train.load_params(workdir, _io_mesh(config), step=step, ema_rate=ema_rate,
+                                                    config=config)
     params = _host_tree(params)
     rate = "online" if ema_rate in ("online", "params") else train_state_key(config, ema_rate)
     result: dict[str, Any] = {"format": format, "step": int(restored_step), "ema_rate": rate}
@@ -202,14 +212,13 @@ def import_checkpoint(config, workdir: str, *, format: str = "openai", input: st
         unet = openai.unet_from_model_config(config.model, "Import from openai")
         params = openai.from_openai_state_dict(openai.load_state_dict(input), openai.unet_param_shapes(unet))
 
-    mesh = sharding.make_mesh(config.mesh)
     module = models.get(config.model)
-    _, shardings = train.abstract_train_state(config, module, mesh)
+    _, shardings = train.abstract_train_state(config, module, _io_mesh(config))
     optimizer, _ = optim.make_optimizer(config.optim, config.total_steps)
     keep_target = config.method.name in train.METHODS_WITH_TARGET
     state = jax.jit(lambda p: train_state.create(p, optimizer, config.ema_rates, keep_target),
                     out_shardings=shardings)(params)
-    data_iter, data_note = _fresh_data_iterator(config, mesh)
+    data_iter, data_note = _fresh_data_iterator(config, sharding.make_mesh(config.mesh))
     train.write_config(config, workdir)
     checkpointer = checkpointing.Checkpointer(workdir, save_every=config.ckpt_every, keep=config.keep_checkpoints)
     checkpointer.save(0, state, data_iter, force=True)
