@@ -2,12 +2,14 @@
 
 Every objective has the signature
     objective(network, params, x, key, step, *, target_params=None, teacher_params=None,
-              teacher_network=None) -> (loss, metrics)
-once its hyper-parameters are bound by `make_objective(name, **settings)`. `network(params, x_in,
-time_input, dropout_key)` is the raw network F (dropout active); `teacher_network(params, x_in,
-time_input)` is the teacher's raw network in evaluation mode. `step` may be traced: curricula are
-evaluated inside the compiled function, so the step compiles once for the whole run. The online and the
-target evaluations of one consistency step share one dropout key (as in the CM and iCT releases).
+              teacher_network=None, distance_params=None) -> (loss, metrics)
+once its hyper-parameters are bound by `make_objective(name, **settings)`. `distance_params` are the
+weights of a distance's network (LPIPS' VGG16), an argument like the teacher's, never a constant.
+`network(params, x_in, time_input, dropout_key)` is the raw network F (dropout active);
+`teacher_network(params, x_in, time_input)` is the teacher's raw network in evaluation mode. `step` may
+be traced: curricula are evaluated inside the compiled function, so the step compiles once for the whole
+run. The online and the target evaluations of one consistency step share one dropout key (as in the CM
+and iCT releases).
 """
 from __future__ import annotations
 
@@ -54,29 +56,52 @@ _DISTANCES: dict[str, Callable] = {
     "l1": l1_distance,
     "pseudo_huber": pseudo_huber_distance,
 }
+# Loaders `load(path) -> params` of the distances that carry a network (their fn is fn(params, a, b)).
+_DISTANCE_LOADERS: dict[str, Callable] = {}
 
 
-def register_distance(name: str, fn: Callable) -> None:
-    """Adds a distance `fn(a, b) -> [B]` (the metrics package registers `lpips` here)."""
+def register_distance(name: str, fn: Callable, *, load_params: Callable | None = None) -> None:
+    """Adds a distance `fn(a, b) -> [B]`, or with `load_params(path) -> params` one with network weights,
+    `fn(params, a, b)` (the metrics package registers `lpips` and `lpips_avgpool` so)."""
     _DISTANCES[name] = fn
+    if load_params is not None:
+        _DISTANCE_LOADERS[name] = load_params
 
 
-def get_distance(name: str, sample_shape, huber_c: float | None = None) -> Callable:
-    """The distance `config.method.distance` names, as `fn(a, b) -> [B]`."""
-    if name == "lpips" and name not in _DISTANCES:
+def _registered(name: str) -> str:
+    if name.startswith("lpips") and name not in _DISTANCES:
         try:  # The LPIPS network lives with the metrics; importing it registers the distance.
             importlib.import_module("cmjax.metrics.lpips")
         except ModuleNotFoundError as err:
             raise ValueError(
-                "distance 'lpips' needs cmjax.metrics.lpips (VGG16 LPIPS), which this installation "
+                f"distance {name!r} needs cmjax.metrics.lpips (VGG16 LPIPS), which this installation "
                 f"lacks ({err}); use one of {sorted(_DISTANCES)}."
             ) from err
     if name not in _DISTANCES:
         raise ValueError(f"Unknown distance {name!r}; choose one of {sorted(_DISTANCES)}.")
+    return name
+
+
+def load_distance_params(name: str, path: str | None = None):
+    """The network weights distance `name` needs (read from `path`, else its default file); None for the
+    distances without a network (l2, l1, pseudo_huber)."""
+    loader = _DISTANCE_LOADERS.get(_registered(name))
+    return None if loader is None else loader(path)
+
+
+def get_distance(name: str, sample_shape, huber_c: float | None = None, params=None) -> Callable:
+    """The distance `config.method.distance` names, as `fn(a, b) -> [B]`; `params` are the weights of
+    its network, if it has one (LPIPS)."""
+    fn = _DISTANCES[_registered(name)]
+    if name in _DISTANCE_LOADERS:
+        if params is None:
+            raise ValueError(f"distance {name!r} needs its network weights as distance_params (training "
+                             "loads them from config.method.distance_weights).")
+        return lambda a, b: fn(params, a, b)
     if name == "pseudo_huber":
         c = ict_huber_c(sample_shape) if huber_c is None else huber_c
         return lambda a, b: pseudo_huber_distance(a, b, c)
-    return _DISTANCES[name]
+    return fn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,10 +155,10 @@ def max_num_scales(*, curriculum: str, num_scales: int, s1: int) -> int:
 
 
 def edm_loss(network, params, x, key, step, *, sigma_data=SIGMA_DATA, p_mean=-1.2, p_std=1.2,
-             target_params=None, teacher_params=None, teacher_network=None):
+             target_params=None, teacher_params=None, teacher_network=None, distance_params=None):
     """EDM denoising score matching (EDM eq. 2, 8): ln σ ~ N(Pm, Ps²), λ(σ)·‖D(x + σn, σ) − x‖²,
     λ = (σ² + σd²)/(σ·σd)²."""
-    del step, target_params, teacher_params, teacher_network
+    del step, target_params, teacher_params, teacher_network, distance_params
     sigma_key, noise_key, dropout_key = jax.random.split(key, 3)
     sigma = schedules.lognormal_sigmas(sigma_key, x.shape[:1], p_mean, p_std)
     noise = jax.random.normal(noise_key, x.shape, jnp.float32)
@@ -147,7 +172,7 @@ def edm_loss(network, params, x, key, step, *, sigma_data=SIGMA_DATA, p_mean=-1.
 def _discrete_consistency_loss(
     network, params, x, key, step, *, teacher, target_params, total_steps, curriculum_name,
     num_scales, s0, s1, mu0, target_ema, index_distribution, p_mean, p_std, distance, huber_c,
-    weighting, sigma_min, sigma_max, sigma_data, rho,
+    distance_params, weighting, sigma_min, sigma_max, sigma_data, rho,
 ):
     """CM 2023 eq. 7/10, iCT: λ·d(f_θ(x + σ_{n+1}z, σ_{n+1}), sg f_θ⁻(x̂_n, σ_n)).
 
@@ -179,7 +204,7 @@ def _discrete_consistency_loss(
     online = _bind(network, params, dropout_key, "consistency", sigma_data, sigma_min)
     target_params = jax.lax.stop_gradient(params if target_params is None else target_params)
     target = _bind(network, target_params, dropout_key, "consistency", sigma_data, sigma_min)
-    distance_fn = get_distance(distance, x.shape[1:], huber_c)
+    distance_fn = get_distance(distance, x.shape[1:], huber_c, params=distance_params)
     per_sample = distance_fn(online(x_next, sigma_next), jax.lax.stop_gradient(target(x_hat, sigma_n)))
     weight = _weighting(weighting, sigma_next, sigma_n, sigma_data)
     loss = jnp.mean(weight * per_sample)
@@ -189,10 +214,10 @@ def _discrete_consistency_loss(
 
 
 def cd_loss(network, params, x, key, step, *, target_params=None, teacher_params=None,
-            teacher_network=None, teacher_solver="heun", total_steps=1, curriculum="fixed",
-            num_scales=18, s0=2, s1=150, mu0=0.9, target_ema=0.0, distance="l2", huber_c=None,
-            weighting="uniform", sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_data=SIGMA_DATA,
-            rho=schedules.RHO):
+            teacher_network=None, distance_params=None, teacher_solver="heun", total_steps=1,
+            curriculum="fixed", num_scales=18, s0=2, s1=150, mu0=0.9, target_ema=0.0, distance="l2",
+            huber_c=None, weighting="uniform", sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
+            sigma_data=SIGMA_DATA, rho=schedules.RHO):
     """Consistency distillation (CM 2023 eq. 7): x̂_n is one Heun (or Euler) step of the EDM teacher
     from σ_{n+1} to σ_n. CIFAR-10: N = 18, μ = 0; ImageNet-64/LSUN: N = 40, μ = 0.95."""
     if teacher_network is None:
@@ -207,13 +232,13 @@ def cd_loss(network, params, x, key, step, *, target_params=None, teacher_params
         network, params, x, key, step, teacher=teacher, target_params=target_params,
         total_steps=total_steps, curriculum_name=curriculum, num_scales=num_scales, s0=s0, s1=s1,
         mu0=mu0, target_ema=target_ema, index_distribution="uniform", p_mean=-1.1, p_std=2.0,
-        distance=distance, huber_c=huber_c, weighting=weighting, sigma_min=sigma_min,
-        sigma_max=sigma_max, sigma_data=sigma_data, rho=rho)
+        distance=distance, huber_c=huber_c, distance_params=distance_params, weighting=weighting,
+        sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data, rho=rho)
 
 
 def ct_loss(network, params, x, key, step, *, target_params=None, teacher_params=None,
-            teacher_network=None, total_steps=800_000, curriculum="cm_adaptive", num_scales=18,
-            s0=2, s1=150, mu0=0.9, target_ema=0.0, distance="l2", huber_c=None,
+            teacher_network=None, distance_params=None, total_steps=800_000, curriculum="cm_adaptive",
+            num_scales=18, s0=2, s1=150, mu0=0.9, target_ema=0.0, distance="l2", huber_c=None,
             weighting="uniform", sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_data=SIGMA_DATA,
             rho=schedules.RHO):
     """Consistency training, CM 2023 (eq. 10): x̂_n = x + σ_n·z, target EMA μ(k) from the adaptive
@@ -225,14 +250,14 @@ def ct_loss(network, params, x, key, step, *, target_params=None, teacher_params
         network, params, x, key, step, teacher=None, target_params=target_params,
         total_steps=total_steps, curriculum_name=curriculum, num_scales=num_scales, s0=s0, s1=s1,
         mu0=mu0, target_ema=target_ema, index_distribution="uniform", p_mean=-1.1, p_std=2.0,
-        distance=distance, huber_c=huber_c, weighting=weighting, sigma_min=sigma_min,
-        sigma_max=sigma_max, sigma_data=sigma_data, rho=rho)
+        distance=distance, huber_c=huber_c, distance_params=distance_params, weighting=weighting,
+        sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data, rho=rho)
 
 
 def ict_loss(network, params, x, key, step, *, target_params=None, teacher_params=None,
-             teacher_network=None, total_steps=400_000, s0=10, s1=1280, p_mean=-1.1, p_std=2.0,
-             distance="pseudo_huber", huber_c=None, weighting="ict", sigma_min=SIGMA_MIN,
-             sigma_max=SIGMA_MAX, sigma_data=SIGMA_DATA, rho=schedules.RHO):
+             teacher_network=None, distance_params=None, total_steps=400_000, s0=10, s1=1280,
+             p_mean=-1.1, p_std=2.0, distance="pseudo_huber", huber_c=None, weighting="ict",
+             sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_data=SIGMA_DATA, rho=schedules.RHO):
     """Improved consistency training (Song & Dhariwal 2023): target = sg(θ), doubling curriculum,
     lognormal pair indices, λ = 1/(σ_{i+1} − σ_i), pseudo-Huber with c = 0.00054·√d."""
     del target_params, teacher_params, teacher_network
@@ -240,12 +265,12 @@ def ict_loss(network, params, x, key, step, *, target_params=None, teacher_param
         network, params, x, key, step, teacher=None, target_params=None, total_steps=total_steps,
         curriculum_name="ict", num_scales=s1 + 1, s0=s0, s1=s1, mu0=0.0, target_ema=0.0,
         index_distribution="lognormal", p_mean=p_mean, p_std=p_std, distance=distance,
-        huber_c=huber_c, weighting=weighting, sigma_min=sigma_min, sigma_max=sigma_max,
-        sigma_data=sigma_data, rho=rho)
+        huber_c=huber_c, distance_params=distance_params, weighting=weighting, sigma_min=sigma_min,
+        sigma_max=sigma_max, sigma_data=sigma_data, rho=rho)
 
 
 def ect_loss(network, params, x, key, step, *, target_params=None, teacher_params=None,
-             teacher_network=None, p_mean=-1.1, p_std=2.0, q=2.0, k=8.0, b=1.0,
+             teacher_network=None, distance_params=None, p_mean=-1.1, p_std=2.0, q=2.0, k=8.0, b=1.0,
              stage_steps=25_000, huber_c=0.0, parameterization_kind="edm",
              sigma_min=SIGMA_MIN, sigma_data=SIGMA_DATA):
     """Easy consistency tuning (Geng et al. 2024): t = exp(Pm + Ps·n), r = ECT r(t), shared noise,
@@ -253,7 +278,7 @@ def ect_loss(network, params, x, key, step, *, target_params=None, teacher_param
 
     The default EDM parameterisation matches the EDM model ECT starts from (f(x, 0) = x exactly).
     """
-    del target_params, teacher_params, teacher_network
+    del target_params, teacher_params, teacher_network, distance_params
     t_key, noise_key, dropout_key = jax.random.split(key, 3)
     t = schedules.lognormal_sigmas(t_key, x.shape[:1], p_mean, p_std)
     r = schedules.ect_r(t, schedules.ect_stage(step, stage_steps), q, k, b)
@@ -272,7 +297,7 @@ def ect_loss(network, params, x, key, step, *, target_params=None, teacher_param
 OBJECTIVES: dict[str, Callable] = {
     "edm": edm_loss, "cd": cd_loss, "ct": ct_loss, "ict": ict_loss, "ect": ect_loss,
 }
-_CALL_ARGS = {"target_params", "teacher_params", "teacher_network"}
+_CALL_ARGS = {"target_params", "teacher_params", "teacher_network", "distance_params"}
 
 
 def objective_settings(name: str) -> dict[str, Any]:

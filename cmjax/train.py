@@ -40,8 +40,9 @@ class TrainingStoppedError(RuntimeError):
 
 
 def objective_from_config(config) -> Any:
-    """The objective `config.method.name` with the method's settings bound (`teacher` is not one)."""
-    settings = {k: v for k, v in config.method.items() if k not in ("name", "teacher")}
+    """The objective `config.method.name` with the method's settings bound (`teacher` and
+    `distance_weights` are not settings: they name files read once, see `distance_params_from_config`)."""
+    settings = {k: v for k, v in config.method.items() if k not in ("name", "teacher", "distance_weights")}
     if "total_steps" in losses.objective_settings(config.method.name):
         settings.setdefault("total_steps", config.total_steps)
     return losses.make_objective(config.method.name, **settings)
@@ -74,11 +75,12 @@ def init_params(module, config, key):
 
 
 def make_train_step(config, module, objective, optimizer, learning_rate_fn, teacher_module=None):
-    """The pure step (state, batch, teacher_params) → (state, metrics); jitted by the caller."""
+    """The pure step (state, batch, teacher_params, distance_params) → (state, metrics); jitted by the caller.
+    `distance_params` (the LPIPS network's weights, or None) are step arguments like the teacher's."""
     conditional = bool(config.model.get("num_classes"))
     base_key = jax.random.key(config.seed)
 
-    def step_fn(state: train_state.TrainState, batch, teacher_params):
+    def step_fn(state: train_state.TrainState, batch, teacher_params, distance_params=None):
         x = pipeline.to_model_range(batch["image"])
         labels = batch["label"] if conditional else None
         # (seed, step) → key: a resumed run draws the same noise as an uninterrupted one.
@@ -95,7 +97,8 @@ def make_train_step(config, module, objective, optimizer, learning_rate_fn, teac
 
         def loss_fn(params):
             return objective(network, params, x, key, state.step, target_params=state.target_params,
-                             teacher_params=teacher_params, teacher_network=teacher_network)
+                             teacher_params=teacher_params, teacher_network=teacher_network,
+                             distance_params=distance_params)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         new_state = train_state.apply_gradients(
@@ -106,6 +109,17 @@ def make_train_step(config, module, objective, optimizer, learning_rate_fn, teac
         return new_state, metrics
 
     return step_fn
+
+
+def distance_params_from_config(config, mesh):
+    """The weights of `config.method.distance`'s network (LPIPS: `config.method.distance_weights`, '' for
+    its default file), replicated over `mesh`; None for distances without a network (l2, pseudo_huber)."""
+    if "distance" not in config.method:
+        return None
+    params = losses.load_distance_params(config.method.distance, config.method.get("distance_weights") or None)
+    if params is None:
+        return None
+    return jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def check_teacher(config) -> None:
@@ -228,6 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ---- Model, objective, optimizer -------------------------------------------------------------
     module = models.get(config.model)
     objective = objective_from_config(config)
+    distance_params = distance_params_from_config(config, mesh)  # a missing weights file fails here
     optimizer, learning_rate_fn = optim.make_optimizer(config.optim, config.total_steps)
 
     # ---- Sharding and state (created already sharded) --------------------------------------------
@@ -261,9 +276,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ---- The step: one jit, sharded in and out, state donated ------------------------------------
     step_fn = make_train_step(config, module, objective, optimizer, learning_rate_fn, teacher_module)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    distance_shardings = None if distance_params is None else replicated
     teacher_shardings = (None if teacher_params is None
                          else jax.tree.map(lambda a: a.sharding, teacher_params))
-    train_step = jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings),
+    train_step = jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings,
+                                                distance_shardings),
                          out_shardings=(state_shardings, replicated), donate_argnums=0)
 
     # ---- Evaluation hook ---------------------------------------------------------------------------
@@ -280,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     while step < config.total_steps:
         batch = next(data_iter)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            state, metrics = train_step(state, batch, teacher_params)
+            state, metrics = train_step(state, batch, teacher_params, distance_params)
         step += 1
         window_steps += 1
         for hook in hooks:

@@ -56,7 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "s1": 160,  # sized for a few thousand steps: N = 11, 21, 41, 81, 161
         "p_mean": -1.1,
         "p_std": 2.0,
-        "distance": "pseudo_huber",
+        "distance": "pseudo_huber",  # l2 | l1 | pseudo_huber | lpips | lpips_avgpool (docs/lpips.md)
+        # lpips*: the converted VGG16 weights (.npz); "" = ~/.cache/cmjax/lpips_vgg16.npz, written by
+        # `python -m cmjax.metrics.lpips --convert`. Not an objective setting: train.py reads it once.
+        "distance_weights": "",
         "weighting": "ict",
     })
 
