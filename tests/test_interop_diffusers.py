@@ -22,46 +22,34 @@ from cmjax.models.unet import UNet
 from cmjax.interop import diffusers as interop_diffusers
 from cmjax.interop import openai as interop_openai
 from configs import default
+from test_interop_openai import _randomized
 
-# 32×32×3 (the cifar10 spec, which the pipeline's 3-channel latents need); together they cover class labels,
-# scale-shift on and off, attention at one and two levels and at full resolution, resnet and conv resampling.
+# 16×16×3 (the pipeline's latents have 3 channels); together they cover class labels, scale-shift on and off,
+# attention at one and two levels and at full resolution, resnet and conv resampling.
 TINY = {
     "cond_scaleshift_resnet": dict(
-        channel_mult=(1, 2), attention_resolutions=(16,), num_head_channels=16, use_scale_shift_norm=True,
+        channel_mult=(1, 2), attention_resolutions=(8,), num_head_channels=16, use_scale_shift_norm=True,
         resblock_updown=True, num_classes=10),
     "uncond_plain_attn2": dict(
-        channel_mult=(1, 2, 2), attention_resolutions=(16, 8), num_head_channels=32, use_scale_shift_norm=False,
+        channel_mult=(1, 2, 2), attention_resolutions=(8, 4), num_head_channels=32, use_scale_shift_norm=False,
         resblock_updown=True, num_classes=0),
     "cond_conv_resample": dict(
-        channel_mult=(1, 2), attention_resolutions=(32,), num_head_channels=16, use_scale_shift_norm=True,
+        channel_mult=(1, 2), attention_resolutions=(16,), num_head_channels=16, use_scale_shift_norm=True,
         resblock_updown=False, num_classes=10),
 }
+SIZE = 16
 ONE_STEP, TWO_STEP = [0], [80, 0]  # diffusers timesteps: indices into the 161-point grid counted from σmax
 
 
-def run_config(model_fields, method="ict"):
+def run_config(model_fields, method="ict", image_size=SIZE):
+    """A run of a tiny UNet; the workdir tests use image_size=32, the cifar10 spec's (never read: not prepared)."""
     config = default.get_config()
     config.data.name = "cifar10"
     config.method.name = method
     config.model = ml_collections.ConfigDict(dict(
-        name="unet", image_size=32, in_channels=3, out_channels=3, model_channels=32, num_res_blocks=1,
+        name="unet", image_size=image_size, in_channels=3, out_channels=3, model_channels=32, num_res_blocks=1,
         dropout=0.0, dtype="float32", remat=False, **model_fields))
     return config
-
-
-def randomized(params, seed):
-    """Every leaf random, zero-initialised convs and norm affines included, so that a wrong map cannot hide."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, x):
-        name = path[-1].key
-        if name == "kernel":
-            return rng.normal(size=x.shape) / np.sqrt(np.prod(x.shape[:-1]))
-        if name == "scale":
-            return 1.0 + 0.2 * rng.normal(size=x.shape)
-        return rng.normal(size=x.shape) * (1.0 if name == "embedding" else 0.2)
-
-    return jax.tree_util.tree_map_with_path(lambda p, x: np.asarray(leaf(p, x), np.float32), params)
 
 
 def assert_trees_equal(a, b):
@@ -80,7 +68,7 @@ def exported(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     config = run_config(TINY[request.param])
     unet = interop_openai.unet_from_model_config(config.model, "test")
-    params = randomized(interop_openai.unet_param_shapes(unet), seed=len(request.param))
+    params = _randomized(interop_openai.unet_param_shapes(unet), seed=len(request.param))
     scheduler = interop_diffusers.scheduler_config(**runs.sampler_settings(config))
     folder = interop_diffusers.write_pipeline(str(tmp / "pipeline"), params, unet, scheduler)
     state_dict = interop_openai.save_state_dict(interop_openai.to_openai_state_dict(params), str(tmp / "model.pt"))
@@ -114,9 +102,10 @@ def test_workdir_export_and_import(tmp_path, mesh):
     """The CLI path: openai file → import (run A) → export diffusers and openai → import the folder (run B);
     every EMA copy and the online parameters of both runs equal the weights, and the exports equal the
     library's own writes."""
-    config = run_config(TINY["cond_scaleshift_resnet"])
+    fields = dict(TINY["cond_scaleshift_resnet"], attention_resolutions=(16,))
+    config = run_config(fields, image_size=32)
     unet = interop_openai.unet_from_model_config(config.model, "test")
-    params = randomized(interop_openai.unet_param_shapes(unet), seed=5)
+    params = _randomized(interop_openai.unet_param_shapes(unet), seed=5)
     source = interop_openai.save_state_dict(interop_openai.to_openai_state_dict(params),
                                             str(tmp_path / "in.safetensors"))
     imported = interop.import_checkpoint(config, str(tmp_path / "run_a"), format="openai", input=source)
@@ -145,7 +134,7 @@ def test_workdir_export_and_import(tmp_path, mesh):
 
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         interop.import_checkpoint(config, str(tmp_path / "run_a"), format="openai", input=source)
-    other = run_config(dict(TINY["cond_scaleshift_resnet"], use_scale_shift_norm=False, num_classes=5))
+    other = run_config(dict(fields, use_scale_shift_norm=False, num_classes=5), image_size=32)
     with pytest.raises(ValueError, match=r"use_scale_shift_norm: folder True, config False.*num_classes: folder 10"):
         interop.import_checkpoint(other, str(tmp_path / "run_c"), format="diffusers", input=str(tmp_path / "pipeline"))
     assert not os.path.exists(tmp_path / "run_c" / "config.json")
@@ -175,7 +164,7 @@ def _labels(exported):
 def test_unet2d_output_equals_cmjax(exported, pipeline_and_ours):
     pipe, params, _, network = pipeline_and_ours
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+    x = rng.normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
     t = (250.0 * np.log(np.array([0.01, 20.0]))).astype(np.float32)
     labels = _labels(exported)
     ours = np.asarray(network(params, x, t, labels))
@@ -194,7 +183,7 @@ def test_pipeline_samples_equal_cmjax_sampler(exported, pipeline_and_ours, times
     """`ConsistencyModelPipeline(latents=…, timesteps=…)` = cmjax's openai-`ts` sampler with the same noise."""
     pipe, params, consistency, _ = pipeline_and_ours
     labels = _labels(exported)
-    shape_nchw = (2, 3, 32, 32)
+    shape_nchw = (2, 3, SIZE, SIZE)
     latents = torch.randn(shape_nchw, generator=torch.Generator().manual_seed(3))
     out = pipe(batch_size=2, class_labels=None if labels is None else torch.from_numpy(labels), latents=latents,
                num_inference_steps=None, timesteps=timesteps, generator=torch.Generator().manual_seed(11),
@@ -206,7 +195,7 @@ def test_pipeline_samples_equal_cmjax_sampler(exported, pipeline_and_ours, times
     grid = pipe.scheduler.config.num_train_timesteps
     ts = sorted(timesteps) + [grid - 1]  # openai's ts: the same indices ascending, then the grid's last point
     ours = sampling.openai_multistep_sample(lambda x, s: consistency(params, x, s, labels), None,
-                                            (2, 32, 32, 3), ts, grid, noise=noise)
+                                            (2, SIZE, SIZE, 3), ts, grid, noise=noise)
     ours = np.clip((np.asarray(ours) + 1) / 2, 0, 1)
     assert np.mean((out > 0.005) & (out < 0.995)) > 0.2  # mostly unclipped: a wrong network would show
     err = np.abs(out - ours).max()
@@ -236,7 +225,7 @@ def test_edm_runs_do_not_export_as_consistency_pipeline(tmp_path):
 def test_unet2d_config_inverse():
     """A UNet2DModel config maps back to the same UNet fields; a config the ADM UNet cannot hold is refused."""
     for fields in TINY.values():
-        unet = UNet(image_size=32, model_channels=32, num_res_blocks=1, **fields)
+        unet = UNet(image_size=SIZE, model_channels=32, num_res_blocks=1, **fields)
         cfg = interop_diffusers.diffusers_unet2d_config(unet)
         back = interop_diffusers.unet_fields_from_diffusers_config(cfg)
         assert interop_diffusers.diffusers_unet2d_config(UNet(**back)) == cfg

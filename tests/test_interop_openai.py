@@ -48,15 +48,6 @@ TINY = {
 }
 
 
-def _init_shapes(unet, batch=1):
-    s = unet.image_size
-    labels = jnp.zeros((batch,), jnp.int32) if unet.num_classes else None
-    variables = jax.eval_shape(
-        lambda: unet.init(jax.random.key(0), jnp.zeros((batch, s, s, unet.in_channels)), jnp.zeros((batch,)), labels)
-    )
-    return nn.meta.unbox(variables["params"])
-
-
 def _randomized(params, seed):
     """Every leaf random, zero-initialised convs and norm affines included, so that a wrong map cannot hide."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -79,13 +70,28 @@ def _randomized(params, seed):
 
 @pytest.mark.parametrize("name", ["imagenet64", "lsun256"])
 def test_state_dict_names_and_shapes_match_released_checkpoints(name):
+    """The openai export of the full released configurations (eval_shape-sized, nothing allocated) has exactly the
+    reference names and shapes, and its diffusers renaming exactly UNet2DModel's (built on the meta device)."""
+    unet = interop.unet_from_model_config(dict(name="unet", **RELEASED[name]), "test")
     reference = json.load(open(REFERENCE))[name]
-    shapes = interop.openai_state_dict_shapes(_init_shapes(UNet(**RELEASED[name])))
+    shapes = interop.openai_state_dict_shapes(interop.unet_param_shapes(unet))
     expected = {k: tuple(v) for k, v in reference["keys"].items()}
     assert sorted(set(expected) - set(shapes)) == []
     assert sorted(set(shapes) - set(expected)) == []
     assert {k: v for k, v in shapes.items() if expected[k] != v} == {}
     assert sum(int(np.prod(s)) for s in shapes.values()) == reference["num_params"]
+
+    config = interop_diffusers.diffusers_unet2d_config(unet)
+    if name == "imagenet64":  # DESIGN.md §4, as diffusers' openai/diffusers-cd_imagenet64_l2 folder has it
+        assert config["block_out_channels"] == [192, 384, 576, 768] and config["layers_per_block"] == 3
+        assert config["down_block_types"] == ["ResnetDownsampleBlock2D"] + ["AttnDownBlock2D"] * 3
+        assert config["up_block_types"] == ["AttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"]
+        assert (config["num_class_embeds"], config["resnet_time_scale_shift"]) == (1000, "scale_shift")
+    views = {k: np.broadcast_to(np.float32(0), v) for k, v in expected.items()}
+    renamed = {k: v.shape for k, v in interop_diffusers.openai_to_diffusers_state_dict(views, unet).items()}
+    with torch.device("meta"):
+        model = diffusers.UNet2DModel(**config)
+    assert renamed == {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def test_openai_name_rule():
@@ -98,7 +104,7 @@ def test_openai_name_rule():
 
 def test_round_trip_and_layouts():
     unet = UNet(**TINY["cond_scaleshift_attn1"])
-    params = _randomized(_init_shapes(unet), seed=0)
+    params = _randomized(interop.unet_param_shapes(unet), seed=0)
     sd = interop.to_openai_state_dict(params)
     # Conv HWIO → OIHW, Dense (in, out) → (out, in), embedding unchanged.
     conv_in_hwio = np.asarray(params["input_blocks_0_0"]["kernel"])
@@ -111,7 +117,7 @@ def test_round_trip_and_layouts():
 
 def test_from_openai_state_dict_reports_mismatches():
     unet = UNet(**TINY["cond_scaleshift_attn1"])
-    params = _init_shapes(unet)
+    params = interop.unet_param_shapes(unet)
     sd = interop.to_openai_state_dict(jax.tree.map(lambda s: np.zeros(s.shape, np.float32), params))
     del sd["label_emb.weight"]
     sd["out.2.weight"] = np.zeros((3, 32, 1, 1), np.float32)
@@ -142,7 +148,7 @@ def test_legacy_qkv_order_matches_legacy_attention():
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_numerical_parity_with_diffusers_unet2d(name):
     unet = UNet(**TINY[name])
-    params = _randomized(_init_shapes(unet), seed=1)
+    params = _randomized(interop.unet_param_shapes(unet), seed=1)
 
     torch_model = diffusers.UNet2DModel(**interop_diffusers.diffusers_unet2d_config(unet)).eval()
     sd = {k: torch.tensor(v) for k, v in interop_diffusers.to_diffusers_state_dict(params, unet).items()}

@@ -117,7 +117,7 @@ def export_checkpoint(config, workdir: str, *, step: int | None = None, ema_rate
     _, params, _, restored_step = train.load_params(workdir, _io_mesh(config), step=step, ema_rate=ema_rate,
                                                     config=config)
     params = _host_tree(params)
-    rate = "online" if ema_rate in ("online", "params") else train_state_key(config, ema_rate)
+    rate = "online" if ema_rate in ("online", "params") else _ema_key(config, ema_rate)
     result: dict[str, Any] = {"format": format, "step": int(restored_step), "ema_rate": rate}
     if jax.process_index() != 0:
         return result
@@ -135,7 +135,7 @@ def export_checkpoint(config, workdir: str, *, step: int | None = None, ema_rate
     return result
 
 
-def train_state_key(config, ema_rate) -> str:
+def _ema_key(config, ema_rate) -> str:
     from cmjax import train_state
 
     return train_state.ema_key(config.ema_rates[0] if ema_rate is None else ema_rate)
