@@ -1,0 +1,149 @@
+"""Pieces the recipe files share: variant parsing, the published networks, and the `:smoke` shrink.
+
+A recipe is `configs/<dataset>_<method>.py` with `get_config(arg)`; `arg` is a comma-separated list of
+variants (`configs/cifar10_cd.py:lpips,smoke`). Every recipe accepts `smoke`, which keeps the recipe's
+method, distance, weighting, optimizer and network family but runs a few steps of a tiny network on the
+embedded digits dataset (8×8×1, built from scikit-learn on first use: no download), so it needs no
+accelerator and no prepared data.
+"""
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from cmjax import losses
+from cmjax.parameterization import SIGMA_MAX, SIGMA_MIN
+from cmjax.schedules import RHO
+from configs import default
+
+# Smoke runs: steps, global batch (a multiple of 8 virtual CPU devices) and images per sample grid.
+SMOKE_STEPS = 3
+SMOKE_BATCH = 16
+SMOKE_GRID_IMAGES = 8
+
+
+def variants(arg: str | None, allowed: tuple[str, ...], recipe: str) -> set[str]:
+    """The set of variants in `arg` ("lpips,smoke"); an unknown one lists the recipe's variants."""
+    chosen = {part.strip() for part in (arg or "").split(",") if part.strip()}
+    unknown = sorted(chosen - set(allowed))
+    if unknown:
+        raise ValueError(f"Unknown variant(s) {unknown} of configs/{recipe}.py; it has {sorted(allowed)}, "
+                         f"comma-separated (e.g. configs/{recipe}.py:{','.join(allowed[:2])}).")
+    return chosen
+
+
+def method(name: str, **settings) -> ml_collections.ConfigDict:
+    """`config.method` for objective `name`: its settings are checked against the objective's signature
+    here, so a misspelt key fails when the config loads."""
+    losses.make_objective(name, **settings)
+    method = {"name": name, "teacher": "", **settings}
+    # The weights file of a distance with a network (LPIPS), where configs/default.py has that key.
+    if "distance_weights" in default.get_config().method and "distance" in losses.objective_settings(name):
+        method["distance_weights"] = ""
+    return ml_collections.ConfigDict(method)
+
+
+def openai_ts_sigma(index: int, steps: int) -> float:
+    """σ of openai's `--ts` index on its Karras grid of `steps` points counted from σmax (the CM
+    release's two-step samplers: `--ts 0,22,39 --steps 40` is σmax then index 22)."""
+    # Plain floats: a config must not start JAX's backend before jax.distributed.initialize().
+    i = steps - 1 - index
+    lo, hi = SIGMA_MIN ** (1 / RHO), SIGMA_MAX ** (1 / RHO)
+    return (lo + i / (steps - 1) * (hi - lo)) ** RHO
+
+
+def ema_rate_from_half_life(half_life_images: float, batch_size: int) -> float:
+    """β = 0.5^(B / half-life): EDM's EMA half-life in images as a per-step rate."""
+    return math.exp(math.log(0.5) * batch_size / half_life_images)
+
+
+def ncsnpp_cifar10(dropout: float, fourier_scale: float = 16.0) -> ml_collections.ConfigDict:
+    """NCSN++ of the CM CIFAR-10 release (56,395,651 parameters); iCT uses fourier_scale 0.02."""
+    return ml_collections.ConfigDict({
+        "name": "ncsnpp",
+        "image_size": 32,
+        "in_channels": 3,
+        "out_channels": 3,
+        "nf": 128,
+        "ch_mult": (2, 2, 2),
+        "num_res_blocks": 4,
+        "attn_resolutions": (16,),
+        "dropout": dropout,
+        "conditional": True,  # time conditioning (the release's flag); the network has no class input
+        "fourier_scale": fourier_scale,
+        "resblock_type": "biggan",
+        "fir": True,
+        "fir_kernel": (1, 3, 3, 1),
+        "skip_rescale": True,
+        "progressive": "none",
+        "progressive_input": "residual",
+        "progressive_combine": "sum",
+        "init_scale": 0.0,
+        "dtype": "float32",  # the JAX release trained in float32
+        "remat": False,
+    })
+
+
+def adm_unet(image_size: int, dropout: float, *, num_classes: int) -> ml_collections.ConfigDict:
+    """openai's ADM UNet as the CM release configures it: ImageNet-64 (192 ch, mult 1,2,3,4, 3 blocks,
+    scale-shift norm, 1000 classes: 295,899,267 parameters) or LSUN-256 (256 ch, mult 1,1,2,2,4,4,
+    2 blocks, no scale-shift: 526,304,771). Both: attention at 32/16/8 with 64 channels per head,
+    resblock up/down. bfloat16 compute is the TPU counterpart of the release's fp16."""
+    lsun = image_size == 256
+    return ml_collections.ConfigDict({
+        "name": "unet",
+        "image_size": image_size,
+        "in_channels": 3,
+        "out_channels": 3,
+        "model_channels": 256 if lsun else 192,
+        "channel_mult": (1, 1, 2, 2, 4, 4) if lsun else (1, 2, 3, 4),
+        "num_res_blocks": 2 if lsun else 3,
+        "attention_resolutions": (32, 16, 8),
+        "num_head_channels": 64,
+        "use_scale_shift_norm": not lsun,
+        "resblock_updown": True,
+        "dropout": dropout,
+        "num_classes": num_classes,
+        "dtype": "bfloat16",
+        "remat": False,
+    })
+
+
+def _tiny_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The same network family at 8×8×1 and a few thousand parameters (same dropout, same flags)."""
+    tiny = ml_collections.ConfigDict(model.to_dict())
+    tiny.dtype = "float32"
+    if model.name == "ncsnpp":
+        tiny.update(image_size=8, in_channels=1, out_channels=1, nf=16, ch_mult=(1,), num_res_blocks=1,
+                    attn_resolutions=())
+    elif model.name == "unet":
+        tiny.update(image_size=8, in_channels=1, out_channels=1, model_channels=32, channel_mult=(1,),
+                    num_res_blocks=1, attention_resolutions=(), num_head_channels=32,
+                    num_classes=10 if model.num_classes else 0)  # digits has 10 classes
+    elif model.name == "mlp":
+        tiny.update(hidden_dim=32, num_layers=1, time_embed_dim=16)
+    else:
+        raise ValueError(f"No tiny version of model {model.name!r}.")
+    return tiny
+
+
+def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A few CPU steps of the recipe: tiny network of the same family on the embedded digits data, no
+    periodic evaluation (the end-of-run sample grids still run), one EMA rate, checkpoint at the end."""
+    config.model = _tiny_model(config.model)
+    config.data.name = "digits"
+    config.data.shuffle_buffer = 256
+    config.data.random_flip = False
+    config.batch_size = SMOKE_BATCH
+    config.total_steps = SMOKE_STEPS
+    config.optim.warmup_steps = min(config.optim.warmup_steps, 1)
+    if config.optim.decay == "inverse_sqrt":
+        config.optim.decay_start_step = 1
+    config.log_every = 1
+    config.ckpt_every = SMOKE_STEPS
+    config.eval_every = 0
+    config.ema_rates = config.ema_rates[:1]
+    config.sample.num_images = SMOKE_GRID_IMAGES
+    config.sample.metric_samples = 0
+    return config

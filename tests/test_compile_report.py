@@ -1,0 +1,85 @@
+"""`train.compile_report` (`--mode=compile`): the train step compiled from shapes alone, on the 8-device CPU mesh."""
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from cmjax import train
+from configs import digits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _mlp_config(hidden_dim=64, num_layers=1, batch_size=256):
+    config = digits.get_config()  # the residual MLP: compiles in seconds
+    config.model.hidden_dim = hidden_dim
+    config.model.num_layers = num_layers
+    config.batch_size = batch_size
+    config.ema_rates = (0.999,)
+    return config
+
+
+@pytest.fixture(scope="module")
+def small_report():
+    return train.compile_report(_mlp_config(), None)
+
+
+def test_report_has_mesh_parameters_memory_and_flops(small_report):
+    r = small_report
+    assert r["mesh"] == {"data": 8, "fsdp": 1} and r["num_devices"] == 8
+    # MLP(64 wide, 1 block) on 8×8×1 digits, counted by hand: time embedding 128·64+64 → 64·64+64; input
+    # 64·64+64; block: LayerNorm 2·64 and three 64×64 dense layers with biases; out LayerNorm 2·64; output 64·64+64.
+    h = 64
+    expected = (128 * h + h) + (h * h + h) + (64 * h + h) + (2 * h + 3 * (h * h + h)) + 2 * h + (h * 64 + 64)
+    assert r["parameters"] == expected
+    assert r["parameter_bytes"] == 4 * expected
+    # params, RAdam's two moments, one EMA copy (+ scalars): about 4× the parameters.
+    assert 4 * r["parameter_bytes"] <= r["train_state_bytes"] < 4 * r["parameter_bytes"] + 4096
+    # The state is donated: the outputs alias the inputs and arguments hold the replicated state.
+    assert r["per_device_argument_size_in_bytes"] >= r["train_state_bytes"]
+    assert r["per_device_alias_size_in_bytes"] >= r["train_state_bytes"]
+    assert r["per_device_temp_size_in_bytes"] > 0
+    assert r["flops_per_step_per_device"] > 0
+    assert r["flops_per_step"] == pytest.approx(8 * r["flops_per_step_per_device"])
+
+
+def test_flops_grow_with_the_batch(small_report):
+    """Forward and backward passes scale with the batch; the optimizer update does not."""
+    double = train.compile_report(_mlp_config(batch_size=512), None)
+    ratio = double["flops_per_step_per_device"] / small_report["flops_per_step_per_device"]
+    assert 1.7 < ratio <= 2.0, ratio
+
+
+def test_a_model_larger_than_host_memory_compiles_without_allocating():
+    """3 dense layers of 30000² floats: 10.8 GB of parameters, ~54 GB of train state replicated on every device
+    (on a machine with less RAM): initialising it would fail, the report only needs its shapes."""
+    config = _mlp_config(hidden_dim=30_000, batch_size=8)
+    before = sum(a.nbytes for a in jax.live_arrays())
+    r = train.compile_report(config, None)
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert r["parameters"] > 2.7e9
+    assert r["per_device_argument_size_in_bytes"] > physical
+    assert sum(a.nbytes for a in jax.live_arrays()) - before < 2**20
+
+
+def test_cli_compile_mode_on_one_device_matches_the_sharded_flops(small_report, tmp_path):
+    """`--mode=compile` through main.py on a 1-device process: the whole step's FLOPs equal the 8-device per-device
+    FLOPs × 8 up to the optimizer update, which every device repeats on its replicated copy."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    out = subprocess.run(
+        [sys.executable, "-m", "cmjax.main", "--config=configs/digits.py", "--mode=compile", f"--workdir={tmp_path}",
+         "--config.model.hidden_dim=64", "--config.model.num_layers=1",
+         "--config.ema_rates=(0.999,)", "--config.batch_size=256"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in out.stdout.splitlines() if ": " in line)
+    assert lines["mesh"] == "{'data': 1, 'fsdp': 1}"
+    assert int(lines["parameters"]) == small_report["parameters"]
+    whole = float(lines["flops_per_step"])
+    sharded = small_report["flops_per_step"]
+    assert whole <= sharded < 1.15 * whole, (whole, sharded)
+    assert int(lines["per_device_temp_size_in_bytes"]) > 0
+    assert not os.listdir(tmp_path)  # compile mode writes nothing
