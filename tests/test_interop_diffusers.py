@@ -234,3 +234,28 @@ def test_unet2d_config_inverse():
     with pytest.raises(ValueError, match="attn_norm_num_groups=None"):
         interop_diffusers.unet_fields_from_diffusers_config(
             dict(cfg, resnet_time_scale_shift="scale_shift", attn_norm_num_groups=None))
+
+
+@pytest.mark.slow
+def test_cli_import_then_export(tmp_path):
+    """`python -m cmjax.main --mode=import` then `--mode=export` (both formats), as a user runs them."""
+    import subprocess
+    import sys
+
+    unet = interop_openai.unet_from_model_config(
+        dict(default.get_config().model, image_size=32, in_channels=3, out_channels=3), "test")
+    params = _randomized(interop_openai.unet_param_shapes(unet), seed=9)
+    source = interop_openai.save_state_dict(interop_openai.to_openai_state_dict(params), str(tmp_path / "m.pt"))
+    common = ["--config=configs/default.py", f"--workdir={tmp_path / 'run'}", "--config.data.name=cifar10",
+              "--config.model.image_size=32", "--config.model.in_channels=3", "--config.model.out_channels=3"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for mode_flags in (["--mode=import", "--format=openai", f"--input={source}"],
+                       ["--mode=export", "--format=diffusers", f"--output={tmp_path / 'pipe'}", "--ema_rate=0.999"],
+                       ["--mode=export", "--format=openai", f"--output={tmp_path / 'oa'}", "--step=0"]):
+        done = subprocess.run([sys.executable, "-m", "cmjax.main", *common, *mode_flags], cwd=root,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    fields, state_dict = interop_diffusers.read_unet(str(tmp_path / "pipe"))
+    assert_trees_equal(interop_diffusers.from_diffusers_state_dict(state_dict, UNet(**fields)), params)
+    assert_trees_equal(interop_openai.load_state_dict(str(tmp_path / "oa" / "ema_0.999_000000.pt")),
+                       interop_openai.to_openai_state_dict(params))

@@ -1,4 +1,4 @@
-"""Name and layout maps: `cmjax.models.unet.UNet` params ↔ openai `cm/unet.py` state dicts ↔ diffusers `UNet2DModel`.
+"""Name and layout maps: `cmjax.models.unet.UNet` params ↔ openai `cm/unet.py` state dicts, and their files.
 
 Naming rule (flax → openai): join the path with ".", writing each `name_<digits>` segment as `name.<digits>`
 (`input_blocks_5_1/qkv/kernel` → `input_blocks.5.1.qkv.weight`); leaves `kernel`, `scale`, `embedding` become
