@@ -1,10 +1,12 @@
-"""A seconds-long learning proof: consistency distillation of an exact Gaussian-mixture teacher in 2-D.
+"""Seconds-long learning proofs on 2-D problems with exactly known densities, for every objective.
 
-The teacher is the mixture's exact denoiser (`toy_problems.GaussianMixture.denoise`), so its EDM
-sampler is as good as 35 evaluations allow; a small MLP distilled from it with the CD objective should
-sample in one step almost as well. Quality is the sliced Wasserstein distance to fresh data, beside the
-distance between two fresh data sets (the noise floor).
+`train` runs any objective of `cmjax.losses` (edm, cd, ct, ict, ect) on an MLP over 2-D points drawn
+fresh every step, as chunks of steps inside one `lax.scan` (tiny networks are dispatch-bound). The
+teacher of CD is either the mixture's exact denoiser or a trained EDM MLP; ECT starts from an EDM MLP's
+weights. Quality is the sliced Wasserstein distance to fresh data, beside the distance between two fresh
+data sets (the noise floor). `bench/quality.py` runs every method this way.
 
+The demo (`make demo-2d`) distils the exact Gaussian-mixture teacher by CD:
   python -m cmjax.demo_2d --workdir=/tmp/demo_2d
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import json
 import os
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,84 +25,184 @@ import optax
 from cmjax import losses, models, sampling, solvers, toy_problems
 from cmjax import parameterization as pz
 
+# Objectives whose online network is EDM-parameterised (f(x, 0) = x through D itself): the EDM teacher
+# and ECT, which tunes it. The others use the consistency boundary scalings.
+EDM_PARAMETERISED = ("edm", "ect")
+# Objectives that keep a target EMA network θ⁻ updated with the μ(k) the objective reports.
+KEEPS_TARGET = ("cd", "ct")
+
+# The 2-D recipes of each method: the published settings where they transfer, the curricula sized for
+# a few thousand steps (`total_steps` / `stage_steps` are filled in from the run's length).
+RECIPES: dict[str, dict[str, Any]] = {
+    "edm": {},
+    # openai's ImageNet-64/LSUN CD setting (N = 40 there); μ = 0 (CIFAR-10's) learns far slower here.
+    # Karras weighting (1/σ² + 1/σd²): with uniform weights the L2 loss of the small-σ pairs is ~c_out²
+    # smaller and f stays inaccurate there (docs/quality.md); "uniform" is the make demo-2d setting.
+    "cd": {"num_scales": 18, "target_ema": 0.95, "distance": "l2", "weighting": "karras"},
+    # s1 = 150 (CIFAR-10's, for K = 800k) ends at μ = 0.9986: the target lags ~700 of 3k steps and CT
+    # does not learn at all (1-step ≈ the data mean); s1 = 20 ends at μ = 0.9895.
+    "ct": {"curriculum": "cm_adaptive", "s0": 2, "s1": 20, "mu0": 0.9, "distance": "l2"},
+    "ict": {"s0": 10, "s1": 160},
+    "ect": {"q": 2.0, "k": 8.0, "b": 1.0, "huber_c": 0.0},
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Demo2DConfig:
+    method: str = "cd"
+    settings: tuple = ()  # (name, value) pairs overriding RECIPES[method]
     steps: int = 3000
     batch_size: int = 256
     learning_rate: float = 1e-3
     hidden_dim: int = 128
     num_layers: int = 3
-    num_scales: int = 18
-    target_ema: float = 0.95  # openai's ImageNet-64/LSUN CD setting; 0 (CIFAR-10's) learns far slower here
     eval_ema: float = 0.999
     log_every: int = 500
     eval_samples: int = 4096
     seed: int = 0
 
+    def objective_settings(self, sigma_data: float) -> dict[str, Any]:
+        """RECIPES[method] with this run's overrides, σ_data and curriculum lengths filled in."""
+        settings = dict(RECIPES[self.method], sigma_data=sigma_data, **dict(self.settings))
+        accepted = losses.objective_settings(self.method)
+        if "total_steps" in accepted:
+            settings.setdefault("total_steps", self.steps)
+        if "stage_steps" in accepted:  # ECT: Δt halves four times over the run
+            settings.setdefault("stage_steps", max(1, self.steps // 4))
+        return settings
 
-def train_cd(config: Demo2DConfig, mixture: toy_problems.GaussianMixture, log=print):
-    """Trains an MLP consistency model by CD from the mixture's exact denoiser; returns EMA params.
 
-    `config.steps` is rounded up to a whole number of `log_every` chunks.
+@dataclasses.dataclass(frozen=True)
+class Model2D:
+    """A trained 2-D network with its preconditioning: `denoiser()` is D (edm) or f (consistency)."""
+
+    module: Any
+    params: Any
+    sigma_data: float
+    kind: str  # "edm" | "consistency"
+
+    def apply(self, params, x_in, t_in):
+        return self.module.apply({"params": params}, x_in, t_in)
+
+    def denoiser(self) -> Callable:
+        return lambda x, s: pz.denoise(self.apply, self.params, x, s, kind=self.kind,
+                                       sigma_data=self.sigma_data)
+
+
+def exact_teacher(mixture: toy_problems.GaussianMixture, sigma_data: float):
+    """(teacher_network, teacher_params) of a mixture's exact denoiser, as a parameterless EDM network."""
+    return pz.network_from_denoiser(mixture.denoise, kind="edm", sigma_data=sigma_data), None
+
+
+def model_teacher(model: Model2D):
+    """(teacher_network, teacher_params) of a trained EDM model: its raw network, dropout off."""
+    if model.kind != "edm":
+        raise ValueError(f"A CD teacher must be an EDM model, got a {model.kind!r} one.")
+    return model.apply, model.params
+
+
+def train(config: Demo2DConfig, problem, *, teacher=None, init_params=None, log=print) -> Model2D:
+    """Trains `config.method` on fresh draws of `problem`; returns the evaluation-EMA model.
+
+    `teacher`: (teacher_network, teacher_params) for CD (`exact_teacher` or `model_teacher`);
+    `init_params`: starting weights (ECT starts from the EDM model's). `config.steps` is rounded up to a
+    whole number of `log_every` chunks.
     """
-    sigma_data = toy_problems.data_std(mixture)
+    sigma_data = toy_problems.data_std(problem)
     module = models.get({"name": "mlp", "hidden_dim": config.hidden_dim, "num_layers": config.num_layers})
-    teacher = pz.network_from_denoiser(mixture.denoise, kind="edm", sigma_data=sigma_data)
-    objective = losses.make_objective("cd", num_scales=config.num_scales, target_ema=config.target_ema,
-                                      distance="l2", sigma_data=sigma_data)
+    objective = losses.make_objective(config.method, **config.objective_settings(sigma_data))
+    teacher_network, teacher_params = teacher if teacher is not None else (None, None)
     key = jax.random.key(config.seed)
-    params = module.init({"params": key}, jnp.zeros((1, mixture.dim)), jnp.zeros((1,)))["params"]
+    if init_params is None:
+        init_params = module.init({"params": key}, jnp.zeros((1, problem.dim)), jnp.zeros((1,)))["params"]
     optimizer = optax.adam(config.learning_rate)
-    state = {"params": params, "target": params, "ema": params, "opt": optimizer.init(params)}
+    keeps_target = config.method in KEEPS_TARGET
+    state = {"params": init_params, "ema": init_params, "opt": optimizer.init(init_params),
+             "target": init_params if keeps_target else None}
 
     def network(p, x_in, t_in, rng):
         return module.apply({"params": p}, x_in, t_in, train=True, rngs={"dropout": rng})
 
-    def train_step(state, step):
-        step_key = jax.random.fold_in(key, step)
-        data_key, loss_key = jax.random.split(step_key)
-        x = mixture.sample(data_key, config.batch_size)
+    def ema(old, new, rate):
+        return jax.tree.map(lambda o, n: rate * o + (1 - rate) * n, old, new)
+
+    def train_step(state, step, teacher_params):
+        data_key, loss_key = jax.random.split(jax.random.fold_in(key, step))
+        x = problem.sample(data_key, config.batch_size)
         (loss, metrics), grads = jax.value_and_grad(objective, argnums=1, has_aux=True)(
             network, state["params"], x, loss_key, step, target_params=state["target"],
-            teacher_params=None, teacher_network=teacher)
+            teacher_params=teacher_params, teacher_network=teacher_network)
         updates, opt = optimizer.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        mu = metrics["target_ema"]
-        ema = lambda old, new, rate: jax.tree.map(lambda o, n: rate * o + (1 - rate) * n, old, new)  # noqa: E731
-        return {"params": params, "target": ema(state["target"], params, mu),
-                "ema": ema(state["ema"], params, config.eval_ema), "opt": opt}, loss
+        target = ema(state["target"], params, metrics["target_ema"]) if keeps_target else None
+        return {"params": params, "ema": ema(state["ema"], params, config.eval_ema), "opt": opt,
+                "target": target}, loss
 
-    # Tiny networks are dispatch-bound: run a chunk of steps per compiled call.
     chunk = max(1, min(config.steps, config.log_every))
 
     @jax.jit
-    def train_chunk(state, first_step):
-        return jax.lax.scan(train_step, state, first_step + jnp.arange(chunk))
+    def train_chunk(state, teacher_params, first_step):
+        # The teacher is an argument, never a constant baked into the executable.
+        return jax.lax.scan(lambda s, k: train_step(s, k, teacher_params), state,
+                            first_step + jnp.arange(chunk))
 
     start = time.time()
     for first in range(0, config.steps, chunk):
-        state, chunk_losses = train_chunk(state, jnp.int32(first))
-        log(f"step {first + chunk:5d}  loss {float(jnp.mean(chunk_losses)):.5f}  ({time.time() - start:.1f}s)")
-    return module, state["ema"], sigma_data
+        state, chunk_losses = train_chunk(state, teacher_params, jnp.int32(first))
+        log(f"{config.method} step {first + chunk:5d}  loss {float(jnp.mean(chunk_losses)):.5f}  "
+            f"({time.time() - start:.1f}s)")
+    kind = "edm" if config.method in EDM_PARAMETERISED else "consistency"
+    return Model2D(module, state["ema"], sigma_data, kind)
 
 
-def evaluate(module, params, mixture, sigma_data, config: Demo2DConfig):
-    """Sliced Wasserstein distances to fresh data: 1-step, 2-step, the teacher's EDM sampler, and the floor."""
-    key = jax.random.key(config.seed + 1)
+# ----------------------------------------------------------------------------------------------
+# Samplers and the distance to fresh data.
+
+
+def one_step(model: Model2D, key, num: int):
+    """x = f(σmax·z, σmax), unclipped (2-D data is not confined to [−1, 1])."""
+    return sampling.one_step_sample(model.denoiser(), key, (num, 2), clip=False)
+
+
+def two_step(model: Model2D, key, num: int, middle_sigma: float):
+    """CM Algorithm 1 through [σmax, middle_sigma], unclipped."""
+    return sampling.multistep_sample(model.denoiser(), key, (num, 2), [pz.SIGMA_MAX, middle_sigma], clip=False)
+
+
+def edm_sample(denoise_fn, key, num: int, num_steps: int = 18):
+    """The EDM teacher's deterministic sampler: 2N − 1 = 35 evaluations for N = 18."""
+    return solvers.edm_sampler(denoise_fn, key, (num, 2), num_steps)
+
+
+class Scorer:
+    """Sliced Wasserstein distance to one fresh data set of `num` points, with fixed projections."""
+
+    def __init__(self, problem, key, num: int):
+        data_key, self._floor_key, self._proj_key = jax.random.split(key, 3)
+        self.problem, self.num = problem, num
+        self.data = problem.sample(data_key, num)
+
+    def __call__(self, samples) -> float:
+        return float(toy_problems.sliced_wasserstein(self._proj_key, samples, self.data))
+
+    def floor(self) -> float:
+        """The distance between two fresh data sets of the same size."""
+        return self(self.problem.sample(self._floor_key, self.num))
+
+
+def evaluate(model: Model2D, problem, config: Demo2DConfig, *, teacher_denoise=None, middle_sigma=0.8):
+    """Distances to fresh data: 1-step, 2-step (via `middle_sigma`), the teacher's EDM sampler, the floor."""
+    keys = jax.random.split(jax.random.key(config.seed + 1), 4)
     n = config.eval_samples
-    consistency_fn = lambda x, s: pz.consistency_denoise(  # noqa: E731
-        lambda p, xi, ti: module.apply({"params": p}, xi, ti), params, x, s, sigma_data)
-    shape = (n, mixture.dim)
-    keys = jax.random.split(key, 6)
-    one_step = sampling.one_step_sample(consistency_fn, keys[0], shape, clip=False)
-    two_step = sampling.multistep_sample(consistency_fn, keys[1], shape, [pz.SIGMA_MAX, 0.8], clip=False)
-    teacher, nfe = solvers.edm_sampler(lambda x, s: mixture.denoise(x, s), keys[2], shape, 18)
-    fresh, other = mixture.sample(keys[3], n), mixture.sample(keys[4], n)
-    swd = lambda a: float(toy_problems.sliced_wasserstein(keys[5], a, fresh))  # noqa: E731
-    return {"one_step": swd(one_step), "two_step": swd(two_step), "teacher_edm": swd(teacher),
-            "teacher_nfe": nfe, "data_floor": swd(other)}, {"one_step": one_step, "two_step": two_step,
-                                                            "teacher": teacher, "data": fresh}
+    score = Scorer(problem, keys[0], n)
+    clouds = {"one_step": one_step(model, keys[1], n), "two_step": two_step(model, keys[2], n, middle_sigma)}
+    metrics = {name: score(x) for name, x in clouds.items()}
+    if teacher_denoise is not None:
+        clouds["teacher"], metrics["teacher_nfe"] = edm_sample(teacher_denoise, keys[3], n)
+        metrics["teacher_edm"] = score(clouds["teacher"])
+    metrics["data_floor"] = score.floor()
+    clouds["data"] = score.data
+    return metrics, clouds
 
 
 def _scatter_png(path, panels: dict, size=256):
@@ -124,10 +227,11 @@ def main(argv=None):
     parser.add_argument("--workdir", default="workdirs/demo_2d")
     parser.add_argument("--steps", type=int, default=Demo2DConfig.steps)
     args = parser.parse_args(argv)
-    config = Demo2DConfig(steps=args.steps)
+    config = Demo2DConfig(method="cd", steps=args.steps, settings=(("weighting", "uniform"),))
     mixture = toy_problems.ring_of_gaussians(num_modes=8, radius=1.0, std=0.1)
-    module, params, sigma_data = train_cd(config, mixture)
-    metrics, clouds = evaluate(module, params, mixture, sigma_data, config)
+    teacher = exact_teacher(mixture, toy_problems.data_std(mixture))
+    model = train(config, mixture, teacher=teacher)
+    metrics, clouds = evaluate(model, mixture, config, teacher_denoise=mixture.denoise)
     os.makedirs(args.workdir, exist_ok=True)
     with open(os.path.join(args.workdir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)

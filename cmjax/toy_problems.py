@@ -1,5 +1,7 @@
-"""Low-dimensional problems with exactly known answers: Gaussian mixtures, their exact denoisers, and
-the sliced Wasserstein distance between sample sets.
+"""Low-dimensional problems with exactly known answers: Gaussian mixtures (with their exact denoisers), a
+checkerboard (uniform on the black squares), and the sliced Wasserstein distance between sample sets.
+
+Every problem has `dim`, `sample(key, num)` and `covariance()`; `data_std` turns the latter into σ_data.
 
 For x0 ~ Σ_k π_k N(μ_k, s_k² I) and x = x0 + σ·n, the posterior mean is exact:
   p(k | x) ∝ π_k N(x; μ_k, (s_k² + σ²) I),   E[x0 | x, k] = μ_k + s_k²/(s_k² + σ²)·(x − μ_k),
@@ -65,6 +67,41 @@ def ring_of_gaussians(num_modes: int = 8, radius: float = 1.0, std: float = 0.1)
     return GaussianMixture(means, np.full(num_modes, std), np.full(num_modes, 1.0 / num_modes))
 
 
+@dataclasses.dataclass(frozen=True)
+class Checkerboard:
+    """Uniform density on the black squares of an n×n board covering [−h, h]²; square (i, j) is black when
+    i + j is even (n = 4: 8 squares; FFJORD's 2-D "checkerboard")."""
+
+    num_squares: int = 4
+    half_width: float = 1.0
+
+    dim = 2
+
+    def _black_corners(self) -> np.ndarray:
+        """Lower-left corners [M, 2] of the black squares."""
+        n, side = self.num_squares, 2 * self.half_width / self.num_squares
+        cells = np.array([(i, j) for i in range(n) for j in range(n) if (i + j) % 2 == 0], np.float64)
+        return -self.half_width + side * cells
+
+    def mean(self) -> np.ndarray:
+        side = 2 * self.half_width / self.num_squares
+        return np.mean(self._black_corners() + side / 2, axis=0)
+
+    def covariance(self) -> np.ndarray:
+        """Mixture of equal-weight uniform squares: Σ = mean of (side²/12·I + c cᵀ) − μ μᵀ, c the centres."""
+        side = 2 * self.half_width / self.num_squares
+        centres = self._black_corners() + side / 2
+        second = side**2 / 12 * np.eye(2) + centres.T @ centres / len(centres)
+        return second - np.outer(self.mean(), self.mean())
+
+    def sample(self, key, num: int):
+        cell_key, offset_key = jax.random.split(key)
+        corners = jnp.asarray(self._black_corners(), jnp.float32)
+        cell = jax.random.randint(cell_key, (num,), 0, corners.shape[0])
+        side = 2 * self.half_width / self.num_squares
+        return corners[cell] + side * jax.random.uniform(offset_key, (num, 2), jnp.float32)
+
+
 def sliced_wasserstein(key, a, b, num_projections: int = 256):
     """Sliced 2-Wasserstein distance between equal-size sample sets [M, D]: the root of the mean, over
     random unit directions, of the squared 1-D W2 (sorted projections matched in order)."""
@@ -77,6 +114,6 @@ def sliced_wasserstein(key, a, b, num_projections: int = 256):
     return jnp.sqrt(jnp.mean(jnp.square(pa - pb)))
 
 
-def data_std(mixture: GaussianMixture) -> float:
-    """Per-coordinate data std √(tr Σ / D): the σ_data a toy run should use."""
-    return math.sqrt(np.trace(mixture.covariance()) / mixture.dim)
+def data_std(problem) -> float:
+    """Per-coordinate data std √(tr Σ / D) of a toy problem: the σ_data a toy run should use."""
+    return math.sqrt(np.trace(problem.covariance()) / problem.dim)

@@ -6,14 +6,21 @@ import pytest
 
 from cmjax import demo_2d, toy_problems
 
+RING = toy_problems.ring_of_gaussians(num_modes=8, radius=1.0, std=0.1)
+
+
+def _train_and_score(config):
+    teacher = demo_2d.exact_teacher(RING, toy_problems.data_std(RING))
+    model = demo_2d.train(config, RING, teacher=teacher, log=lambda s: None)
+    metrics, _ = demo_2d.evaluate(model, RING, config, teacher_denoise=RING.denoise)
+    return metrics
+
 
 @pytest.mark.parametrize("seed", [0])
 def test_cd_one_step_within_2x_of_edm_teacher(seed):
     config = dataclasses.replace(demo_2d.Demo2DConfig(), steps=2000, log_every=1000, eval_ema=0.995,
                                  eval_samples=4096, seed=seed)
-    mixture = toy_problems.ring_of_gaussians(num_modes=8, radius=1.0, std=0.1)
-    module, params, sigma_data = demo_2d.train_cd(config, mixture, log=lambda s: None)
-    metrics, _ = demo_2d.evaluate(module, params, mixture, sigma_data, config)
+    metrics = _train_and_score(config)
     print(metrics)
     assert metrics["teacher_nfe"] == 35
     # The metric separates good from bad: the teacher is near the floor, an untrained model is far off.
@@ -23,7 +30,18 @@ def test_cd_one_step_within_2x_of_edm_teacher(seed):
 
 def test_untrained_model_fails_the_same_bar():
     config = dataclasses.replace(demo_2d.Demo2DConfig(), steps=1, log_every=1, eval_samples=4096)
-    mixture = toy_problems.ring_of_gaussians(num_modes=8, radius=1.0, std=0.1)
-    module, params, sigma_data = demo_2d.train_cd(config, mixture, log=lambda s: None)
-    metrics, _ = demo_2d.evaluate(module, params, mixture, sigma_data, config)
+    metrics = _train_and_score(config)
     assert metrics["one_step"] > 3.0 * metrics["teacher_edm"], metrics
+
+
+def test_checkerboard_samples_lie_on_black_squares_with_the_stated_covariance():
+    import jax
+    import numpy as np
+
+    board = toy_problems.Checkerboard(num_squares=4, half_width=1.0)
+    x = np.asarray(board.sample(jax.random.key(0), 100_000))
+    cells = np.floor((x + 1.0) / 0.5).astype(int)
+    assert np.all((cells[:, 0] + cells[:, 1]) % 2 == 0) and np.all(np.abs(x) <= 1.0)
+    assert len({tuple(c) for c in cells}) == 8
+    np.testing.assert_allclose(np.cov(x.T), board.covariance(), atol=0.01)
+    np.testing.assert_allclose(board.covariance(), [[1 / 3, 1 / 16], [1 / 16, 1 / 3]], atol=1e-12)

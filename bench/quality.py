@@ -1,0 +1,312 @@
+"""Quality proofs on CPU: every method (EDM teacher, CD, CT 2023, iCT, ECT) on problems whose answer is known.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=1 JAX_PLATFORMS=cpu \
+      nice -n 5 .venv/bin/python bench/quality.py [--part=2d|digits|all] [--out=bench/results/quality_cpu.md]
+
+2-D (`cmjax/demo_2d.py`): a ring of 8 Gaussians and a 4×4 checkerboard, exact densities. An EDM MLP is
+trained first (its 35-evaluation EDM sampler is the teacher's number); CD distils it, ECT starts from its
+weights, CT and iCT train from scratch. Every sample set is scored by the sliced Wasserstein distance to
+one fresh data set, beside the distance between two fresh data sets (the floor). The 2-step sampler's
+middle σ is chosen per problem and method on a grid, with a selection sample and data set separate from
+the reported ones; the fixed default σ = 0.8 is reported beside it.
+
+Digits (`cmjax/train.py` on `configs/digits.py`, one CPU device): the same five methods through the real
+training loop, CD and ECT from the EDM run's workdir, scored by the in-repo digit classifier
+(`cmjax/metrics/digits.py`): Fréchet distance in its features and the fraction of confident samples.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `configs` lives at the root
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cmjax import demo_2d, toy_problems  # noqa: E402
+
+CONSISTENCY_METHODS = ("cd", "ct", "ict", "ect")
+MIDDLE_SIGMAS = (0.1, 0.2, 0.4, 0.8, 1.6)  # the 2-step grid searched (openai searched `ts` likewise)
+DEFAULT_MIDDLE_SIGMA = 0.8  # configs' sample.two_step_sigma
+
+PROBLEMS_2D = {
+    "ring": lambda: toy_problems.ring_of_gaussians(num_modes=8, radius=1.0, std=0.1),
+    "checkerboard": lambda: toy_problems.Checkerboard(num_squares=4, half_width=1.0),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# 2-D.
+
+
+def best_middle_sigma(model, problem, num: int, seed: int) -> tuple[float, dict[float, float]]:
+    """The grid σ with the lowest 2-step distance on a selection set (its own data and noise)."""
+    score = demo_2d.Scorer(problem, jax.random.key(10_000 + seed), num)
+    key = jax.random.key(20_000 + seed)
+    scores = {s: score(demo_2d.two_step(model, key, num, s)) for s in MIDDLE_SIGMAS}
+    return min(scores, key=scores.get), scores
+
+
+def run_2d(problem_name: str, steps: int, eval_samples: int, seed: int, log=print) -> dict:
+    """Trains EDM, then CD/CT/iCT/ECT on one 2-D problem; returns distances per method."""
+    problem = PROBLEMS_2D[problem_name]()
+    base = demo_2d.Demo2DConfig(steps=steps, eval_samples=eval_samples, seed=seed)
+    keys = jax.random.split(jax.random.key(seed + 1), 5)
+    score = demo_2d.Scorer(problem, keys[0], eval_samples)
+    results: dict = {"floor": score.floor()}
+
+    start = time.time()
+    edm = demo_2d.train(dataclasses.replace(base, method="edm"), problem, log=log)
+    teacher_samples, nfe = demo_2d.edm_sample(edm.denoiser(), keys[1], eval_samples)
+    results["edm"] = {"teacher": score(teacher_samples), "nfe": nfe, "seconds": time.time() - start}
+    if isinstance(problem, toy_problems.GaussianMixture):  # the exact denoiser through the same sampler
+        results["exact_teacher"] = score(demo_2d.edm_sample(problem.denoise, keys[1], eval_samples)[0])
+
+    for method in CONSISTENCY_METHODS:
+        start = time.time()
+        config = dataclasses.replace(base, method=method)
+        model = demo_2d.train(config, problem, log=log,
+                              teacher=demo_2d.model_teacher(edm) if method == "cd" else None,
+                              init_params=edm.params if method == "ect" else None)
+        chosen, selection = best_middle_sigma(model, problem, eval_samples, seed)
+        results[method] = {
+            "one_step": score(demo_2d.one_step(model, keys[2], eval_samples)),
+            "two_step_default": score(demo_2d.two_step(model, keys[3], eval_samples, DEFAULT_MIDDLE_SIGMA)),
+            "two_step_chosen": score(demo_2d.two_step(model, keys[3], eval_samples, chosen)),
+            "middle_sigma": chosen, "selection": selection, "seconds": time.time() - start,
+        }
+        log(f"{problem_name} {method}: {json.dumps(results[method])}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Digits: the real training loop.
+
+# Step counts sized for ≲ 15 minutes of the whole digits part on an idle 2-core machine.
+DIGITS_STEPS = {"edm": 2000, "cd": 1500, "ct": 3000, "ict": 3000, "ect": 1000}
+DIGITS_EMA = 0.998  # the evaluation EMA reported (configs/digits.py keeps 0.995 and 0.998)
+DIGITS_SAMPLES = 1024
+
+
+def digits_method_config(method: str, steps: int, teacher_workdir: str) -> ml_collections.ConfigDict:
+    """configs/digits.py (the iCT recipe) with `config.method` replaced for the other methods."""
+    from configs import digits
+
+    config = digits.get_config()
+    config.total_steps = steps
+    config.mesh.data = 1
+    config.eval_every = 0  # the bench scores the final checkpoint itself
+    config.sample.metric_samples = 0
+    config.ckpt_every = steps
+    config.log_every = 250
+    methods = {
+        "edm": {"name": "edm", "teacher": ""},
+        "cd": {"name": "cd", "teacher": teacher_workdir, "num_scales": 18, "target_ema": 0.95, "distance": "l2"},
+        "ct": {"name": "ct", "teacher": "", "curriculum": "cm_adaptive", "s0": 2, "s1": 20, "mu0": 0.9,
+               "distance": "l2"},
+        "ect": {"name": "ect", "teacher": teacher_workdir, "stage_steps": max(1, steps // 4), "huber_c": 0.0},
+    }
+    if method in methods:
+        config.method = ml_collections.ConfigDict(methods[method])
+    elif method != "ict":
+        raise ValueError(f"Unknown method {method!r}.")
+    return config
+
+
+def digits_quality(workdir: str, method: str, seed: int) -> dict:
+    """1-step and 2-step (teacher: 35-evaluation EDM sampler) quality of a digits run's final EMA model."""
+    from cmjax import evaluate, parameterization, sharding, solvers, train
+    from cmjax.metrics import digits as digits_metric
+
+    config = train.read_run_config(workdir)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1})
+    module, params, config, _ = train.load_params(workdir, mesh, ema_rate=DIGITS_EMA, config=config)
+    classifier = digits_metric.train_classifier(data_dir=config.data.data_dir)
+    reference = digits_metric.reference_images("train", data_dir=config.data.data_dir)
+    shape = train.image_shape(config)
+
+    def quality(images):
+        q = digits_metric.sample_quality(classifier, evaluate.to_uint8(images) / 127.5 - 1.0, reference)
+        fractions = q["class_fractions"]
+        return {"frechet": q["frechet"], "confident": q["confident_fraction"],
+                "class_min": min(fractions), "class_max": max(fractions)}
+
+    if method == "edm":
+        apply_fn = lambda p, x, t: module.apply({"params": p}, x, t, None, train=False)  # noqa: E731
+        denoise = lambda x, s: parameterization.edm_denoise(apply_fn, params, x, s)  # noqa: E731
+        images, nfe = jax.jit(lambda key: solvers.edm_sampler(denoise, key, (DIGITS_SAMPLES, *shape), 18)[0],
+                              )(jax.random.key(seed)), 35
+        return {"teacher": quality(np.clip(images, -1, 1)), "nfe": nfe}
+
+    kind = "edm" if method == "ect" else "consistency"
+
+    def sample(sigmas, key):
+        images, _ = evaluate.generate(module, params, key, mesh=mesh, num_images=DIGITS_SAMPLES, image_shape=shape,
+                                      sigmas=sigmas, parameterization_kind=kind)
+        return images
+
+    selection = {s: quality(sample([parameterization.SIGMA_MAX, s], jax.random.key(20_000 + seed)))["frechet"]
+                 for s in MIDDLE_SIGMAS}
+    chosen = min(selection, key=selection.get)
+    key = jax.random.key(seed)
+    return {"one_step": quality(sample([parameterization.SIGMA_MAX], key)),
+            "two_step_default": quality(sample([parameterization.SIGMA_MAX, DEFAULT_MIDDLE_SIGMA], key)),
+            "two_step_chosen": quality(sample([parameterization.SIGMA_MAX, chosen], key)),
+            "middle_sigma": chosen, "selection": selection}
+
+
+def run_digits(workroot: str, seed: int, steps: dict, log=print) -> dict:
+    """Trains the five methods on digits (EDM first: CD and ECT use its workdir) and scores each."""
+    from cmjax import train
+    from cmjax.metrics import digits as digits_metric
+
+    results = {}
+    classifier = digits_metric.train_classifier()
+    results["floor"] = {k: v for k, v in digits_metric.floor(classifier).items()
+                        if k in ("frechet", "confident_fraction", "class_fractions")}
+    teacher_workdir = os.path.abspath(os.path.join(workroot, "digits_edm"))
+    for method in ("edm", "cd", "ct", "ict", "ect"):
+        workdir = os.path.abspath(os.path.join(workroot, f"digits_{method}"))
+        start = time.time()
+        train.train_and_evaluate(digits_method_config(method, steps[method], teacher_workdir), workdir)
+        trained = time.time() - start
+        results[method] = dict(digits_quality(workdir, method, seed), steps=steps[method], train_seconds=trained,
+                               seconds=time.time() - start)
+        log(f"digits {method}: {json.dumps(results[method])}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Report.
+
+
+def _fmt(x, digits=3):
+    return f"{x:.{digits}f}"
+
+
+def checks_2d(r: dict) -> list[str]:
+    """The issue's bars per method: 2-step < 1-step; CD and iCT 1-step within 2× of the teacher."""
+    teacher = r["edm"]["teacher"]
+    notes = []
+    for method in CONSISTENCY_METHODS:
+        m = r[method]
+        two = m["two_step_chosen"]
+        bars = [f"2-step < 1-step: {'yes' if two < m['one_step'] else 'NO'}"]
+        if method in ("cd", "ict"):
+            bars.append(f"1-step ≤ 2× teacher: {'yes' if m['one_step'] <= 2 * teacher else 'NO'}")
+        notes.append(f"{method}: " + ", ".join(bars))
+    return notes
+
+
+def markdown(results: dict, commands: list, wall: float, load: tuple) -> str:
+    lines = ["# Quality proofs on CPU (`bench/quality.py`)", "",
+             "Commands (run side by side, one CPU device each, "
+             "`XLA_FLAGS=--xla_force_host_platform_device_count=1 JAX_PLATFORMS=cpu`):", ""]
+    lines += [f"    {c}" for c in commands] + [
+             "", f"Wall time: {wall / 60:.1f} min (the longest part); load average at the end "
+             f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min; the 2 cores were shared with other jobs).", ""]
+    for name in PROBLEMS_2D:
+        if name not in results:
+            continue
+        r = results[name]
+        lines += [f"## 2-D {name}: sliced Wasserstein distance to {results['eval_samples']} fresh points "
+                  f"(lower is better)", "",
+                  f"Floor (two fresh data sets): **{_fmt(r['floor'])}**; EDM teacher, "
+                  f"{r['edm']['nfe']}-evaluation sampler: **{_fmt(r['edm']['teacher'])}**"
+                  + (f"; the exact denoiser through the same sampler: {_fmt(r['exact_teacher'])}"
+                     if "exact_teacher" in r else "") + ".", "",
+                  "| method | 1-step | 2-step, σ_mid = 0.8 | 2-step, chosen σ_mid | chosen σ_mid | "
+                  "1-step / teacher | train s |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for method in CONSISTENCY_METHODS:
+            m = r[method]
+            lines.append(f"| {method} | {_fmt(m['one_step'])} | {_fmt(m['two_step_default'])} | "
+                         f"{_fmt(m['two_step_chosen'])} | {m['middle_sigma']} | "
+                         f"{m['one_step'] / r['edm']['teacher']:.2f} | {m['seconds']:.0f} |")
+        lines += [""] + [f"- {n}" for n in checks_2d(r)] + [""]
+        lines += ["2-step selection distances per σ_mid (selection set): "
+                  + "; ".join(f"{m}: " + ", ".join(f"{s}→{_fmt(v)}" for s, v in r[m]["selection"].items())
+                              for m in CONSISTENCY_METHODS), ""]
+    if "digits" in results:
+        r = results["digits"]
+        f = r["floor"]
+        lines += [f"## Digits (real training loop, one CPU device, EMA {DIGITS_EMA}, {DIGITS_SAMPLES} samples)", "",
+                  "Fréchet distance in the digit classifier's features (lower is better) and the fraction of "
+                  "samples classified with p ≥ 0.9; class fractions min–max.", "",
+                  "| method | steps | 1-step Fréchet | 1-step confident | 1-step classes | 2-step (σ 0.8) Fréchet | "
+                  "2-step (σ 0.8) confident | 2-step chosen σ | 2-step chosen Fréchet | 2-step chosen confident | "
+                  "train s |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+                  f"| real test images (floor) | — | {_fmt(f['frechet'], 1)} | {f['confident_fraction']:.0%} | "
+                  f"{min(f['class_fractions']):.1%}–{max(f['class_fractions']):.1%} | | | | | | |"]
+        t = r["edm"]["teacher"]
+        lines.append(f"| edm teacher ({r['edm']['nfe']} evaluations) | {r['edm']['steps']} | {_fmt(t['frechet'], 1)} | "
+                     f"{t['confident']:.0%} | {t['class_min']:.1%}–{t['class_max']:.1%} | | | | | | "
+                     f"{r['edm']['train_seconds']:.0f} |")
+        for method in CONSISTENCY_METHODS:
+            m = r[method]
+            o, d, c = m["one_step"], m["two_step_default"], m["two_step_chosen"]
+            lines.append(f"| {method} | {m['steps']} | {_fmt(o['frechet'], 1)} | {o['confident']:.0%} | "
+                         f"{o['class_min']:.1%}–{o['class_max']:.1%} | {_fmt(d['frechet'], 1)} | "
+                         f"{d['confident']:.0%} | {m['middle_sigma']} | {_fmt(c['frechet'], 1)} | "
+                         f"{c['confident']:.0%} | {m['train_seconds']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("2d", "digits", "all"), default="all")
+    parser.add_argument("--steps_2d", type=int, default=3000)
+    parser.add_argument("--eval_samples", type=int, default=16384)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workroot", default="/tmp/cmjax_quality")
+    parser.add_argument("--out", default="")
+    parser.add_argument("--problems", default=",".join(PROBLEMS_2D))
+    parser.add_argument("--json", default="", help="also write the raw results here")
+    parser.add_argument("--merge", nargs="*", default=[],
+                        help="write the report from --json files of parts run side by side (no training)")
+    args = parser.parse_args(argv)
+    if args.merge:
+        return merge_reports(args.merge, args.out)
+    start = time.time()
+    results: dict = {"eval_samples": args.eval_samples}
+    if args.part in ("2d", "all"):
+        for name in args.problems.split(","):
+            results[name] = run_2d(name, args.steps_2d, args.eval_samples, args.seed)
+    if args.part in ("digits", "all"):
+        results["digits"] = run_digits(args.workroot, args.seed, DIGITS_STEPS)
+    wall = time.time() - start
+    command = "nice -n 5 .venv/bin/python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results.update(command=command.strip(), wall=wall, load=os.getloadavg())
+    report = markdown(results, [results["command"]], wall, results["load"])
+    print(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=float)
+
+
+def merge_reports(paths, out: str) -> None:
+    """One report from parts that ran concurrently: wall time is the longest part's."""
+    parts = [json.load(open(p)) for p in paths]
+    merged = {k: v for part in parts for k, v in part.items()}
+    report = markdown(merged, [p["command"] for p in parts], max(p["wall"] for p in parts),
+                      tuple(max(p["load"][i] for p in parts) for i in range(3)))
+    print(report)
+    if out:
+        with open(out, "w") as f:
+            f.write(report)
+
+
+if __name__ == "__main__":
+    main()
