@@ -318,6 +318,12 @@ class Checkpointer:
                 "Resume with the model/optimizer config that wrote it, or start from a fresh workdir."
             )
         items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None and saved.get(DATA_ITEM) is None and step == 0:
+            # A step-0 checkpoint written without a data stream (imported weights): nothing has been read
+            # yet, so the iterator's own fresh start is exactly where training begins.
+            logging.info("Checkpoint %s holds no data iterator state; the data stream starts fresh.",
+                         self.directory / str(step))
+            data_iterator = None
         if data_iterator is not None:
             if saved.get(DATA_ITEM) is None:
                 raise FileNotFoundError(

@@ -172,6 +172,19 @@ def test_restore_without_a_saved_data_state_says_how_to_continue(mesh8, tmp_path
         checkpointer.restore(abstract_of(state), worker.CountingIterator(0))
 
 
+def test_step_zero_checkpoint_without_data_state_starts_the_stream_fresh(mesh8, tmp_path, checkpointers):
+    # Imported weights are saved at step 0 with no data stream: training starts from them at the data's start.
+    state = make_state(mesh8)
+    checkpointer = checkpointers(tmp_path, async_save=False)
+    checkpointer.save(0, state)
+    iterator = worker.CountingIterator(0, position=0)
+    _, step = checkpointer.restore(abstract_of(state), iterator)
+    assert step == 0 and iterator.get_state() == b"process=0 position=0"
+    checkpointer.save(1, state)  # past step 0 a missing data state is still an error (covered above)
+    with pytest.raises(FileNotFoundError, match="holds no data iterator state"):
+        checkpointer.restore(abstract_of(state), iterator, step=1)
+
+
 @pytest.mark.parametrize("target", ["data2_fsdp4", "four_devices"])
 def test_restore_onto_a_different_mesh_reshards(mesh8, tmp_path, checkpointers, target):
     state = make_state(mesh8)
