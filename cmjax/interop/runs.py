@@ -195,10 +195,10 @@ def import_checkpoint(config, workdir: str, *, format: str = "openai", input: st
     dict: `config.json` and a step-0 checkpoint whose parameters and every EMA copy are the imported weights.
 
     The network is `config.model` (openai) or the folder's `unet/config.json` checked against `config.model`
-    (diffusers). A data-iterator state is saved with it when `config.data`'s dataset is prepared (training
-    resumes from a checkpoint with one); otherwise the checkpoint holds the state alone.
+    (diffusers). The checkpoint holds no data-iterator state: training from it starts the data stream
+    fresh (`Checkpointer.restore` allows exactly that at step 0), so import needs no prepared dataset.
     """
-    from cmjax import checkpointing, models, optim, sharding, train, train_state
+    from cmjax import checkpointing, models, optim, train, train_state
 
     _check_format(format)
     if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
@@ -218,10 +218,9 @@ def import_checkpoint(config, workdir: str, *, format: str = "openai", input: st
     keep_target = config.method.name in train.METHODS_WITH_TARGET
     state = jax.jit(lambda p: train_state.create(p, optimizer, config.ema_rates, keep_target),
                     out_shardings=shardings)(params)
-    data_iter, data_note = _fresh_data_iterator(config, sharding.make_mesh(config.mesh))
     train.write_config(config, workdir)
     checkpointer = checkpointing.Checkpointer(workdir, save_every=config.ckpt_every, keep=config.keep_checkpoints)
-    checkpointer.save(0, state, data_iter, force=True)
+    checkpointer.save(0, state, force=True)
     checkpointer.wait()
     checkpointer.close()
     return {
@@ -231,15 +230,4 @@ def import_checkpoint(config, workdir: str, *, format: str = "openai", input: st
         "checkpoint": os.path.join(workdir, "checkpoints", "0"),
         "parameters": int(sum(np.size(x) for x in jax.tree.leaves(params))),
         "ema_rates": [train_state.ema_key(r) for r in config.ema_rates],
-        "data_state": data_note,
     }
-
-
-def _fresh_data_iterator(config, mesh):
-    """The data stream of a fresh run, so that training resumes from the step-0 checkpoint as if it began there."""
-    from cmjax.data import datasets, pipeline
-
-    try:
-        return pipeline.build(config.data, mesh, global_batch_size=config.batch_size, seed=config.seed), "saved"
-    except datasets.DatasetNotPreparedError as e:
-        return None, f"not saved ({e})"
