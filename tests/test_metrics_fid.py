@@ -42,6 +42,17 @@ def test_fid_matches_direct_scipy_and_is_zero_against_itself():
     assert fid.fid_from_statistics(stats_a, stats_a.mean(), stats_a.covariance()) == pytest.approx(0.0, abs=1e-8)
 
 
+def test_fid_with_fewer_samples_than_dimensions_matches_scipy():
+    """Singular covariances (N < F, as in any small evaluation): same value as sqrtm with pytorch-fid's offset."""
+    from cmjax.metrics import frechet
+
+    rng = np.random.default_rng(6)
+    a, b = rng.normal(size=(40, 128)), rng.normal(size=(30, 128)) * 0.8 + 0.1
+    expected = frechet.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    got = fid.frechet_distance_psd(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert got == pytest.approx(expected, rel=1e-4)
+
+
 def test_inception_score_limits_and_splits():
     # Confident and uniform over C classes: IS = C. Every sample the same class: IS = 1.
     classes = 10
