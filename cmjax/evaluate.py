@@ -6,6 +6,7 @@ gets the global array. The periodic evaluation of the training loop and `--mode=
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any, Sequence
@@ -24,6 +25,15 @@ def consistency_fn_for(module, params, class_labels, *, sigma_data, sigma_min):
     return lambda x, sigma: parameterization.consistency_denoise(apply_fn, params, x, sigma, sigma_data, sigma_min)
 
 
+def denoiser_for(module, params, class_labels, kind: str, *, sigma_data, sigma_min):
+    """x, σ ↦ the model's clean-image estimate: f_θ for consistency models, D_θ for EDM-parameterised ones (EDM
+    teachers and ECT, where f(x, 0) = x)."""
+    if kind == "edm":
+        apply_fn = lambda p, x_in, t_in: module.apply({"params": p}, x_in, t_in, class_labels, train=False)  # noqa: E731
+        return lambda x, s: parameterization.edm_denoise(apply_fn, params, x, s, sigma_data)
+    return consistency_fn_for(module, params, class_labels, sigma_data=sigma_data, sigma_min=sigma_min)
+
+
 def generate(module, params, key, *, mesh: Mesh, num_images: int, image_shape: Sequence[int],
              sigmas: Sequence[float], num_classes: int = 0, sigma_data=parameterization.SIGMA_DATA,
              sigma_min=parameterization.SIGMA_MIN, sigma_max=parameterization.SIGMA_MAX, parameterization_kind="consistency"):
@@ -39,11 +49,7 @@ def generate(module, params, key, *, mesh: Mesh, num_images: int, image_shape: S
     def _generate(params, key):
         label_key, noise_key = jax.random.split(key)
         labels = jax.random.randint(label_key, (num_images,), 0, num_classes) if num_classes else None
-        if parameterization_kind == "edm":  # ECT models are EDM-parameterised (f(x, 0) = x)
-            apply_fn = lambda p, x_in, t_in: module.apply({"params": p}, x_in, t_in, labels, train=False)  # noqa: E731
-            fn = lambda x, s: parameterization.edm_denoise(apply_fn, params, x, s, sigma_data)  # noqa: E731
-        else:
-            fn = consistency_fn_for(module, params, labels, sigma_data=sigma_data, sigma_min=sigma_min)
+        fn = denoiser_for(module, params, labels, parameterization_kind, sigma_data=sigma_data, sigma_min=sigma_min)
         images = sampling.multistep_sample(fn, noise_key, shape, sigmas, sigma_min, sigma_max, clip=True)
         images = jax.lax.with_sharding_constraint(images, out_sharding)
         return images, labels
@@ -95,68 +101,430 @@ def as_dict(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in metrics.items()}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation at scale. Sample i of a run is a function of (config.seed, i) only: its noise and label come from
+# fold_in(key, i), so every process count and device layout makes the same samples. Samples are made in chunks
+# of `config.eval.batch_size` over all devices and processes; each chunk's metric inputs (Inception features
+# and logits, or digit images) are gathered to every process and saved by process 0, so a preempted evaluation
+# resumes at the next chunk. Process 0 computes the metrics and shares them with every process.
+
+EVAL_STREAM = 0x5EED0E7A  # folds the seed into a key stream of its own (training uses fold_in(seed, step))
+SEARCH_STREAM = 1  # the 2-step search draws other samples than the reported evaluation
+
+
+def eval_key(seed: int, stream: int = 0) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), EVAL_STREAM), stream)
+
+
+def _gather(tree) -> Any:
+    """Every row of batch-sharded global arrays as numpy on every process, in global order."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() > 1:
+        return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _from_process_0(value):
+    """Process 0's numpy array (or bool / int), on every process."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.broadcast_one_to_all(value)
+
+
+def _share_json(result: Any) -> Any:
+    """Process 0's JSON-able result on every process (other processes pass anything)."""
+    if jax.process_count() == 1:
+        return result
+    payload = json.dumps(result).encode() if jax.process_index() == 0 else b""
+    size = int(_from_process_0(np.int32(len(payload))))
+    buffer = np.zeros(size, np.uint8)
+    if jax.process_index() == 0:
+        buffer[:] = np.frombuffer(payload, np.uint8)
+    return json.loads(bytes(_from_process_0(buffer)))
+
+
+def ternary_search(score, low: int, high: int) -> tuple[int, dict[int, float]]:
+    """Minimises `score` over the integers [low, high], assuming it is unimodal: openai's ternary search for the
+    best middle time of the 2-step sampler. Returns (best index, every score evaluated)."""
+    scores: dict[int, float] = {}
+
+    def f(i: int) -> float:
+        if i not in scores:
+            scores[i] = float(score(i))
+        return scores[i]
+
+    while high - low >= 3:
+        third = (high - low) // 3
+        m1, m2 = low + third, high - third
+        if f(m1) <= f(m2):
+            high = m2 - 1
+        else:
+            low = m1 + 1
+    for i in range(low, high + 1):
+        f(i)
+    return min(scores, key=lambda i: (scores[i], i)), scores
+
+
+class InceptionMetric:
+    """FID, IS (10 splits) and precision/recall (k = 3) from the FID Inception (`cmjax.metrics.inception`)."""
+
+    name, primary = "inception", "fid"
+
+    def __init__(self, config, mesh: Mesh):
+        from cmjax.metrics import inception
+
+        self.config, self.mesh = config, mesh
+        variables = inception.load_variables(os.path.expanduser(config.eval.inception_weights))
+        self.variables = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        net = inception.FIDInception(int(config.eval.inception_size))
+        self._apply = jax.jit(lambda v, x: net.apply(v, x.astype(jnp.float32) / 255.0),
+                              out_shardings=sharding.batch_sharding(mesh))
+        self._reference, self._ready = None, False
+
+    def outputs(self, images_uint8) -> dict[str, jax.Array]:
+        """{"pool": [B, 2048], "logits": [B, 1008]} of uint8 images, sharded like them."""
+        return self._apply(self.variables, images_uint8)
+
+    def reference(self) -> dict[str, Any] | None:
+        """(μ, Σ, features) of the real images: a published/cached .npz, or one pass over a TFDS split (every
+        process reads its share), cached. Process 0 gets them; others get None."""
+        from cmjax.data import pipeline
+        from cmjax.metrics import digits as digits_metric
+        from cmjax.metrics import fid, inception
+
+        if self._ready:  # on every process alike, so no process waits in a collective the others skip
+            return self._reference
+        self._ready = True
+        source = self.config.eval.reference
+        if source.endswith(".npz"):  # published statistics; images in it (openai's arr_0) give PR features
+            if jax.process_index() == 0:
+                self._reference = fid.load_reference(source, features_fn=self._local_features)
+            return self._reference
+        data = self.config.data
+        path = fid.reference_cache_path(digits_metric.default_cache_dir(data.data_dir), data.name, source,
+                                        int(self.config.eval.inception_size), "inception")
+        if bool(_from_process_0(np.bool_(jax.process_index() == 0 and os.path.exists(path)))):
+            self._reference = fid.load_reference(path) if jax.process_index() == 0 else None
+            return self._reference
+        batch = _eval_batch(self.config, self.mesh, None)
+
+        def feature_batches():
+            for local in pipeline.eval_images(data, source, batch // jax.process_count()):
+                arrays = sharding.host_local_to_global(local, self.mesh)
+                out = _gather({"pool": self.outputs(arrays["image"])["pool"], "mask": arrays["mask"]})
+                yield out["pool"][out["mask"]]
+
+        stats, kept = fid.accumulate_reference(feature_batches(), inception.FEATURE_DIM)
+        if jax.process_index() == 0:
+            fid.save_reference(path, stats, kept)
+            self._reference = {"mu": stats.mean(), "sigma": stats.covariance(), "features": kept}
+        return self._reference
+
+    def _local_features(self, images_uint8: np.ndarray) -> np.ndarray:
+        """Pool features of host images on this process's first device (published reference batches)."""
+        from cmjax.metrics import inception
+
+        device = jax.local_devices()[0]
+        variables = jax.device_put(self.variables, device)
+        net = inception.FIDInception(int(self.config.eval.inception_size))
+        apply = jax.jit(lambda v, x: net.apply(v, x.astype(jnp.float32) / 255.0)["pool"])
+        return np.concatenate([np.asarray(apply(variables, jax.device_put(images_uint8[i:i + 100], device)))
+                               for i in range(0, len(images_uint8), 100)])
+
+    def metrics(self, chunks: list[dict[str, np.ndarray]], reference) -> dict[str, float]:
+        from cmjax.metrics import fid
+
+        stats = fid.FeatureStatistics(chunks[0]["pool"].shape[1])
+        for chunk in chunks:  # float64, in sample order
+            stats.update(chunk["pool"])
+        result = {"fid": fid.fid_from_statistics(stats, reference["mu"], reference["sigma"])}
+        result["inception_score"], result["inception_score_std"] = fid.inception_score(
+            np.concatenate([c["logits"] for c in chunks]))
+        if reference.get("features") is not None:
+            result["precision"], result["recall"] = fid.precision_recall(
+                reference["features"], np.concatenate([c["pool"] for c in chunks]))
+        return result
+
+
+class DigitsMetric:
+    """The embedded dataset's metric (`cmjax.metrics.digits`): Fréchet distance in a digit classifier's features,
+    confident fraction and class balance, against the train split."""
+
+    name, primary = "digits", "frechet"
+
+    def __init__(self, config, mesh: Mesh):
+        self.config, self._classifier, self._reference = config, None, None
+
+    def outputs(self, images_uint8) -> dict[str, jax.Array]:
+        return {"image": images_uint8}
+
+    def reference(self):
+        from cmjax.metrics import digits as digits_metric
+
+        if self._reference is None and jax.process_index() == 0:
+            self._classifier = digits_metric.train_classifier(data_dir=self.config.data.data_dir)
+            self._reference = digits_metric.reference_images(split="train", data_dir=self.config.data.data_dir)
+        return self._reference
+
+    def metrics(self, chunks: list[dict[str, np.ndarray]], reference) -> dict[str, float]:
+        from cmjax.metrics import digits as digits_metric
+
+        images = np.concatenate([c["image"] for c in chunks]).astype(np.float32) / 127.5 - 1.0
+        quality = digits_metric.sample_quality(self._classifier, images, reference)
+        return {"frechet": float(quality["frechet"]), "confident_fraction": float(quality["confident_fraction"]),
+                "min_class_fraction": float(np.min(quality["class_fractions"])),
+                "max_class_fraction": float(np.max(quality["class_fractions"]))}
+
+
+METRICS = {"inception": InceptionMetric, "digits": DigitsMetric}
+
+
+def metric_name(config) -> str:
+    """`config.eval.metric`, with "auto": the digit classifier on digits, Inception elsewhere."""
+    name = config.eval.metric
+    if name == "auto":
+        return "digits" if config.data.name == "digits" else "inception"
+    if name not in METRICS:
+        raise ValueError(f"Unknown config.eval.metric {name!r}; use 'auto' or one of {sorted(METRICS)}.")
+    return name
+
+
+def _eval_batch(config, mesh: Mesh, num_samples: int | None) -> int:
+    """Global images per chunk: config.eval.batch_size, or fewer when fewer samples are asked for."""
+    devices = sharding.batch_device_count(mesh)
+    batch = int(config.eval.batch_size)
+    if batch % devices:
+        raise ValueError(f"config.eval.batch_size={batch} does not divide over the {devices} devices of the mesh; "
+                         f"choose a multiple of {devices}.")
+    if num_samples is not None:
+        batch = min(batch, -(-num_samples // devices) * devices)
+    return batch
+
+
+class Evaluator:
+    """Samples and scores one model over the mesh; compiled samplers and the metric network are kept between
+    calls (periodic evaluation during training reuses them)."""
+
+    def __init__(self, config, module, mesh: Mesh):
+        from cmjax import train
+
+        self.config, self.module, self.mesh = config, module, mesh
+        self.image_shape = train.image_shape(config)
+        self.num_classes = int(config.model.get("num_classes") or 0)
+        method = config.method
+        self.kind = "edm" if method.name in ("edm", "ect") else "consistency"
+        self.sigma_data = method.get("sigma_data", parameterization.SIGMA_DATA)
+        self.sigma_min = method.get("sigma_min", parameterization.SIGMA_MIN)
+        self.sigma_max = method.get("sigma_max", parameterization.SIGMA_MAX)
+        self._samplers: dict[Any, Any] = {}
+        self._metrics: dict[str, Any] = {}
+
+    def metric(self, name: str | None = None):
+        name = name or metric_name(self.config)
+        if name not in self._metrics:
+            self._metrics[name] = METRICS[name](self.config, self.mesh)
+        return self._metrics[name]
+
+    def sampler(self, sigmas: Sequence[float], batch: int):
+        """jit(params, key, start) → (uint8 images [batch, H, W, C], labels [batch]): samples start … start+batch−1,
+        sample i drawn from fold_in(key, i) alone (its label, then CM Algorithm 1 with its own noise)."""
+        cache_key = (tuple(float(s) for s in sigmas), batch)
+        if cache_key in self._samplers:
+            return self._samplers[cache_key]
+        out = sharding.batch_sharding(self.mesh)
+        shape, num_classes = (1, *self.image_shape), self.num_classes
+
+        def one(params, key):
+            label_key, noise_key = jax.random.split(key)
+            label = jax.random.randint(label_key, (1,), 0, num_classes) if num_classes else None
+            fn = denoiser_for(self.module, params, label, self.kind, sigma_data=self.sigma_data,
+                              sigma_min=self.sigma_min)
+            x = sampling.multistep_sample(fn, noise_key, shape, cache_key[0], self.sigma_min, self.sigma_max,
+                                          clip=True)
+            return x[0], label[0] if num_classes else jnp.int32(0)
+
+        @jax.jit
+        def run(params, key, start):
+            indices = jax.lax.with_sharding_constraint(start + jnp.arange(batch), out)
+            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+            images, labels = jax.vmap(one, in_axes=(None, 0))(params, keys)
+            images = jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+            return jax.lax.with_sharding_constraint(images, out), jax.lax.with_sharding_constraint(labels, out)
+
+        self._samplers[cache_key] = run
+        return run
+
+    def samples(self, params, sigmas, num_samples: int, key) -> dict[str, np.ndarray]:
+        """uint8 images [N, H, W, C] and labels [N] of samples 0 … N−1, on every process."""
+        batch = _eval_batch(self.config, self.mesh, num_samples)
+        run = self.sampler(sigmas, batch)
+        parts = [_gather(dict(zip(("image", "label"), run(params, key, start))))
+                 for start in range(0, num_samples, batch)]
+        return {k: np.concatenate([p[k] for p in parts])[:num_samples] for k in ("image", "label")}
+
+    def score(self, params, sigmas, num_samples: int, key, metric, chunk_dir: str | None = None) -> dict[str, float]:
+        """The metric of samples 0 … N−1 at `sigmas`, the same on every process. With `chunk_dir`, each chunk's
+        metric inputs are saved there (process 0) and chunks already there are not sampled again."""
+        reference = metric.reference()
+        batch = _eval_batch(self.config, self.mesh, num_samples)
+        run = self.sampler(sigmas, batch)
+        plan = [(start, min(start + batch, num_samples)) for start in range(0, num_samples, batch)]
+        paths = [os.path.join(chunk_dir, f"chunk_{a:09d}_{b:09d}.npz") if chunk_dir else None for a, b in plan]
+        done = np.array([jax.process_index() == 0 and p is not None and os.path.exists(p) for p in paths])
+        done = np.asarray(_from_process_0(done))
+        chunks = []
+        for (start, stop), path, is_done in zip(plan, paths, done):
+            if is_done:
+                if jax.process_index() == 0:
+                    with np.load(path) as stored:
+                        chunks.append({k: stored[k] for k in stored.files})
+                continue
+            images, _ = run(params, key, start)
+            chunk = {k: v[: stop - start] for k, v in _gather(metric.outputs(images)).items()}
+            if jax.process_index() == 0:
+                if path:
+                    _save_npz(path, chunk)
+                chunks.append(chunk)
+        result = metric.metrics(chunks, reference) if jax.process_index() == 0 else None
+        return _share_json(result)
+
+    def two_step_search(self, params, num_samples: int, metric) -> dict[str, Any]:
+        """openai's ternary search for the 2-step sampler's middle time: ts = [0, i, steps−1] on a `steps`-point
+        Karras grid, i minimising the metric's primary value (FID) on `num_samples` samples."""
+        steps = int(self.config.eval.search_steps)
+        sigma_of = lambda i: [float(s) for s in sampling.openai_ts_sigmas(  # noqa: E731
+            [0, i, steps - 1], steps, self.sigma_min, self.sigma_max)[:2]]
+        key = eval_key(self.config.seed, SEARCH_STREAM)
+        best, scores = ternary_search(
+            lambda i: self.score(params, sigma_of(i), num_samples, key, metric)[metric.primary], 1, steps - 2)
+        return {"best_index": best, "best_sigma": sigma_of(best)[1], f"best_{metric.primary}": scores[best],
+                "evaluated": {str(i): v for i, v in sorted(scores.items())}}
+
+
+def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = f"{path}.tmp{os.getpid()}"
+    with open(partial, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(partial, path)
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+
+
+def _ema_rates(config, ema_rate) -> list:
+    return list(config.ema_rates) if ema_rate is None else [ema_rate]
+
+
+def _rate_tag(rate) -> str:
+    from cmjax import train_state
+
+    return "online" if rate in ("online", "params") else f"ema{train_state.ema_key(float(rate))}"
+
+
+def sample_checkpoint(config, workdir: str, *, step: int | None = None, ema_rate=None, num_samples: int | None = None,
+                      output: str | None = None) -> dict[str, Any]:
+    """`--mode=sample`: 1-step and 2-step (config.sample.two_step_sigma) samples of a checkpoint as PNG grids and
+    one .npz per sampler (uint8 NHWC `images`, `labels`) in `output` (default workdir/samples). Deterministic for
+    config.seed; every process calls it."""
+    from cmjax import train
+
+    mesh = sharding.make_mesh(config.mesh)
+    module, params, _, step = train.load_params(workdir, mesh, step=step, ema_rate=ema_rate, config=config)
+    evaluator = Evaluator(config, module, mesh)
+    output = output or os.path.join(workdir, "samples")
+    num_samples = int(num_samples or config.sample.num_images)
+    tag = _rate_tag(ema_rate if ema_rate is not None else config.ema_rates[0])
+    written: dict[str, Any] = {"step": step}
+    for name, sigmas in sampler_sigmas(config.sample.two_step_sigma, evaluator.sigma_max).items():
+        samples = evaluator.samples(params, sigmas, num_samples, eval_key(config.seed))
+        stem = os.path.join(output, f"{tag}_{name}_{step:08d}")
+        if jax.process_index() == 0:
+            save_png(stem + ".png", image_grid(samples["image"][: config.sample.num_images]), scale=4)
+            _save_npz(stem + ".npz", {"images": samples["image"], "labels": samples["label"]})
+        written[f"{name}_grid"], written[f"{name}_samples"] = stem + ".png", stem + ".npz"
+    return written
+
+
+def evaluate_checkpoint(config, workdir: str, *, step: int | None = None, ema_rate=None,
+                        num_samples: int | None = None, output: str | None = None) -> dict[str, Any]:
+    """`--mode=eval`: for each EMA rate (or the one named), N samples (config.eval.num_samples) with the 1-step and
+    the 2-step sampler, scored by config.eval.metric (FID/IS/precision/recall, or the digits metric), plus the
+    2-step middle-time search when config.eval.two_step_search > 0. Writes `output` (default workdir/eval)
+    /metrics_<step>.json and grids; resumes a preempted evaluation from its saved chunks. Every process calls it."""
+    import shutil
+
+    from cmjax import train
+
+    mesh = sharding.make_mesh(config.mesh)
+    output = output or os.path.join(workdir, "eval")
+    num_samples = int(num_samples or config.eval.num_samples)
+    evaluator, results, step_used = None, {}, step
+    for rate in _ema_rates(config, ema_rate):
+        module, params, _, step_used = train.load_params(workdir, mesh, step=step, ema_rate=rate, config=config)
+        evaluator = evaluator or Evaluator(config, module, mesh)
+        metric = evaluator.metric()
+        samplers = sampler_sigmas(config.sample.two_step_sigma, evaluator.sigma_max)
+        if config.eval.two_step_search:
+            search = evaluator.two_step_search(params, int(config.eval.two_step_search), metric)
+            results.update({f"{_rate_tag(rate)}_2step_search/{k}": v for k, v in search.items()})
+            samplers["2step_searched"] = [evaluator.sigma_max, search["best_sigma"]]
+        for name, sigmas in samplers.items():
+            tag = f"{_rate_tag(rate)}_{name}"
+            chunk_dir = os.path.join(output, f"chunks_{step_used:08d}", f"{tag}_{metric.name}_seed{config.seed}")
+            scores = evaluator.score(params, sigmas, num_samples, eval_key(config.seed), metric, chunk_dir)
+            results.update({f"{tag}/{k}": v for k, v in scores.items()})
+            grid = evaluator.samples(params, sigmas, int(config.sample.num_images), eval_key(config.seed))["image"]
+            if jax.process_index() == 0:
+                save_png(os.path.join(output, f"{tag}_{step_used:08d}.png"), image_grid(grid), scale=4)
+    results = {"step": step_used, "num_samples": num_samples, "metric": metric.name, **results}
+    _write_json(os.path.join(output, f"metrics_{step_used:08d}.json"), results)
+    if jax.process_index() == 0:  # the metrics are written: the per-chunk features are no longer needed
+        shutil.rmtree(os.path.join(output, f"chunks_{step_used:08d}"), ignore_errors=True)
+    return results
+
+
 class PeriodicEvaluator:
     """The training loop's evaluation hook: 1-step and 2-step sample grids from each EMA rate as PNG in
-    `workdir/samples/` and TensorBoard, plus the digits classifier metrics when training on digits.
-    Writes `workdir/samples/metrics_<step>.json`; returns the metrics of the first EMA rate.
+    `workdir/samples/` and TensorBoard, the digits classifier metrics when training on digits
+    (config.sample.metric_samples samples), and FID/IS/precision/recall on config.eval.fid_during_training
+    samples, through the same `Evaluator.score` as `--mode=eval`. Writes `workdir/samples/metrics_<step>.json`.
     """
 
     def __init__(self, config, workdir: str, module, mesh: Mesh, writer):
-        self.config, self.workdir, self.module, self.mesh, self.writer = config, workdir, module, mesh, writer
-        from cmjax import train
-
-        self.image_shape = train.image_shape(config)
-        self.num_classes = int(config.model.get("num_classes") or 0)
-        self.kind = "edm" if config.method.name in ("edm", "ect") else "consistency"
-        self._classifier = None
-
-    def _samples(self, params, num_images, sigmas, seed_offset):
-        settings = dict(self.config.method)
-        key = jax.random.fold_in(jax.random.key(self.config.seed), 10_000_019 + seed_offset)
-        images, _ = generate(self.module, params, key, mesh=self.mesh, num_images=num_images,
-                             image_shape=self.image_shape, sigmas=sigmas, num_classes=self.num_classes,
-                             sigma_data=settings.get("sigma_data", parameterization.SIGMA_DATA),
-                             sigma_min=settings.get("sigma_min", parameterization.SIGMA_MIN),
-                             sigma_max=settings.get("sigma_max", parameterization.SIGMA_MAX),
-                             parameterization_kind=self.kind)
-        return images
-
-    def _digits_quality(self, images):
-        from cmjax.metrics import digits as digits_metric
-
-        if self._classifier is None:
-            self._classifier = digits_metric.train_classifier(data_dir=self.config.data.data_dir)
-            self._reference = digits_metric.reference_images(split="train", data_dir=self.config.data.data_dir)
-        return digits_metric.sample_quality(self._classifier, to_uint8(images) / 127.5 - 1.0, self._reference)
+        self.config, self.workdir, self.writer = config, workdir, writer
+        self.evaluator = Evaluator(config, module, mesh)
 
     def __call__(self, step: int, state) -> dict[str, Any]:
         from cmjax import train_state
 
-        sample_cfg = self.config.sample
+        config, evaluator = self.config, self.evaluator
+        scored = []  # (metric name, samples)
+        if config.data.name == "digits" and config.sample.metric_samples:
+            scored.append(("digits", int(config.sample.metric_samples)))
+        if config.eval.fid_during_training:
+            scored.append(("inception", int(config.eval.fid_during_training)))
         results: dict[str, Any] = {}
-        samplers = sampler_sigmas(sample_cfg.two_step_sigma)
-        for rate in self.config.ema_rates:
+        for rate in config.ema_rates:
             params = train_state.ema_params(state, rate)
-            for name, sigmas in samplers.items():
-                images = self._samples(params, sample_cfg.num_images, sigmas, seed_offset=len(sigmas))
-                grid = image_grid(to_uint8(images))
-                tag = f"ema{train_state.ema_key(rate)}_{name}"
+            for name, sigmas in sampler_sigmas(config.sample.two_step_sigma, evaluator.sigma_max).items():
+                tag = f"{_rate_tag(rate)}_{name}"
+                grid = image_grid(evaluator.samples(params, sigmas, config.sample.num_images,
+                                                    eval_key(config.seed))["image"])
                 if jax.process_index() == 0:
                     save_png(os.path.join(self.workdir, "samples", f"{tag}_{step:08d}.png"), grid, scale=4)
                 self.writer.write_images(step, {f"samples/{tag}": grid[None]})
-                if self.config.data.name == "digits" and sample_cfg.metric_samples:
-                    many = self._samples(params, sample_cfg.metric_samples, sigmas, seed_offset=100 + len(sigmas))
-                    quality = self._digits_quality(many)
-                    results[f"{tag}/frechet"] = float(quality["frechet"])
-                    results[f"{tag}/confident_fraction"] = float(quality["confident_fraction"])
-                    results[f"{tag}/min_class_fraction"] = float(np.min(quality["class_fractions"]))
-                    results[f"{tag}/max_class_fraction"] = float(np.max(quality["class_fractions"]))
+                for metric_name_, count in scored:
+                    scores = evaluator.score(params, sigmas, count, eval_key(config.seed), evaluator.metric(metric_name_))
+                    results.update({f"{tag}/{k}": float(v) for k, v in scores.items()})
         if results:
             self.writer.write_scalars(step, results)
-        if jax.process_index() == 0:
-            import json
-
-            os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
-            with open(os.path.join(self.workdir, "samples", f"metrics_{step:08d}.json"), "w") as f:
-                json.dump(as_dict(results), f, indent=2)
+        _write_json(os.path.join(self.workdir, "samples", f"metrics_{step:08d}.json"), as_dict(results))
         return results

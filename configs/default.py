@@ -70,4 +70,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "two_step_sigma": 0.8,  # the second noise level of the 2-step sampler
         "metric_samples": 512,  # samples per sampler for the digits quality metric (0: none)
     })
+
+    # Evaluation (cmjax/evaluate.py): --mode=eval, and FID during training.
+    config.eval = ml_collections.ConfigDict({
+        "num_samples": 50_000,  # samples per sampler and EMA rate for --mode=eval (published FIDs use 50k)
+        "batch_size": 512,  # global images per chunk (a multiple of the device count); the unit of resumption
+        "metric": "auto",  # auto (digits: the digit classifier; other datasets: inception) | inception | digits
+        "inception_weights": "~/.cache/cmjax/pt_inception-2015-12-05-6726825d.npz",  # python -m cmjax.metrics.inception
+        "inception_size": 299,  # Inception input size; pytorch-fid's 299 (smaller, >= 75, only for tests)
+        "reference": "train",  # TFDS split of config.data.name (statistics cached), or a .npz with mu and sigma
+        "fid_during_training": 0,  # samples per sampler for FID/IS/precision/recall at each eval_every (0: off)
+        "two_step_search": 0,  # samples per probe of the 2-step middle-time ternary search in --mode=eval (0: off)
+        "search_steps": 40,  # Karras grid (openai --steps) whose indices the 2-step search walks
+    })
     return config

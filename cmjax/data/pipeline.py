@@ -329,3 +329,40 @@ def restore_state(iterator: GlobalBatchIterator, directory: str) -> None:
         )
     with tf.io.gfile.GFile(path, "rb") as handle:
         iterator.set_state(handle.read())
+
+
+def eval_images(
+    data_config: Mapping[str, Any],
+    split: str,
+    per_process_batch_size: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over `split` for evaluation (reference statistics): this process's share, once, in file order.
+
+    Yields `{"image": uint8 [b, H, W, C], "mask": bool [b]}` with b = `per_process_batch_size`; the last batches
+    are padded (mask False). Every process yields the same number of batches (shares differ by at most one
+    example), so the batches can be stitched into global arrays in lockstep. No shuffling, flips or repeats.
+    """
+    data_config = resolve_config(data_config)
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    spec = datasets.get_spec(data_config["name"])
+    builder = load_builder(spec, data_config["data_dir"])
+    total = builder.info.splits[split].num_examples
+    num_batches = -(-(-(-total // process_count)) // per_process_batch_size)
+    ds = read_split(builder, spec, split, process_index=process_index, process_count=process_count, file_seed=0,
+                    shuffle_files=False)
+    image_feature = builder.info.features["image"]
+    preprocess = datasets.preprocess_fn(spec)
+    ds = ds.map(lambda example: preprocess(image_feature.decode_example(example["image"])),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(per_process_batch_size).prefetch(int(data_config["prefetch"]))
+    ds = ds.with_options(pipeline_options(data_config, pure_python_step=spec.center_crop))
+    batches = iter(tfds.as_numpy(ds))
+    empty = np.zeros((per_process_batch_size, *spec.image_shape), np.uint8)
+    for _ in range(num_batches):
+        images = next(batches, empty[:0])
+        mask = np.arange(per_process_batch_size) < len(images)
+        yield {"image": np.concatenate([images, empty[len(images):]]), "mask": mask}

@@ -292,6 +292,14 @@ def save_npz(flat: Mapping[str, np.ndarray], npz_path: str) -> None:
     os.replace(partial, npz_path)
 
 
+def save_variables(variables: Mapping[str, Any], npz_path: str) -> None:
+    """Flax variables of `FIDInception` → the flat `.npz` that `load_variables` reads."""
+    flat = {"/".join([collection, *(str(k.key) for k in keys)]): np.asarray(leaf, np.float32)
+            for collection in ("params", "batch_stats")
+            for keys, leaf in jax.tree_util.tree_leaves_with_path(variables[collection])}
+    save_npz(flat, npz_path)
+
+
 def _template(input_size: int = MIN_INPUT_SIZE):
     """The module's variables as shapes (nothing computed)."""
     zeros = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
