@@ -28,6 +28,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# diffusers and torch before anything imports tensorflow (cmjax.data): imported after it, diffusers segfaults.
+import diffusers  # noqa: E402
+import torch  # noqa: E402
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -41,8 +45,6 @@ UNET_MODELS = ("digits", "imagenet64_adm_small", "imagenet64_adm")
 
 
 def torch_device(name: str):
-    import torch  # noqa: PLC0415
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -53,9 +55,6 @@ class TorchICT:
 
     def __init__(self, module, params, config, device, *, dtype: str = "float32", channels_last: bool = False,
                  compile_model: bool = False):
-        import diffusers  # noqa: PLC0415
-        import torch  # noqa: PLC0415
-
         self.torch = torch
         self.device = device
         self.model = diffusers.UNet2DModel(**interop.diffusers_unet2d_config(module))
@@ -158,19 +157,11 @@ def bench_config(model: str, batch: int, dtype: str, dropout: float | None, over
                                   dropout=dropout, overrides=overrides)
 
 
-def equivalence(model: str, batch: int, device_name: str = "cpu", seed_step: int = 0,
-                overrides: dict | None = None) -> dict:
-    """cmjax's iCT loss (its own objective) vs the PyTorch loss, dropout 0, same weights and inputs.
-
-    The PyTorch side is handed exactly the pair indices, N(k) and z that cmjax's objective draws from its key
-    (the same splits as `losses._discrete_consistency_loss`). Also compares the loss after one Adam update of
-    each (cmjax's trainer step vs PyTorch's step), which checks gradients and the optimizer as well.
-    """
-    import torch  # noqa: PLC0415
-
-    config = bench_config(model, batch, "float32", dropout=0.0, overrides=overrides)
+def _perturbed_setup(model: str, batch: int, dtype: str, overrides: dict | None):
+    """A dropout-0 trainer step with non-zero weights everywhere (zero-initialised output layers would make the
+    network output exactly 0), its objective, the images, labels and the key of `make_train_step` at step 0."""
+    config = bench_config(model, batch, dtype, dropout=0.0, overrides=overrides)
     step = throughput.Step(config, donate=False)
-    # Non-zero weights everywhere (zero-initialised output layers would make the network output exactly 0).
     rng = np.random.default_rng(3)
     params = jax.tree.map(lambda p: np.asarray(p) + np.float32(0.02) * rng.standard_normal(p.shape, np.float32),
                           step.state.params)
@@ -183,29 +174,66 @@ def equivalence(model: str, batch: int, device_name: str = "cpu", seed_step: int
     def network(p, x_in, t_in, dropout_key):
         return module.apply({"params": p}, x_in, t_in, labels, train=True, rngs={"dropout": dropout_key})
 
-    key = jax.random.fold_in(jax.random.key(config.seed), seed_step)  # make_train_step's key at step 0
-    loss_fn = jax.jit(lambda p: objective(network, p, x, key, seed_step)[0])
-    jax_loss = float(loss_fn(step.state.params))
-    index_key, noise_key, _ = jax.random.split(key, 3)
-    n = int(schedules.ict_num_scales(seed_step, config.total_steps, config.method.s0, config.method.s1))
-    index = schedules.sample_ict_indices(index_key, batch, n, config.method.s1 + 1, config.method.p_mean,
-                                         config.method.p_std)
-    z = jax.random.normal(noise_key, x.shape, jnp.float32)
+    loss_fn = jax.jit(lambda p: objective(network, p, x, jax.random.fold_in(jax.random.key(config.seed), 0), 0)[0])
+    return config, step, loss_fn, x, labels
 
-    device = torch_device(device_name)
-    side = TorchICT(module, step.state.params, config, device)
-    tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).to(device)
-    tz = torch.from_numpy(np.asarray(z).transpose(0, 3, 1, 2).copy()).to(device)
-    tindex = torch.from_numpy(np.array(index)).to(device)
-    tlabels = torch.from_numpy(np.asarray(labels)).long().to(device) if labels is not None else None
+
+def _objective_draws(config, x):
+    """The N(k), pair indices and z that cmjax's objective draws at step 0 (losses._discrete_consistency_loss)."""
+    key = jax.random.fold_in(jax.random.key(config.seed), 0)
+    index_key, noise_key, _ = jax.random.split(key, 3)
+    m = config.method
+    n = int(schedules.ict_num_scales(0, config.total_steps, m.s0, m.s1))
+    index = schedules.sample_ict_indices(index_key, x.shape[0], n, m.s1 + 1, m.p_mean, m.p_std)
+    return n, index, jax.random.normal(noise_key, x.shape, jnp.float32)
+
+
+def _to_torch(side, x, z, index, labels):
+    nchw = lambda a: torch.from_numpy(np.array(a).transpose(0, 3, 1, 2)).to(side.device)  # noqa: E731
+    tlabels = torch.from_numpy(np.array(labels)).long().to(side.device) if labels is not None else None
+    return nchw(x), nchw(z), torch.from_numpy(np.array(index)).to(side.device), tlabels
+
+
+def equivalence(model: str, batch: int, device_name: str = "cpu", overrides: dict | None = None) -> dict:
+    """cmjax's iCT loss (its own objective) vs the PyTorch loss, dropout 0, same weights and inputs, float32.
+
+    The PyTorch side is handed exactly the pair indices, N(k) and z that cmjax's objective draws from its key.
+    Also compares the loss after one Adam update of each (cmjax's trainer step vs PyTorch's step), which
+    checks gradients and the optimizer as well.
+    """
+    config, step, loss_fn, x, labels = _perturbed_setup(model, batch, "float32", overrides)
+    n, index, z = _objective_draws(config, x)
+    jax_loss = float(loss_fn(step.state.params))
+    side = TorchICT(step.module, step.state.params, config, torch_device(device_name))
+    tx, tz, tindex, tlabels = _to_torch(side, x, z, index, labels)
     torch_loss = float(side.step(tx, tlabels, z=tz, index=tindex, n=n).detach())
-    # One update each, then the same loss again.
-    step.state, _ = step.compiled(step.state, step.batch, None)
+    step.state, _ = step.compiled(step.state, step.batch, None)  # one update each, then the same loss again
     jax_after = float(loss_fn(step.state.params))
     with torch.no_grad():
         torch_after = float(side.loss(tx, tz, tindex, n, tlabels))
     return dict(jax_loss=jax_loss, torch_loss=torch_loss, jax_after=jax_after, torch_after=torch_after,
                 n=n, index=np.asarray(index).tolist())
+
+
+def bf16_numerics(model: str, batch: int, device_name: str = "cpu") -> dict:
+    """bfloat16 against float32 on the same weights and inputs (dropout 0): the iCT loss's relative error and the
+    gradient's cosine similarity for cmjax, and the loss's relative error of PyTorch's bf16 autocast beside it."""
+    config, step, loss32, x, labels = _perturbed_setup(model, batch, "float32", None)
+    params = step.state.params
+    config16, step16, loss16, _, _ = _perturbed_setup(model, batch, "bfloat16", None)
+    (l32, g32), (l16, g16) = jax.value_and_grad(loss32)(params), jax.value_and_grad(loss16)(params)
+    flat32 = jnp.concatenate([g.ravel() for g in jax.tree.leaves(g32)])
+    flat16 = jnp.concatenate([g.ravel() for g in jax.tree.leaves(g16)])
+    cosine = float(jnp.dot(flat32, flat16) / (jnp.linalg.norm(flat32) * jnp.linalg.norm(flat16)))
+    n, index, z = _objective_draws(config, x)
+    side32 = TorchICT(step.module, params, config, torch_device(device_name))
+    side16 = TorchICT(step.module, params, config16, torch_device(device_name), dtype="bfloat16")
+    tx, tz, tindex, tlabels = _to_torch(side32, x, z, index, labels)
+    with torch.no_grad():
+        t32, t16 = (float(s.loss(tx, tz, tindex, n, tlabels)) for s in (side32, side16))
+    return dict(jax_rel=abs(float(l16) - float(l32)) / abs(float(l32)), grad_cosine=cosine,
+                grad_norm_ratio=float(jnp.linalg.norm(flat16) / jnp.linalg.norm(flat32)),
+                torch_rel=abs(t16 - t32) / abs(t32), jax_loss32=float(l32), torch_loss32=t32)
 
 
 def main():
@@ -220,11 +248,10 @@ def main():
     parser.add_argument("--channels_last", action="store_true", help="PyTorch in channels_last memory format")
     parser.add_argument("--torch_compile", action="store_true", help="torch.compile the diffusers UNet")
     parser.add_argument("--skip_equivalence", action="store_true")
+    parser.add_argument("--equivalence_model", default="", help="model of the equivalence check (default --model)")
+    parser.add_argument("--numerics", action="store_true", help="also compare bfloat16 with float32 (loss, gradient)")
     parser.add_argument("--output", default="", help="also write the markdown report to this file")
     args = parser.parse_args()
-
-    import diffusers  # noqa: PLC0415
-    import torch  # noqa: PLC0415
 
     device = torch_device(args.torch_device)
     torch_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
@@ -237,14 +264,22 @@ def main():
     print("\n".join(lines), flush=True)
 
     if not args.skip_equivalence:
-        eq = equivalence(args.model, min(args.batch, 4), args.torch_device)
-        lines += ["", f"Equivalence (dropout 0, same weights, x, z, pair indices {eq['index']}, N = {eq['n']}; "
-                      "float32):", "",
+        eq = equivalence(args.equivalence_model or args.model, min(args.batch, 4), args.torch_device)
+        lines += ["", f"Equivalence ({args.equivalence_model or args.model}, dropout 0, same weights, x, z, pair "
+                      f"indices {eq['index']}, N = {eq['n']}; float32):", "",
                   "| | cmjax | PyTorch | |difference| | relative |", "|---|---:|---:|---:|---:|"]
         for label, a, b in (("loss", eq["jax_loss"], eq["torch_loss"]),
                             ("loss after one Adam step", eq["jax_after"], eq["torch_after"])):
             lines.append(f"| {label} | {a:.7g} | {b:.7g} | {abs(a - b):.3g} | {abs(a - b) / abs(a):.2g} |")
         print("\n".join(lines[-5:]), flush=True)
+
+    if args.numerics:
+        nm = bf16_numerics(args.equivalence_model or args.model, min(args.batch, 4), args.torch_device)
+        lines += ["", f"bfloat16 vs float32 ({args.equivalence_model or args.model}, dropout 0, same weights and "
+                      "inputs): cmjax loss relative error "
+                      f"{nm['jax_rel']:.2e}, gradient cosine {nm['grad_cosine']:.5f}, gradient norm ratio "
+                      f"{nm['grad_norm_ratio']:.4f}; PyTorch autocast loss relative error {nm['torch_rel']:.2e}."]
+        print(lines[-1], flush=True)
 
     config = bench_config(args.model, args.batch, args.dtype, args.dropout)
     jax_step = throughput.Step(config)
@@ -252,7 +287,7 @@ def main():
                           channels_last=args.channels_last, compile_model=args.torch_compile)
     images = pipeline.to_model_range(jax_step.batch["image"])
     tx = torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy()).to(device)
-    tlabels = (torch.from_numpy(np.asarray(jax_step.batch["label"])).long().to(device)
+    tlabels = (torch.from_numpy(np.array(jax_step.batch["label"])).long().to(device)
                if config.model.get("num_classes") else None)
     start = time.perf_counter()
     torch_step.run(tx, tlabels, 1)
