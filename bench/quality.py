@@ -106,6 +106,7 @@ def digits_method_config(method: str, steps: int, teacher_workdir: str) -> ml_co
     config.mesh.data = 1
     config.eval_every = 0  # the bench scores the final checkpoint itself
     config.sample.metric_samples = 0
+    config.ema_rates = (DIGITS_EMA,)
     config.ckpt_every = steps
     config.log_every = 250
     methods = {
@@ -270,6 +271,8 @@ def main(argv=None):
     parser.add_argument("--workroot", default="/tmp/cmjax_quality")
     parser.add_argument("--out", default="")
     parser.add_argument("--problems", default=",".join(PROBLEMS_2D))
+    parser.add_argument("--digits_steps", default="",
+                        help="override step counts, e.g. edm=600,cd=400 (default: DIGITS_STEPS)")
     parser.add_argument("--json", default="", help="also write the raw results here")
     parser.add_argument("--merge", nargs="*", default=[],
                         help="write the report from --json files of parts run side by side (no training)")
@@ -282,7 +285,9 @@ def main(argv=None):
         for name in args.problems.split(","):
             results[name] = run_2d(name, args.steps_2d, args.eval_samples, args.seed)
     if args.part in ("digits", "all"):
-        results["digits"] = run_digits(args.workroot, args.seed, DIGITS_STEPS)
+        overrides = dict(item.split("=") for item in args.digits_steps.split(",") if item)
+        steps = {m: int(overrides.get(m, n)) for m, n in DIGITS_STEPS.items()}
+        results["digits"] = run_digits(args.workroot, args.seed, steps)
     wall = time.time() - start
     command = "nice -n 5 .venv/bin/python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results.update(command=command.strip(), wall=wall, load=os.getloadavg())

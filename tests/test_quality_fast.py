@@ -10,7 +10,7 @@ from cmjax import demo_2d, toy_problems
 
 RING = toy_problems.ring_of_gaussians(num_modes=8, radius=1.0, std=0.1)
 NUM = 4096
-BASE = demo_2d.Demo2DConfig(steps=1500, log_every=750, eval_ema=0.995, eval_samples=NUM)
+BASE = demo_2d.Demo2DConfig(steps=1200, log_every=600, eval_ema=0.995, eval_samples=NUM)
 
 
 @pytest.fixture(scope="module")
