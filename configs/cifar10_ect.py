@@ -14,27 +14,16 @@ Difference: the release tunes EDM's DDPM++ (VP, 55.7M parameters); cmjax tunes i
 Published FID (50k samples), ECT at 400k steps: 3.60 (1 step) / 2.11 (2 steps); at 200k: 3.86 / 2.15.
 cmjax: not yet measured. Compute: the release recommends 2–4 GPUs for its 200k-step run.
 
-`:smoke`: tiny NCSN++ on the embedded digits for a few steps; the teacher must be a cifar10_edm.py:smoke run
+`:smoke`: a tiny MLP on the embedded digits for a few steps; the teacher must be a cifar10_edm.py:smoke run
 (ECT starts from its weights, so the networks must match).
 """
-from configs import common, default
+from configs import common
 
 
 def get_config(arg: str | None = None):
-    chosen = common.variants(arg, ("smoke",), "cifar10_ect")
-    config = default.get_config()
-    config.data.name = "cifar10"
-    config.data.random_flip = True
-    config.model = common.ncsnpp_cifar10(dropout=0.2)
-    config.method = common.method(
-        "ect", p_mean=-1.1, p_std=2.0, q=2.0, k=8.0, b=1.0, stage_steps=25_000, huber_c=0.0)
-    config.batch_size = 128
-    config.total_steps = 400_000
-    config.optim.optimizer = "radam"
-    config.optim.learning_rate = 1e-4
-    config.optim.warmup_steps = 0
-    config.ema_rates = (0.9999,)
-    config.log_every = 100
-    config.ckpt_every = 10_000
-    config.eval_every = 50_000
-    return common.smoke(config) if "smoke" in chosen else config
+    return common.recipe(
+        common.variants(arg, ("smoke",), "cifar10_ect"), data="cifar10", random_flip=True,
+        model=common.ncsnpp_cifar10(dropout=0.2),
+        method=common.method("ect", p_mean=-1.1, p_std=2.0, q=2.0, k=8.0, b=1.0, stage_steps=25_000,
+                             huber_c=0.0),
+        batch_size=128, total_steps=400_000, optimizer="radam", learning_rate=1e-4, ema_rates=(0.9999,))

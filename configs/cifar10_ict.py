@@ -12,28 +12,16 @@ batch 1024, 400k steps, evaluation EMA 0.99993.
 Published FID (50k samples): iCT 2.83 (1 step) / 2.46 (2 steps); iCT-deep 2.51 / 2.24.
 cmjax: not yet measured. Compute: a cluster of A100 GPUs (the paper does not give the count).
 
-`:smoke`: tiny NCSN++ on the embedded digits for a few steps (configs/common.py).
+`:smoke`: a tiny MLP on the embedded digits for a few steps (configs/common.py).
 """
-from configs import common, default
+from configs import common
 
 
 def get_config(arg: str | None = None):
     chosen = common.variants(arg, ("deep", "smoke"), "cifar10_ict")
-    config = default.get_config()
-    config.data.name = "cifar10"
-    config.data.random_flip = True
-    config.model = common.ncsnpp_cifar10(dropout=0.3, fourier_scale=0.02)
+    model = common.ncsnpp_cifar10(dropout=0.3, fourier_scale=0.02)
     if "deep" in chosen:
-        config.model.num_res_blocks = 8
-    config.method = common.method(
-        "ict", s0=10, s1=1280, p_mean=-1.1, p_std=2.0, distance="pseudo_huber", weighting="ict")
-    config.batch_size = 1024
-    config.total_steps = 400_000  # also K of the curriculum
-    config.optim.optimizer = "radam"
-    config.optim.learning_rate = 1e-4
-    config.optim.warmup_steps = 0
-    config.ema_rates = (0.99993,)
-    config.log_every = 100
-    config.ckpt_every = 10_000
-    config.eval_every = 50_000
-    return common.smoke(config) if "smoke" in chosen else config
+        model.num_res_blocks = 8
+    return common.recipe(
+        chosen, data="cifar10", random_flip=True, model=model, method=common.ict_method(),
+        batch_size=1024, total_steps=400_000, optimizer="radam", learning_rate=1e-4, ema_rates=(0.99993,))

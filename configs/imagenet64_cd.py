@@ -16,31 +16,16 @@ fixed, target EMA μ = 0.95, Heun teacher step, uniform weighting, LPIPS or L2, 
 Published FID (50k samples), CD-LPIPS: 6.20 (1 step) / 4.70 (2 steps). cmjax: not yet measured.
 Compute: 64 A100 GPUs (CM paper, Table 3).
 
-`:smoke`: a tiny class-conditional UNet on the embedded digits for a few steps; the teacher must be an
+`:smoke`: a tiny class-conditional MLP on the embedded digits for a few steps; the teacher must be an
 imagenet64_edm.py:smoke run. `:lpips` needs the LPIPS VGG weights (cmjax.metrics.lpips).
 """
-from configs import common, default
+from configs import common
 
 
 def get_config(arg: str | None = None):
     chosen = common.variants(arg, ("lpips", "l2", "smoke"), "imagenet64_cd")
-    if {"lpips", "l2"} <= chosen:
-        raise ValueError("configs/imagenet64_cd.py: choose one of the variants lpips and l2.")
-    config = default.get_config()
-    config.data.name = "imagenet64"
-    config.data.random_flip = False
-    config.model = common.adm_unet(64, dropout=0.0, num_classes=1000)
-    config.method = common.method(
-        "cd", teacher_solver="heun", curriculum="fixed", num_scales=40, target_ema=0.95,
-        distance="l2" if "l2" in chosen else "lpips", weighting="uniform")
-    config.batch_size = 2048
-    config.total_steps = 600_000
-    config.optim.optimizer = "radam"
-    config.optim.learning_rate = 8e-6
-    config.optim.warmup_steps = 0
-    config.ema_rates = (0.999, 0.9999, 0.9999432189950708)
-    config.sample.two_step_sigma = common.openai_ts_sigma(22, 40)
-    config.log_every = 100
-    config.ckpt_every = 5_000
-    config.eval_every = 50_000
-    return common.smoke(config) if "smoke" in chosen else config
+    return common.recipe(
+        chosen, data="imagenet64", model=common.adm_unet(64, dropout=0.0, num_classes=1000),
+        method=common.cd_method_n40(common.lpips_or_l2(chosen, "imagenet64_cd")),
+        batch_size=2048, total_steps=600_000, optimizer="radam", learning_rate=8e-6,
+        ema_rates=common.CM_EMA_RATES_IMAGENET, two_step_sigma=common.openai_ts_sigma(22, 40), ckpt_every=5_000)

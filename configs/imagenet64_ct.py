@@ -12,28 +12,17 @@ release's command; the paper's table lists a smaller one), batch 2048, 800k step
 Published FID (50k samples): 13.0 (1 step) / 11.1 (2 steps). cmjax: not yet measured.
 Compute: 64 A100 GPUs (CM paper, Table 3).
 
-`:smoke`: a tiny class-conditional UNet on the embedded digits for a few steps. The LPIPS distance needs the
+`:smoke`: a tiny class-conditional MLP on the embedded digits for a few steps. The LPIPS distance needs the
 LPIPS VGG weights (cmjax.metrics.lpips); `--config.method.distance=l2` runs without them.
 """
-from configs import common, default
+from configs import common
 
 
 def get_config(arg: str | None = None):
-    chosen = common.variants(arg, ("smoke",), "imagenet64_ct")
-    config = default.get_config()
-    config.data.name = "imagenet64"
-    config.data.random_flip = False
-    config.model = common.adm_unet(64, dropout=0.0, num_classes=1000)
-    config.method = common.method(
-        "ct", curriculum="cm_adaptive", s0=2, s1=200, mu0=0.95, distance="lpips", weighting="uniform")
-    config.batch_size = 2048
-    config.total_steps = 800_000  # also K of the curriculum
-    config.optim.optimizer = "radam"
-    config.optim.learning_rate = 1e-4
-    config.optim.warmup_steps = 0
-    config.ema_rates = (0.999, 0.9999, 0.9999432189950708)
-    config.sample.two_step_sigma = common.openai_ts_sigma(106, 201)
-    config.log_every = 100
-    config.ckpt_every = 5_000
-    config.eval_every = 50_000
-    return common.smoke(config) if "smoke" in chosen else config
+    return common.recipe(
+        common.variants(arg, ("smoke",), "imagenet64_ct"), data="imagenet64",
+        model=common.adm_unet(64, dropout=0.0, num_classes=1000),
+        method=common.method("ct", curriculum="cm_adaptive", s0=2, s1=200, mu0=0.95, distance="lpips",
+                             weighting="uniform"),
+        batch_size=2048, total_steps=800_000, optimizer="radam", learning_rate=1e-4,
+        ema_rates=common.CM_EMA_RATES_IMAGENET, two_step_sigma=common.openai_ts_sigma(106, 201), ckpt_every=5_000)

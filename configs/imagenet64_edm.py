@@ -15,26 +15,15 @@ here). The release's command runs until stopped; 600k steps here (EDM trained it
 Published: FID 2.44 with 79 network evaluations (the EDM row of the CM paper's ImageNet-64 table).
 cmjax: not yet measured. Compute: not stated for the teacher.
 
-`:smoke`: a tiny class-conditional UNet (16 channels, one resolution, 10 classes) on the embedded digits for a
-few steps; its workdir is the teacher for imagenet64_cd.py:smoke.
+`:smoke`: a tiny class-conditional MLP (10 classes) on the embedded digits for a few steps; its workdir is the
+teacher for imagenet64_cd.py:smoke.
 """
-from configs import common, default
+from configs import common
 
 
 def get_config(arg: str | None = None):
-    chosen = common.variants(arg, ("smoke",), "imagenet64_edm")
-    config = default.get_config()
-    config.data.name = "imagenet64"
-    config.data.random_flip = False  # ADM's ImageNet loader does not flip
-    config.model = common.adm_unet(64, dropout=0.1, num_classes=1000)
-    config.method = common.method("edm", p_mean=-1.2, p_std=1.2)
-    config.batch_size = 4096
-    config.total_steps = 600_000
-    config.optim.optimizer = "radam"
-    config.optim.learning_rate = 1e-4
-    config.optim.warmup_steps = 0
-    config.ema_rates = (0.999, 0.9999, 0.9999432189950708)
-    config.log_every = 100
-    config.ckpt_every = 5_000
-    config.eval_every = 50_000
-    return common.smoke(config) if "smoke" in chosen else config
+    return common.recipe(
+        common.variants(arg, ("smoke",), "imagenet64_edm"), data="imagenet64",  # ADM's loader does not flip
+        model=common.adm_unet(64, dropout=0.1, num_classes=1000), method=common.method("edm", p_mean=-1.2, p_std=1.2),
+        batch_size=4096, total_steps=600_000, optimizer="radam", learning_rate=1e-4,
+        ema_rates=common.CM_EMA_RATES_IMAGENET, ckpt_every=5_000)

@@ -14,26 +14,14 @@ and not checked against the paper.
 Published FID (50k samples): iCT 4.02 (1 step) / 3.20 (2 steps); iCT-deep 3.25 / 2.77.
 cmjax: not yet measured. Compute: a cluster of A100 GPUs (the paper does not give the count).
 
-`:smoke`: a tiny class-conditional UNet on the embedded digits for a few steps (configs/common.py).
+`:smoke`: a tiny class-conditional MLP on the embedded digits for a few steps (configs/common.py).
 """
-from configs import common, default
+from configs import common
 
 
 def get_config(arg: str | None = None):
-    chosen = common.variants(arg, ("smoke",), "imagenet64_ict")
-    config = default.get_config()
-    config.data.name = "imagenet64"
-    config.data.random_flip = False
-    config.model = common.adm_unet(64, dropout=0.2, num_classes=1000)
-    config.method = common.method(
-        "ict", s0=10, s1=1280, p_mean=-1.1, p_std=2.0, distance="pseudo_huber", weighting="ict")
-    config.batch_size = 4096
-    config.total_steps = 800_000  # also K of the curriculum
-    config.optim.optimizer = "radam"
-    config.optim.learning_rate = 1e-4
-    config.optim.warmup_steps = 0
-    config.ema_rates = (0.99997,)
-    config.log_every = 100
-    config.ckpt_every = 5_000
-    config.eval_every = 50_000
-    return common.smoke(config) if "smoke" in chosen else config
+    return common.recipe(
+        common.variants(arg, ("smoke",), "imagenet64_ict"), data="imagenet64",
+        model=common.adm_unet(64, dropout=0.2, num_classes=1000), method=common.ict_method(),
+        batch_size=4096, total_steps=800_000, optimizer="radam", learning_rate=1e-4, ema_rates=(0.99997,),
+        ckpt_every=5_000)

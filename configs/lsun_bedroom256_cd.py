@@ -15,31 +15,17 @@ fp16 (bfloat16 here). Two-step samples: `--ts 0,17,39 --steps 40` (LPIPS; `0,18,
 Published FID (50k samples), CD-LPIPS: 7.80 (1 step) / 5.22 (2 steps). cmjax: not yet measured.
 Compute: 64 A100 GPUs (CM paper, Table 3).
 
-`:smoke`: a tiny unconditional UNet on the embedded digits for a few steps; the teacher must be an
+`:smoke`: a tiny unconditional MLP on the embedded digits for a few steps; the teacher must be an
 lsun_bedroom256_edm.py:smoke run. `:lpips` needs the LPIPS VGG weights (cmjax.metrics.lpips).
 """
-from configs import common, default
+from configs import common
 
 
 def get_config(arg: str | None = None):
     chosen = common.variants(arg, ("lpips", "l2", "smoke"), "lsun_bedroom256_cd")
-    if {"lpips", "l2"} <= chosen:
-        raise ValueError("configs/lsun_bedroom256_cd.py: choose one of the variants lpips and l2.")
-    config = default.get_config()
-    config.data.name = "lsun_bedroom"
-    config.data.random_flip = False
-    config.model = common.adm_unet(256, dropout=0.0, num_classes=0)
-    config.method = common.method(
-        "cd", teacher_solver="heun", curriculum="fixed", num_scales=40, target_ema=0.95,
-        distance="l2" if "l2" in chosen else "lpips", weighting="uniform")
-    config.batch_size = 256
-    config.total_steps = 600_000
-    config.optim.optimizer = "radam"
-    config.optim.learning_rate = 1e-5
-    config.optim.warmup_steps = 0
-    config.ema_rates = (0.9999, 0.99994, 0.9999432189950708)
-    config.sample.two_step_sigma = common.openai_ts_sigma(18 if "l2" in chosen else 17, 40)
-    config.log_every = 100
-    config.ckpt_every = 5_000
-    config.eval_every = 50_000
-    return common.smoke(config) if "smoke" in chosen else config
+    return common.recipe(
+        chosen, data="lsun_bedroom", model=common.adm_unet(256, dropout=0.0, num_classes=0),
+        method=common.cd_method_n40(common.lpips_or_l2(chosen, "lsun_bedroom256_cd")),
+        batch_size=256, total_steps=600_000, optimizer="radam", learning_rate=1e-5,
+        ema_rates=common.CM_EMA_RATES_LSUN, two_step_sigma=common.openai_ts_sigma(18 if "l2" in chosen else 17, 40),
+        ckpt_every=5_000)

@@ -12,28 +12,17 @@ lr 5e-5, batch 256 (the release's command), 1M steps, EMA rates 0.9999 / 0.99994
 Published FID (50k samples): 16.0 (1 step) / 7.85 (2 steps). cmjax: not yet measured.
 Compute: 64 A100 GPUs (CM paper, Table 3).
 
-`:smoke`: a tiny unconditional UNet on the embedded digits for a few steps. The LPIPS distance needs the
+`:smoke`: a tiny unconditional MLP on the embedded digits for a few steps. The LPIPS distance needs the
 LPIPS VGG weights (cmjax.metrics.lpips); `--config.method.distance=l2` runs without them.
 """
-from configs import common, default
+from configs import common
 
 
 def get_config(arg: str | None = None):
-    chosen = common.variants(arg, ("smoke",), "lsun_bedroom256_ct")
-    config = default.get_config()
-    config.data.name = "lsun_bedroom"
-    config.data.random_flip = False
-    config.model = common.adm_unet(256, dropout=0.0, num_classes=0)
-    config.method = common.method(
-        "ct", curriculum="cm_adaptive", s0=2, s1=150, mu0=0.95, distance="lpips", weighting="uniform")
-    config.batch_size = 256
-    config.total_steps = 1_000_000  # also K of the curriculum
-    config.optim.optimizer = "radam"
-    config.optim.learning_rate = 5e-5
-    config.optim.warmup_steps = 0
-    config.ema_rates = (0.9999, 0.99994, 0.9999432189950708)
-    config.sample.two_step_sigma = common.openai_ts_sigma(67, 151)
-    config.log_every = 100
-    config.ckpt_every = 5_000
-    config.eval_every = 50_000
-    return common.smoke(config) if "smoke" in chosen else config
+    return common.recipe(
+        common.variants(arg, ("smoke",), "lsun_bedroom256_ct"), data="lsun_bedroom",
+        model=common.adm_unet(256, dropout=0.0, num_classes=0),
+        method=common.method("ct", curriculum="cm_adaptive", s0=2, s1=150, mu0=0.95, distance="lpips",
+                             weighting="uniform"),
+        batch_size=256, total_steps=1_000_000, optimizer="radam", learning_rate=5e-5,
+        ema_rates=common.CM_EMA_RATES_LSUN, two_step_sigma=common.openai_ts_sigma(67, 151), ckpt_every=5_000)

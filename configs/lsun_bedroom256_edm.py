@@ -12,26 +12,15 @@ Settings of the CM release's teacher command (`scripts/launch.sh`): ADM UNet (25
 
 Published: no teacher FID in DESIGN §4. cmjax: not yet measured. Compute: not stated.
 
-`:smoke`: a tiny unconditional UNet on the embedded digits for a few steps; its workdir is the teacher for
+`:smoke`: a tiny unconditional MLP on the embedded digits for a few steps; its workdir is the teacher for
 lsun_bedroom256_cd.py:smoke.
 """
-from configs import common, default
+from configs import common
 
 
 def get_config(arg: str | None = None):
-    chosen = common.variants(arg, ("smoke",), "lsun_bedroom256_edm")
-    config = default.get_config()
-    config.data.name = "lsun_bedroom"
-    config.data.random_flip = False
-    config.model = common.adm_unet(256, dropout=0.1, num_classes=0)
-    config.method = common.method("edm", p_mean=-1.2, p_std=1.2)
-    config.batch_size = 256
-    config.total_steps = 600_000
-    config.optim.optimizer = "radam"
-    config.optim.learning_rate = 1e-4
-    config.optim.warmup_steps = 0
-    config.ema_rates = (0.999, 0.9999, 0.9999432189950708)
-    config.log_every = 100
-    config.ckpt_every = 5_000
-    config.eval_every = 50_000
-    return common.smoke(config) if "smoke" in chosen else config
+    return common.recipe(
+        common.variants(arg, ("smoke",), "lsun_bedroom256_edm"), data="lsun_bedroom",
+        model=common.adm_unet(256, dropout=0.1, num_classes=0), method=common.method("edm", p_mean=-1.2, p_std=1.2),
+        batch_size=256, total_steps=600_000, optimizer="radam", learning_rate=1e-4,
+        ema_rates=common.CM_EMA_RATES_IMAGENET, ckpt_every=5_000)

@@ -1,0 +1,203 @@
+"""Every recipe in configs/: its published settings, its network at full size (shapes only), and its `:smoke`
+variant trained end to end in this process on the 8-device CPU mesh (embedded digits, no download).
+
+The smoke runs share one TFDS directory; CD and ECT smokes use the workdir of their teacher recipe's smoke run
+(`--config.method.teacher=...`), which runs first. Recipes whose published distance is LPIPS run their smoke
+with `l2` unless the LPIPS VGG weights are present (they are a manual conversion, never downloaded here);
+`test_lpips_smoke` runs the LPIPS distance itself where the weights exist and is skipped, saying why, where not.
+"""
+import importlib
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cmjax import losses, models, train
+from configs import common
+
+# recipe -> variant for the smoke run (besides "smoke"); teachers run before their students.
+SMOKES = {
+    "cifar10_edm": "", "cifar10_cd": "l2", "cifar10_ct": "", "cifar10_ict": "", "cifar10_ect": "",
+    "imagenet64_edm": "", "imagenet64_cd": "l2", "imagenet64_ct": "", "imagenet64_ict": "",
+    "lsun_bedroom256_edm": "", "lsun_bedroom256_cd": "l2", "lsun_bedroom256_ct": "",
+}
+# configs/digits.py:smoke (a UNet, so other tests can override its fields) runs end to end in
+# tests/test_train.py (the `ict_run` fixture and others); it is not repeated here.
+COVERED_ELSEWHERE = {"digits"}
+TEACHERS = {"cifar10_cd": "cifar10_edm", "cifar10_ect": "cifar10_edm", "imagenet64_cd": "imagenet64_edm",
+            "lsun_bedroom256_cd": "lsun_bedroom256_edm"}
+RECIPE_FILES = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))
+                      if f.endswith(".py") and f not in ("__init__.py", "common.py", "default.py"))
+
+
+def get_config(name, arg=None):
+    return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+def lpips_weights_missing():
+    """Why the LPIPS distance cannot run here, or '' if it can."""
+    try:
+        from cmjax.metrics import lpips
+    except ImportError as err:
+        return f"cmjax.metrics.lpips is not importable: {err}"
+    path = lpips.default_weights_path()
+    if not os.path.exists(path):
+        return (f"the LPIPS VGG16 weights are not at {path} (converted once with `python -m cmjax.metrics.lpips "
+                "--convert`, which needs torchvision's VGG16 file; no download in tests)")
+    return ""
+
+
+def test_every_recipe_file_has_a_smoke_run():
+    assert sorted(set(SMOKES) | COVERED_ELSEWHERE) == RECIPE_FILES
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Published settings (DESIGN §4 and the CM / iCT / ECT releases), at full size.
+
+# recipe -> (network parameters, settings that must hold)
+PUBLISHED = {
+    "cifar10_edm": (56_395_651, {"method.name": "edm", "batch_size": 512, "total_steps": 400_000,
+                                 "optim.learning_rate": 1e-3, "model.dropout": 0.13}),
+    "cifar10_cd": (56_395_651, {"method.name": "cd", "method.num_scales": 18, "method.target_ema": 0.0,
+                                "method.teacher_solver": "heun", "method.distance": "lpips", "batch_size": 512,
+                                "total_steps": 800_000, "optim.learning_rate": 4e-4, "optim.optimizer": "radam"}),
+    "cifar10_ct": (56_395_651, {"method.name": "ct", "method.curriculum": "cm_adaptive", "method.s0": 2,
+                                "method.s1": 150, "method.mu0": 0.9, "total_steps": 800_000,
+                                "method.distance": "lpips"}),
+    "cifar10_ict": (56_395_651, {"method.name": "ict", "method.s0": 10, "method.s1": 1280, "method.p_mean": -1.1,
+                           "method.p_std": 2.0, "model.dropout": 0.3, "model.fourier_scale": 0.02,
+                           "batch_size": 1024, "total_steps": 400_000, "ema_rates": (0.99993,),
+                           "method.distance": "pseudo_huber", "method.weighting": "ict"}),
+    "cifar10_ect": (56_395_651, {"method.name": "ect", "method.q": 2.0, "method.k": 8.0, "method.b": 1.0,
+                                 "method.stage_steps": 25_000, "method.huber_c": 0.0, "method.p_mean": -1.1,
+                                 "method.p_std": 2.0}),
+    "imagenet64_edm": (295_899_267, {"method.name": "edm", "batch_size": 4096, "model.dropout": 0.1}),
+    "imagenet64_cd": (295_899_267, {"method.name": "cd", "method.num_scales": 40, "method.target_ema": 0.95,
+                                    "batch_size": 2048, "total_steps": 600_000, "optim.learning_rate": 8e-6}),
+    "imagenet64_ct": (295_899_267, {"method.name": "ct", "method.s0": 2, "method.s1": 200, "method.mu0": 0.95,
+                                    "total_steps": 800_000}),
+    "imagenet64_ict": (295_899_267, {"method.name": "ict", "method.s0": 10, "method.s1": 1280,
+                                     "model.dropout": 0.2, "ema_rates": (0.99997,)}),
+    "lsun_bedroom256_edm": (526_304_771, {"method.name": "edm", "model.dropout": 0.1}),
+    "lsun_bedroom256_cd": (526_304_771, {"method.name": "cd", "method.num_scales": 40, "method.target_ema": 0.95,
+                                         "total_steps": 600_000, "optim.learning_rate": 1e-5}),
+    "lsun_bedroom256_ct": (526_304_771, {"method.name": "ct", "method.s1": 150, "method.mu0": 0.95,
+                                         "total_steps": 1_000_000, "optim.learning_rate": 5e-5}),
+}
+
+
+def _get(config, dotted):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_settings_and_network_size(name):
+    config = get_config(name)
+    expected_params, settings = PUBLISHED[name]
+    for key, value in settings.items():
+        assert _get(config, key) == value, key
+    train.objective_from_config(config)  # every method key is a setting of the objective
+    module = models.get(config.model)
+    x, t, labels = train.sample_inputs(config)
+    shapes = jax.eval_shape(lambda k: train.init_params(module, config, k), jax.random.key(0))
+    count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
+    if expected_params is not None:
+        assert count == expected_params
+    assert train.image_shape(config)  # the network fits the dataset's images
+    assert config.batch_size % 8 == 0
+
+
+def test_variants():
+    assert get_config("cifar10_cd", "l2").method.distance == "l2"
+    assert get_config("cifar10_cd").method.distance == "lpips"
+    deep = get_config("cifar10_ict", "deep")
+    assert deep.model.num_res_blocks == 2 * get_config("cifar10_ict").model.num_res_blocks
+    with pytest.raises(ValueError, match=r"Unknown variant.*'lpsip'.*'l2', 'lpips', 'smoke'"):
+        get_config("cifar10_cd", "lpsip")
+    with pytest.raises(ValueError, match="one of the variants lpips and l2"):
+        get_config("imagenet64_cd", "lpips,l2")
+    # The two-step σ of openai's `--ts 0,22,39 --steps 40` (ImageNet-64 CD).
+    assert get_config("imagenet64_cd").sample.two_step_sigma == pytest.approx(1.3823679, rel=1e-6)
+    assert common.openai_ts_sigma(0, 40) == pytest.approx(80.0)
+    # EDM's 0.5M-image half-life at batch 512 (the CIFAR-10 teacher's EMA).
+    assert get_config("cifar10_edm").ema_rates[0] == pytest.approx(0.5 ** (512 / 0.5e6))
+
+
+def test_method_typo_fails_when_the_config_loads():
+    with pytest.raises(ValueError, match=r"no setting\(s\) \['num_scale'\]"):
+        common.method("cd", num_scale=18)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Smoke runs.
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """Runs each recipe's smoke once on demand (teachers first); returns name -> (config, workdir, metrics)."""
+    root = tmp_path_factory.mktemp("recipes")
+    data_dir = str(root / "tfds")
+    runs = {}
+
+    def run(name):
+        if name in runs:
+            return runs[name]
+        variant = ",".join(v for v in (SMOKES[name], "smoke") if v)
+        config = get_config(name, variant)
+        config.data.data_dir = data_dir
+        if name in TEACHERS:
+            config.method.teacher = run(TEACHERS[name])[1]
+        if str(config.method.get("distance", "")).startswith("lpips") and lpips_weights_missing():
+            config.method.distance = "l2"
+        workdir = str(root / name)
+        runs[name] = (config, workdir, train.train_and_evaluate(config, workdir))
+        return runs[name]
+
+    return run
+
+
+@pytest.mark.parametrize("name", sorted(SMOKES, key=lambda n: (n in TEACHERS, n)))
+def test_smoke(name, smoke_runs):
+    config, workdir, final = smoke_runs(name)
+    steps = config.total_steps
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in rows)
+    assert rows[-1]["skipped_steps"] == 0
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(steps)]
+    assert final["train_step_compilations"] == 1
+    assert len(os.listdir(os.path.join(workdir, "samples"))) >= 2  # 1-step and 2-step grids
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)
+    published = get_config(name)
+    assert saved["method"]["name"] == published.method.name
+    # The tiny MLP stands in for the network, class-conditional where the published one is.
+    assert saved["model"]["name"] == "mlp"
+    assert bool(saved["model"]["num_classes"]) == bool(published.model.get("num_classes"))
+    assert saved["model"]["dropout"] == published.model.dropout
+    # The smoke keeps the recipe's objective settings (the distance only where LPIPS cannot run here).
+    for key, value in published.method.items():
+        if key not in ("teacher", "distance"):
+            assert saved["method"][key] == (list(value) if isinstance(value, tuple) else value), key
+    assert saved["optim"]["optimizer"] == published.optim.optimizer
+    if name in TEACHERS:
+        assert saved["method"]["teacher"] == smoke_runs(TEACHERS[name])[1]
+
+
+def test_lpips_smoke(smoke_runs, tmp_path):
+    reason = lpips_weights_missing()
+    if reason:
+        pytest.skip(f"LPIPS distance not runnable offline: {reason}")
+    config = get_config("cifar10_cd", "lpips,smoke")
+    config.data.data_dir = os.path.join(os.path.dirname(smoke_runs("cifar10_edm")[1]), "tfds")
+    config.method.teacher = smoke_runs("cifar10_edm")[1]
+    config.total_steps = config.ckpt_every = 1
+    final = train.train_and_evaluate(config, str(tmp_path))
+    assert np.isfinite(final["loss"])
+    assert losses.objective_settings("cd")["distance"] == "l2"  # the recipe, not the default, chose LPIPS
