@@ -110,15 +110,15 @@ class LPIPS(nn.Module):
 
     @nn.compact
     def __call__(self, x_bhwc: jax.Array, y_bhwc: jax.Array) -> jax.Array:
-        batch = x_bhwc.shape[0]
-        both = jnp.concatenate([x_bhwc, y_bhwc], axis=0).astype(jnp.float32)
-        both = (both - jnp.asarray(SHIFT, jnp.float32)) / jnp.asarray(SCALE, jnp.float32)
-        taps = VGG16Features(self.pooling, self.precision, name="vgg")(both)
-        total = jnp.zeros((batch,), jnp.float32)
-        for k, tap in enumerate(taps):
-            head = self.param(f"lin{k}", nn.initializers.ones_init(), (tap.shape[-1],), jnp.float32)
-            normalized = _unit_normalize(tap)
-            diff = jnp.square(normalized[:batch] - normalized[batch:])
+        vgg = VGG16Features(self.pooling, self.precision, name="vgg")
+        # Two calls, not one on the concatenated batch: a training target is under stop_gradient, so only
+        # x's pass needs a backward pass.
+        taps_x, taps_y = (vgg((a.astype(jnp.float32) - jnp.asarray(SHIFT)) / jnp.asarray(SCALE))
+                          for a in (x_bhwc, y_bhwc))
+        total = jnp.zeros((x_bhwc.shape[0],), jnp.float32)
+        for k, (tap_x, tap_y) in enumerate(zip(taps_x, taps_y)):
+            head = self.param(f"lin{k}", nn.initializers.ones_init(), (tap_x.shape[-1],), jnp.float32)
+            diff = jnp.square(_unit_normalize(tap_x) - _unit_normalize(tap_y))
             total = total + jnp.mean(jnp.sum(diff * head, axis=-1), axis=(1, 2))
         return total
 
