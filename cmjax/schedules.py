@@ -90,8 +90,9 @@ def fixed_schedule(step, num_scales: int, mu: float):
 
 
 def ict_stage_length(total_steps: int, s0: int = 10, s1: int = 1280) -> int:
-    """K′ = ⌊K / (log2⌊s1/s0⌋ + 1)⌋ (iCT §3.4)."""
-    return int(math.floor(total_steps / (math.log2(math.floor(s1 / s0)) + 1)))
+    """K′ = ⌊K / (log2⌊s1/s0⌋ + 1)⌋ (iCT §3.4), at least 1: a run shorter than the number of stages
+    spends one step in each (K′ = 0 would divide by zero in N(k))."""
+    return max(1, int(math.floor(total_steps / (math.log2(math.floor(s1 / s0)) + 1))))
 
 
 def ict_num_scales(step, total_steps, s0=10, s1=1280):

@@ -117,3 +117,9 @@ def test_ema_rate_from_half_life():
     np.testing.assert_allclose(beta ** (500_000 / 512), 0.5, rtol=1e-9)
     with pytest.raises(ValueError, match="half-life"):
         schedules.ema_rate_from_half_life(0, 512)
+
+
+def test_ict_curriculum_shorter_than_its_stages_spends_one_step_per_stage():
+    # K = 3 steps for 5 stages (s1/s0 = 16): K′ would be 0; N(k) must stay a valid grid size.
+    assert schedules.ict_stage_length(3, 10, 160) == 1
+    assert [int(schedules.ict_num_scales(k, 3, 10, 160)) for k in range(6)] == [11, 21, 41, 81, 161, 161]
