@@ -391,10 +391,11 @@ class Evaluator:
         result = metric.metrics(chunks, reference) if jax.process_index() == 0 else None
         return _share_json(result)
 
-    def two_step_search(self, params, num_samples: int, metric) -> dict[str, Any]:
+    def two_step_search(self, params, num_samples: int, metric, steps: int | None = None) -> dict[str, Any]:
         """openai's ternary search for the 2-step sampler's middle time: ts = [0, i, steps−1] on a `steps`-point
-        Karras grid, i minimising the metric's primary value (FID) on `num_samples` samples."""
-        steps = int(self.config.eval.search_steps)
+        Karras grid (default config.eval.search_steps), i minimising the metric's primary value (FID) on
+        `num_samples` samples."""
+        steps = int(steps or self.config.eval.search_steps)
         sigma_of = lambda i: [float(s) for s in sampling.openai_ts_sigmas(  # noqa: E731
             [0, i, steps - 1], steps, self.sigma_min, self.sigma_max)[:2]]
         key = eval_key(self.config.seed, SEARCH_STREAM)

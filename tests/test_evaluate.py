@@ -71,6 +71,15 @@ def run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def evaluator(run):
+    """(Evaluator, params) of the checkpoint: compiled samplers and the Inception shared by the tests below."""
+    config = run["config"]
+    mesh = sharding.make_mesh(config.mesh)
+    module, params, _, _ = train.load_params(run["workdir"], mesh, config=config)
+    return evaluate.Evaluator(config, module, mesh), params
+
+
+@pytest.fixture(scope="module")
 def one_process(run):
     output = str(run["root"] / "eval_1process")
     metrics = evaluate.evaluate_checkpoint(run["config"], run["workdir"], output=output)
@@ -125,11 +134,9 @@ def test_ternary_search_finds_the_minimum_of_a_unimodal_score():
         assert evaluate.ternary_search(lambda i: abs(i - target), 1, 38)[0] == target
 
 
-def test_samples_depend_only_on_seed_and_index(run):
+def test_samples_depend_only_on_seed_and_index(run, evaluator):
     config = run["config"]
-    mesh = sharding.make_mesh(config.mesh)
-    module, params, _, _ = train.load_params(run["workdir"], mesh, config=config)
-    evaluator = evaluate.Evaluator(config, module, mesh)
+    evaluator, params = evaluator
     key = evaluate.eval_key(config.seed)
     many = evaluator.samples(params, [80.0, 0.8], 40, key)  # chunks of 16
     few = evaluator.samples(params, [80.0, 0.8], 8, key)  # one chunk of 8
@@ -159,23 +166,19 @@ def test_eval_writes_metrics_and_grids(run, one_process):
     assert os.path.exists(samples["2step_grid"])
 
 
-def test_reference_features_against_themselves_give_zero_fid(run, one_process):
+def test_reference_features_against_themselves_give_zero_fid(evaluator, one_process):
     """FID of the reference set's own features against its statistics is 0 (and the cache file is reused)."""
     from cmjax.metrics import fid
 
-    config = run["config"]
-    metric = evaluate.InceptionMetric(config, sharding.make_mesh(config.mesh))
-    reference = metric.reference()  # from the cache written by the evaluation
+    reference = evaluator[0].metric().reference()  # from the cache written by the evaluation
     assert reference["features"].shape == (48, inception.FEATURE_DIM)
     stats = fid.FeatureStatistics(inception.FEATURE_DIM).update(reference["features"])
     assert fid.fid_from_statistics(stats, reference["mu"], reference["sigma"]) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_preempted_scoring_resumes_at_the_next_chunk(run, tmp_path):
+def test_preempted_scoring_resumes_at_the_next_chunk(run, evaluator, tmp_path):
     config = run["config"]
-    mesh = sharding.make_mesh(config.mesh)
-    module, params, _, _ = train.load_params(run["workdir"], mesh, config=config)
-    evaluator = evaluate.Evaluator(config, module, mesh)
+    evaluator, params = evaluator
     metric = evaluator.metric()
     key, chunk_dir, sigmas = evaluate.eval_key(config.seed), str(tmp_path / "chunks"), [80.0]
     full = evaluator.score(params, sigmas, NUM_SAMPLES, key, metric, chunk_dir)
@@ -186,11 +189,34 @@ def test_preempted_scoring_resumes_at_the_next_chunk(run, tmp_path):
     sampled = []
     run_fn = evaluator.sampler(sigmas, 16)
     evaluator._samplers[(80.0,), 16] = lambda p, k, start: sampled.append(int(start)) or run_fn(p, k, start)
-    resumed = evaluator.score(params, sigmas, NUM_SAMPLES, key, metric, chunk_dir)
+    try:
+        resumed = evaluator.score(params, sigmas, NUM_SAMPLES, key, metric, chunk_dir)
+    finally:
+        evaluator._samplers[(80.0,), 16] = run_fn
     assert sampled == [32]
     assert resumed == full
 
 
+@pytest.mark.slow  # 3 minutes on 2 cores at load 20 (a sampler compile per probed middle time)
+def test_two_step_search_scores_middle_times_and_picks_the_best(evaluator):
+    from cmjax import sampling
+
+    evaluator, params = evaluator
+    metric = evaluator.metric()
+    search = evaluator.two_step_search(params, 16, metric, steps=5)  # middle index i in [1, 3]
+    scores = {int(i): v for i, v in search["evaluated"].items()}
+    assert sorted(scores) == [1, 2, 3]
+    assert search["best_index"] == min(scores, key=scores.get) and search["best_fid"] == min(scores.values())
+    assert search["best_sigma"] == pytest.approx(float(sampling.openai_ts_sigmas([0, search["best_index"], 4], 5)[1]))
+    # Each probe is the FID of the 2-step sampler at that middle time on the search's own samples.
+    i = search["best_index"]
+    again = evaluator.score(params, [80.0, search["best_sigma"]], 16,
+                            evaluate.eval_key(evaluator.config.seed, evaluate.SEARCH_STREAM), metric)
+    assert again["fid"] == pytest.approx(scores[i], rel=1e-9)
+
+
+@pytest.mark.slow  # 3-5.4 minutes on 2 cores at load 17-27 (two processes compile the samplers and the Inception)
+@pytest.mark.multiprocess
 def test_two_processes_give_the_one_process_numbers(run, one_process, two_processes_started):
     started = two_processes_started
     for i, proc in enumerate(started["procs"]):
