@@ -10,7 +10,7 @@ TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 $(COLLECTIVE_TIM
 # The demo: one CPU device, several times faster than 8 virtual ones on a 2-core machine.
 DEMO_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=1" JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2
 
-.PHONY: demo demo-2d test install clean
+.PHONY: demo demo-2d test test-slow install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo-2d: $(STAMP)
 
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile -q
+
+# The checks marked slow (CLI round trips, 2-process evaluation, the 2-step search): minutes each on 2 cores.
+test-slow: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile -q -m slow
 
 clean:
 	rm -rf $(VENV) workdirs
