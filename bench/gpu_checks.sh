@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "prepare" ]]; then
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
-  for pkg in ml_collections==1.1.0 clu==0.0.12 diffusers==0.42.1 importlib_metadata==8.7.0 zipp==3.23.0; do
+  for pkg in ml_collections==1.1.0 clu==0.0.12 diffusers==0.42.1 importlib_metadata==10.2.0 zipp==4.1.2; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl "$pkg"
   done

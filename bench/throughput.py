@@ -128,7 +128,7 @@ def make_config(model: str, method: str, batch: int, dtype: str, *, optimizer: s
 class Step:
     """The trainer's compiled step for one config on one device, with its state, a batch and its costs."""
 
-    def __init__(self, config, *, donate: bool = True, device=None):
+    def __init__(self, config, *, donate: bool = True, device=None, compile_step: bool = True):
         device = device or jax.devices()[0]
         self.config = config
         self.mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=[device])
@@ -151,6 +151,9 @@ class Step:
                  "label": rng.integers(0, max(int(config.model.get("num_classes") or 1), 1),
                                        (config.batch_size,), dtype=np.int32)}
         self.batch = jax.device_put(batch, sharding.batch_sharding(self.mesh))
+        self.num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(self.state.params))
+        if not compile_step:
+            return
         jitted = jax.jit(step_fn, donate_argnums=0 if donate else ())
         start = time.perf_counter()
         lowered = jitted.lower(self.state, self.batch, self.teacher_params)
@@ -162,7 +165,6 @@ class Step:
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         self.flops = float(cost.get("flops", 0.0)) if cost else 0.0
         self.memory = self.compiled.memory_analysis()
-        self.num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(self.state.params))
 
     def peak_memory_bytes(self) -> int | None:
         """Arguments + outputs + temporaries − donated (aliased) buffers, from XLA's memory analysis."""

@@ -58,7 +58,8 @@ class TorchICT:
         self.torch = torch
         self.device = device
         self.model = diffusers.UNet2DModel(**interop.diffusers_unet2d_config(module))
-        state_dict = {k: torch.from_numpy(np.array(v)) for k, v in interop.to_diffusers_state_dict(params, module).items()}
+        state_dict = {k: torch.from_numpy(np.array(v))
+                      for k, v in interop.to_diffusers_state_dict(params, module).items()}
         self.model.load_state_dict(state_dict, strict=True)
         self.model.to(device).train()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -88,7 +89,7 @@ class TorchICT:
         return int(schedules.ict_num_scales(step, self.total_steps, self.s0, self.s1))
 
     def sample_indices(self, batch: int, n: int):
-        """Pair indices i ∈ [0, N−2], p(i) ∝ erf((ln σ_{i+1} − Pm)/(√2 Ps)) − erf((ln σ_i − Pm)/(√2 Ps))."""
+        """Pair indices i ∈ [0, N−2] with p(i) ∝ erf((ln σ_{i+1} − Pm)/(√2 Ps)) − erf((ln σ_i − Pm)/(√2 Ps))."""
         torch = self.torch
         grid = self.karras_sigma(torch.arange(n, device=self.device), n)
         cdf = torch.erf((torch.log(grid) - self.p_mean) / (math.sqrt(2.0) * self.p_std))
@@ -157,11 +158,12 @@ def bench_config(model: str, batch: int, dtype: str, dropout: float | None, over
                                   dropout=dropout, overrides=overrides)
 
 
-def _perturbed_setup(model: str, batch: int, dtype: str, overrides: dict | None):
+def _perturbed_setup(model: str, batch: int, dtype: str, overrides: dict | None,
+                     compile_step: bool = True):
     """A dropout-0 trainer step with non-zero weights everywhere (zero-initialised output layers would make the
     network output exactly 0), its objective, the images, labels and the key of `make_train_step` at step 0."""
     config = bench_config(model, batch, dtype, dropout=0.0, overrides=overrides)
-    step = throughput.Step(config, donate=False)
+    step = throughput.Step(config, donate=False, compile_step=compile_step)
     rng = np.random.default_rng(3)
     params = jax.tree.map(lambda p: np.asarray(p) + np.float32(0.02) * rng.standard_normal(p.shape, np.float32),
                           step.state.params)
@@ -218,9 +220,9 @@ def equivalence(model: str, batch: int, device_name: str = "cpu", overrides: dic
 def bf16_numerics(model: str, batch: int, device_name: str = "cpu") -> dict:
     """bfloat16 against float32 on the same weights and inputs (dropout 0): the iCT loss's relative error and the
     gradient's cosine similarity for cmjax, and the loss's relative error of PyTorch's bf16 autocast beside it."""
-    config, step, loss32, x, labels = _perturbed_setup(model, batch, "float32", None)
+    config, step, loss32, x, labels = _perturbed_setup(model, batch, "float32", None, compile_step=False)
     params = step.state.params
-    config16, step16, loss16, _, _ = _perturbed_setup(model, batch, "bfloat16", None)
+    config16, _, loss16, _, _ = _perturbed_setup(model, batch, "bfloat16", None, compile_step=False)
     (l32, g32), (l16, g16) = jax.value_and_grad(loss32)(params), jax.value_and_grad(loss16)(params)
     flat32 = jnp.concatenate([g.ravel() for g in jax.tree.leaves(g32)])
     flat16 = jnp.concatenate([g.ravel() for g in jax.tree.leaves(g16)])
@@ -245,6 +247,7 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="steps per timed window")
     parser.add_argument("--repeats", type=int, default=5, help="alternating windows per side (medians reported)")
     parser.add_argument("--torch_device", default="auto")
+    parser.add_argument("--torch_threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
     parser.add_argument("--channels_last", action="store_true", help="PyTorch in channels_last memory format")
     parser.add_argument("--torch_compile", action="store_true", help="torch.compile the diffusers UNet")
     parser.add_argument("--skip_equivalence", action="store_true")
@@ -253,8 +256,11 @@ def main():
     parser.add_argument("--output", default="", help="also write the markdown report to this file")
     args = parser.parse_args()
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     device = torch_device(args.torch_device)
-    torch_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    torch_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                  else f"cpu, {torch.get_num_threads()} threads")
     lines = [f"# iCT train step, cmjax vs PyTorch: {args.model}, {args.dtype}, batch {args.batch}", "",
              f"- JAX device: {throughput.device_description()}",
              f"- PyTorch device: {torch_name}",
