@@ -227,7 +227,7 @@ def main(argv=None):
     parser.add_argument("--workdir", default="workdirs/demo_2d")
     parser.add_argument("--steps", type=int, default=Demo2DConfig.steps)
     args = parser.parse_args(argv)
-    config = Demo2DConfig(method="cd", steps=args.steps, settings=(("weighting", "uniform"),))
+    config = Demo2DConfig(method="cd", steps=args.steps)  # RECIPES["cd"]: Karras weighting, μ = 0.95
     mixture = toy_problems.ring_of_gaussians(num_modes=8, radius=1.0, std=0.1)
     teacher = exact_teacher(mixture, toy_problems.data_std(mixture))
     model = train(config, mixture, teacher=teacher)
