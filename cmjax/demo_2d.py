@@ -37,7 +37,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "edm": {},
     # openai's ImageNet-64/LSUN CD setting (N = 40 there); μ = 0 (CIFAR-10's) learns far slower here.
     # Karras weighting (1/σ² + 1/σd²): with uniform weights the L2 loss of the small-σ pairs is ~c_out²
-    # smaller and f stays inaccurate there (docs/quality.md); "uniform" is the make demo-2d setting.
+    # smaller and f stays inaccurate there (docs/quality.md). make demo-2d uses this recipe too.
     "cd": {"num_scales": 18, "target_ema": 0.95, "distance": "l2", "weighting": "karras"},
     # s1 = 150 (CIFAR-10's, for K = 800k) ends at μ = 0.9986: the target lags ~700 of 3k steps and CT
     # does not learn at all (1-step ≈ the data mean); s1 = 20 ends at μ = 0.9895.
