@@ -18,6 +18,15 @@ if "xla_cpu_collective_call_terminate_timeout_seconds" not in _flags:
     _flags += " " + COLLECTIVE_TIMEOUT_FLAGS
 os.environ["XLA_FLAGS"] = _flags.strip()
 
+# torchvision (and diffusers, lpips, pytorch-fid, which import it) segfaults when imported after TensorFlow
+# in this environment (torch 2.14.1, torchvision 0.29.1, tensorflow-cpu 2.21); TensorFlow after it is fine.
+# Test modules that compare against PyTorch are collected beside ones that import cmjax.data (TensorFlow),
+# in whatever order pytest picks, so torchvision is imported first here when it is installed.
+try:
+    import torchvision  # noqa: E402, F401
+except ImportError:
+    pass
+
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
