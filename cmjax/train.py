@@ -111,6 +111,18 @@ def make_train_step(config, module, objective, optimizer, learning_rate_fn, teac
     return step_fn
 
 
+def jit_train_step(step_fn, mesh, state_shardings, teacher_params, distance_params):
+    """The one compiled step of a run: state donated and laid out by `state_shardings`, the batch split over
+    the mesh's batch axes, teacher parameters (concrete or abstract) in their own shardings, distance
+    weights replicated; metrics come back replicated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    teacher_shardings = None if teacher_params is None else jax.tree.map(lambda a: a.sharding, teacher_params)
+    distance_shardings = None if distance_params is None else replicated
+    return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings,
+                                          distance_shardings),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
 def distance_params_from_config(config, mesh):
     """The weights of `config.method.distance`'s network (LPIPS: `config.method.distance_weights`, '' for
     its default file), replicated over `mesh`; None for distances without a network (l2, pseudo_huber)."""
@@ -275,13 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---- The step: one jit, sharded in and out, state donated ------------------------------------
     step_fn = make_train_step(config, module, objective, optimizer, learning_rate_fn, teacher_module)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    distance_shardings = None if distance_params is None else replicated
-    teacher_shardings = (None if teacher_params is None
-                         else jax.tree.map(lambda a: a.sharding, teacher_params))
-    train_step = jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings,
-                                                distance_shardings),
-                         out_shardings=(state_shardings, replicated), donate_argnums=0)
+    train_step = jit_train_step(step_fn, mesh, state_shardings, teacher_params, distance_params)
 
     # ---- Evaluation hook ---------------------------------------------------------------------------
     evaluator = evaluate.PeriodicEvaluator(config, workdir, module, mesh, writer)
@@ -400,18 +406,14 @@ def compile_report(config: ml_collections.ConfigDict, workdir: str | None = None
              "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sharding)}
 
     step_fn = make_train_step(config, module, objective, optimizer, learning_rate_fn, teacher_module)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    teacher_shardings = None if teacher_params is None else jax.tree.map(lambda a: a.sharding, teacher_params)
-    args = [_with_shardings(abstract_state, state_shardings), batch, teacher_params]
-    in_shardings = [state_shardings, batch_sharding, teacher_shardings]
+    distance_params = None
     if str(config.method.get("distance", "")).startswith("lpips"):  # the LPIPS network: a replicated argument
-        distance_params = jax.eval_shape(lambda: distance_params_from_config(config, mesh))
-        args.append(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                                 distance_params))
-        in_shardings.append(replicated)
-    train_step = jax.jit(step_fn, in_shardings=tuple(in_shardings), out_shardings=(state_shardings, replicated),
-                         donate_argnums=0)
-    lowered = train_step.lower(*args)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        distance_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                                       jax.eval_shape(lambda: distance_params_from_config(config, mesh)))
+    train_step = jit_train_step(step_fn, mesh, state_shardings, teacher_params, distance_params)
+    lowered = train_step.lower(_with_shardings(abstract_state, state_shardings), batch, teacher_params,
+                               distance_params)
     compiled = lowered.compile()
 
     memory = compiled.memory_analysis()
