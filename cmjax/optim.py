@@ -1,4 +1,4 @@
-"""The optax optimizer from `config.optim`: Adam / RAdam / AdamW with warmup, inverse-sqrt decay and clipping.
+"""The optax optimizer from `config.optim`: Adam / RAdam / AdamW with warmup, inverse-sqrt or cosine decay, clipping.
 
 One chain serves every optimizer, so every setting applies to all of them (the CM release's RAdam path dropped
 warmup and clipping):
@@ -18,7 +18,7 @@ import ml_collections
 import optax
 
 OPTIMIZERS = ("adam", "radam", "adamw")
-DECAYS = ("constant", "inverse_sqrt")
+DECAYS = ("constant", "inverse_sqrt", "cosine")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -31,7 +31,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.eps = 1e-8  # added to the root of the second moment
     config.weight_decay = 0.0  # decoupled weight decay, multiplied by the learning rate; adamw only
     config.warmup_steps = 0  # linear ramp of the learning rate from 0 to peak over this many updates; 0 = none
-    config.decay = "constant"  # "constant" | "inverse_sqrt": peak / sqrt(max(step / decay_start_step, 1))
+    # "constant" | "inverse_sqrt": peak / sqrt(max(step / decay_start_step, 1)) | "cosine": from peak at the end
+    # of warmup to 0 at total_steps (short runs: the last, small steps sharpen 1-step samples; configs/digits.py)
+    config.decay = "constant"
     config.decay_start_step = 0  # updates before inverse_sqrt decay starts (EDM2's ref_batches); > 0 for it
     config.grad_clip_norm = 0.0  # clip gradients to this global L2 norm before the moments; 0 or None = off
     return config
@@ -95,17 +97,23 @@ def validate(optim_config: Mapping[str, Any], total_steps: int) -> dict[str, Any
 
 
 def learning_rate_schedule(optim_config: Mapping[str, Any], total_steps: int) -> Callable[[Any], jax.Array]:
-    """lr(k) = peak · min(k / warmup, 1) · [1 / sqrt(max(k / decay_start, 1))], k = updates applied (EDM2 eq. 69)."""
+    """lr(k) = peak · min(k / warmup, 1) · decay(k), k = updates applied; decay(k) is 1 (constant),
+    1 / sqrt(max(k / decay_start, 1)) (inverse_sqrt, EDM2 eq. 69) or ½(1 + cos(π·min((k − warmup) /
+    (total − warmup), 1))) (cosine, Loshchilov & Hutter 2017 without restarts)."""
     cfg = validate(optim_config, total_steps)
     peak = float(cfg["learning_rate"])
     warmup_steps = int(cfg["warmup_steps"])
     decay_start = float(cfg["decay_start_step"]) if cfg["decay"] == "inverse_sqrt" else None
+    cosine_steps = max(int(total_steps) - warmup_steps, 1) if cfg["decay"] == "cosine" else None
 
     def learning_rate_fn(step) -> jax.Array:
         step = jnp.asarray(step, jnp.float32)
         lr = jnp.full((), peak, jnp.float32)
         if decay_start is not None:
             lr = lr / jnp.sqrt(jnp.maximum(step / decay_start, 1.0))
+        if cosine_steps is not None:
+            progress = jnp.clip((step - warmup_steps) / cosine_steps, 0.0, 1.0)
+            lr = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
         if warmup_steps:
             lr = lr * jnp.minimum(step / warmup_steps, 1.0)
         return lr

@@ -114,6 +114,16 @@ def test_learning_rate_schedule_hand_computed():
     np.testing.assert_allclose(jax.jit(learning_rate_fn)(jnp.arange(3)), [0.0, 1e-4, 2e-4], rtol=1e-6)
 
 
+def test_cosine_schedule_hand_computed():
+    """lr = peak·min(k/W, 1)·½(1 + cos(π·(k − W)/(T − W))), W = 10, T = 110: peak after warmup, half at the
+    middle of the decay, 0 at (and after) total_steps."""
+    config = _config("adam", warmup_steps=10, decay="cosine")
+    _, learning_rate_fn = optim.make_optimizer(config, total_steps=110)
+    expected = {0: 0.0, 5: 5e-4, 10: 1e-3, 35: 1e-3 * (1 + np.cos(np.pi / 4)) / 2, 60: 5e-4, 110: 0.0, 200: 0.0}
+    for step, lr in expected.items():
+        assert float(learning_rate_fn(step)) == pytest.approx(lr, rel=1e-5, abs=1e-12), step
+
+
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_warmup_scales_the_first_updates(optimizer):
     """With W = 4 warmup steps, update k is exactly k/4 of the un-warmed update (step 0 moves nothing)."""
@@ -172,7 +182,7 @@ def test_clipping_bounds_a_huge_gradient_before_the_moments(optimizer):
         ({"optimizer": "adam", "weight_decay": 0.01}, r"set optimizer='adamw' or weight_decay=0"),
         ({"optimizer": "radam", "weight_decay": 0.01}, r"set optimizer='adamw' or weight_decay=0"),
         ({"decay": "inverse_sqrt"}, r"needs optim.decay_start_step > 0"),
-        ({"decay": "cosine"}, r"optim.decay='cosine' is not one of"),
+        ({"decay": "linear"}, r"optim.decay='linear' is not one of"),
         ({"warmup_steps": 500}, r"set warmup_steps <= 100"),
         ({"grad_clip_norm": -1.0}, r"0 or None turns it off"),
         ({"b2": 1.0}, r"optim.b2=1.0 must lie in \[0, 1\)"),
