@@ -37,6 +37,9 @@ from cmjax import demo_2d, toy_problems  # noqa: E402
 CONSISTENCY_METHODS = ("cd", "ct", "ict", "ect")
 MIDDLE_SIGMAS = (0.1, 0.2, 0.4, 0.8, 1.6)  # the 2-step grid searched (openai searched `ts` likewise)
 DEFAULT_MIDDLE_SIGMA = 0.8  # configs' sample.two_step_sigma
+# Training steps per method in 2-D. CT and iCT learn from scratch without a teacher and need more: iCT's ring
+# 1-step distance is 0.058 after 3k steps and 0.028 after 10k (cosine decay; docs/quality.md).
+STEPS_2D = {"edm": 3000, "cd": 3000, "ct": 10000, "ict": 10000, "ect": 3000}
 
 PROBLEMS_2D = {
     "ring": lambda: toy_problems.ring_of_gaussians(num_modes=8, radius=1.0, std=0.1),
@@ -56,24 +59,25 @@ def best_middle_sigma(model, problem, num: int, seed: int) -> tuple[float, dict[
     return min(scores, key=scores.get), scores
 
 
-def run_2d(problem_name: str, steps: int, eval_samples: int, seed: int, log=print) -> dict:
-    """Trains EDM, then CD/CT/iCT/ECT on one 2-D problem; returns distances per method."""
+def run_2d(problem_name: str, steps: dict, eval_samples: int, seed: int, log=print) -> dict:
+    """Trains EDM, then CD/CT/iCT/ECT on one 2-D problem (`steps[method]` steps each); returns distances."""
     problem = PROBLEMS_2D[problem_name]()
-    base = demo_2d.Demo2DConfig(steps=steps, eval_samples=eval_samples, seed=seed)
+    base = demo_2d.Demo2DConfig(eval_samples=eval_samples, seed=seed)
     keys = jax.random.split(jax.random.key(seed + 1), 5)
     score = demo_2d.Scorer(problem, keys[0], eval_samples)
     results: dict = {"floor": score.floor()}
 
     start = time.time()
-    edm = demo_2d.train(dataclasses.replace(base, method="edm"), problem, log=log)
+    edm = demo_2d.train(dataclasses.replace(base, method="edm", steps=steps["edm"]), problem, log=log)
     teacher_samples, nfe = demo_2d.edm_sample(edm.denoiser(), keys[1], eval_samples)
-    results["edm"] = {"teacher": score(teacher_samples), "nfe": nfe, "seconds": time.time() - start}
+    results["edm"] = {"teacher": score(teacher_samples), "nfe": nfe, "steps": steps["edm"],
+                      "seconds": time.time() - start}
     if isinstance(problem, toy_problems.GaussianMixture):  # the exact denoiser through the same sampler
         results["exact_teacher"] = score(demo_2d.edm_sample(problem.denoise, keys[1], eval_samples)[0])
 
     for method in CONSISTENCY_METHODS:
         start = time.time()
-        config = dataclasses.replace(base, method=method)
+        config = dataclasses.replace(base, method=method, steps=steps[method])
         model = demo_2d.train(config, problem, log=log,
                               teacher=demo_2d.model_teacher(edm) if method == "cd" else None,
                               init_params=edm.params if method == "ect" else None)
@@ -82,7 +86,8 @@ def run_2d(problem_name: str, steps: int, eval_samples: int, seed: int, log=prin
             "one_step": score(demo_2d.one_step(model, keys[2], eval_samples)),
             "two_step_default": score(demo_2d.two_step(model, keys[3], eval_samples, DEFAULT_MIDDLE_SIGMA)),
             "two_step_chosen": score(demo_2d.two_step(model, keys[3], eval_samples, chosen)),
-            "middle_sigma": chosen, "selection": selection, "seconds": time.time() - start,
+            "middle_sigma": chosen, "selection": selection, "steps": steps[method],
+            "seconds": time.time() - start,
         }
         log(f"{problem_name} {method}: {json.dumps(results[method])}")
     return results
@@ -91,9 +96,10 @@ def run_2d(problem_name: str, steps: int, eval_samples: int, seed: int, log=prin
 # ----------------------------------------------------------------------------------------------
 # Digits: the real training loop.
 
-# Step counts sized for ≲ 15 minutes of the whole digits part on an idle 2-core machine.
-DIGITS_STEPS = {"edm": 2000, "cd": 1500, "ct": 3000, "ict": 3000, "ect": 1000}
-DIGITS_EMA = 0.998  # the evaluation EMA reported (configs/digits.py keeps 0.995 and 0.998)
+# Step counts: iCT is configs/digits.py itself (the `make demo` run, 18k steps); the others ~1–2 min each on
+# an idle 2-core machine. Every run uses that config's optimizer (Adam 1e-3, cosine decay over its steps).
+DIGITS_STEPS = {"edm": 3000, "cd": 3000, "ct": 3000, "ict": 18000, "ect": 3000}
+DIGITS_EMA = 0.998  # the evaluation EMA reported (configs/digits.py keeps 0.998 and 0.999)
 DIGITS_SAMPLES = 1024
 
 
@@ -111,7 +117,9 @@ def digits_method_config(method: str, steps: int, teacher_workdir: str) -> ml_co
     config.log_every = 250
     methods = {
         "edm": {"name": "edm", "teacher": ""},
-        "cd": {"name": "cd", "teacher": teacher_workdir, "num_scales": 18, "target_ema": 0.95, "distance": "l2"},
+        # Karras weighting: with uniform weights f stays inaccurate at small σ (2-D evidence, docs/quality.md).
+        "cd": {"name": "cd", "teacher": teacher_workdir, "num_scales": 18, "target_ema": 0.95, "distance": "l2",
+               "weighting": "karras"},
         "ct": {"name": "ct", "teacher": "", "curriculum": "cm_adaptive", "s0": 2, "s1": 20, "mu0": 0.9,
                "distance": "l2"},
         "ect": {"name": "ect", "teacher": teacher_workdir, "stage_steps": max(1, steps // 4), "huber_c": 0.0},
@@ -222,14 +230,14 @@ def markdown(results: dict, commands: list, wall: float, load: tuple) -> str:
         lines += [f"## 2-D {name}: sliced Wasserstein distance to {results['eval_samples']} fresh points "
                   f"(lower is better)", "",
                   f"Floor (two fresh data sets): **{_fmt(r['floor'])}**; EDM teacher, "
-                  f"{r['edm']['nfe']}-evaluation sampler: **{_fmt(r['edm']['teacher'])}**"
+                  f"{r['edm']['nfe']}-evaluation sampler ({r['edm']['steps']} steps): **{_fmt(r['edm']['teacher'])}**"
                   + (f"; the exact denoiser through the same sampler: {_fmt(r['exact_teacher'])}"
                      if "exact_teacher" in r else "") + ".", "",
-                  "| method | 1-step | 2-step, σ_mid = 0.8 | 2-step, chosen σ_mid | chosen σ_mid | "
-                  "1-step / teacher | train s |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| method | steps | 1-step | 2-step, σ_mid = 0.8 | 2-step, chosen σ_mid | chosen σ_mid | "
+                  "1-step / teacher | train s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for method in CONSISTENCY_METHODS:
             m = r[method]
-            lines.append(f"| {method} | {_fmt(m['one_step'])} | {_fmt(m['two_step_default'])} | "
+            lines.append(f"| {method} | {m['steps']} | {_fmt(m['one_step'])} | {_fmt(m['two_step_default'])} | "
                          f"{_fmt(m['two_step_chosen'])} | {m['middle_sigma']} | "
                          f"{m['one_step'] / r['edm']['teacher']:.2f} | {m['seconds']:.0f} |")
         lines += [""] + [f"- {n}" for n in checks_2d(r)] + [""]
@@ -265,7 +273,9 @@ def markdown(results: dict, commands: list, wall: float, load: tuple) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("2d", "digits", "all"), default="all")
-    parser.add_argument("--steps_2d", type=int, default=3000)
+    parser.add_argument("--steps_2d", default="",
+                        help="override 2-D step counts: one number for every method, or e.g. ict=20000,ct=5000 "
+                             "(default: STEPS_2D)")
     parser.add_argument("--eval_samples", type=int, default=16384)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workroot", default="/tmp/cmjax_quality")
@@ -282,12 +292,11 @@ def main(argv=None):
     start = time.time()
     results: dict = {"eval_samples": args.eval_samples}
     if args.part in ("2d", "all"):
+        steps_2d = parse_steps(args.steps_2d, STEPS_2D)
         for name in args.problems.split(","):
-            results[name] = run_2d(name, args.steps_2d, args.eval_samples, args.seed)
+            results[name] = run_2d(name, steps_2d, args.eval_samples, args.seed)
     if args.part in ("digits", "all"):
-        overrides = dict(item.split("=") for item in args.digits_steps.split(",") if item)
-        steps = {m: int(overrides.get(m, n)) for m, n in DIGITS_STEPS.items()}
-        results["digits"] = run_digits(args.workroot, args.seed, steps)
+        results["digits"] = run_digits(args.workroot, args.seed, parse_steps(args.digits_steps, DIGITS_STEPS))
     wall = time.time() - start
     command = "nice -n 5 .venv/bin/python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results.update(command=command.strip(), wall=wall, load=os.getloadavg())
@@ -299,6 +308,17 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=float)
+
+
+def parse_steps(spec: str, defaults: dict) -> dict:
+    """Step counts per method: `defaults`, all replaced by a bare number, or some by `method=steps` items."""
+    if spec.strip().isdigit():
+        return {method: int(spec) for method in defaults}
+    overrides = dict(item.split("=") for item in spec.split(",") if item)
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ValueError(f"Unknown method(s) {unknown} in {spec!r}; methods: {sorted(defaults)}.")
+    return {method: int(overrides.get(method, n)) for method, n in defaults.items()}
 
 
 def merge_reports(paths, out: str) -> None:
