@@ -29,6 +29,10 @@ What moved the 1-step samples (1,024 samples, EMA 0.998–0.999, seed 0; 2026-11
 `make demo` with this file (nothing else running): 9 min 37 s wall, 42 steps/s; its final evaluation
 (512 samples) 1-step EMA 0.998: 80.3 % confident, Fréchet 5.3, classes 7.6–15.2 % (8 just over 15 %);
 2-step 85.4 %, Fréchet 4.6, classes 8.2–13.7 %.
+The same run scored on 4,096 samples: 80.2 %, Fréchet 4.6, the 8 at 15.3 % (systematic, not sampling noise).
+Tried against it (18,000 steps, 4,096 samples, EMA 0.998): method.p_mean = −0.6 (more high-σ pairs than iCT's
+−1.1): 81.1 % and Fréchet 3.9 with the 8 at 14.7 %, but with seed 1 81.1 % / 4.6 and the 8 at 15.7 %;
+p_mean = −0.2: 79.1 %, 15.5 %; learning rate 2e-3: 81.1 % (512 samples) with one class at 18.6 %.
 For scale: the EDM teacher on this MLP, 3,000 steps with its 35-evaluation sampler, scores 82 %, Fréchet 3.7;
 real test images 95 %, Fréchet 3.2.
 """

@@ -1,0 +1,83 @@
+"""bench/quality.py's bookkeeping (no training): the issues' bars are judged from unrounded numbers, step
+overrides and method subsets are validated, partial digits runs merge per method, and each method's config
+is the recipe docs/quality.md describes."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+
+import quality  # noqa: E402
+
+
+def _scores(frechet, confident, class_min=0.08, class_max=0.12):
+    return {"frechet": frechet, "confident": confident, "class_min": class_min, "class_max": class_max}
+
+
+def _method(one, two, steps=3000):
+    return {"one_step": one, "two_step_default": two, "two_step_chosen": two, "middle_sigma": 0.4,
+            "selection": {"0.4": two["frechet"]}, "steps": steps, "train_seconds": 1.0, "seconds": 2.0}
+
+
+def _digits(ict_one):
+    ok = _method(_scores(9.0, 0.7), _scores(7.0, 0.75))
+    return {"floor": {"frechet": 3.2, "confident_fraction": 0.95, "class_fractions": [0.1] * 10},
+            "edm": {"teacher": _scores(3.7, 0.82), "nfe": 35, "steps": 3000, "train_seconds": 1.0},
+            "cd": ok, "ct": _method(_scores(20.0, 0.6), _scores(24.0, 0.58)), "ect": ok,
+            "ict": _method(ict_one, _scores(4.8, 0.84), steps=18000)}
+
+
+def test_digits_bars_use_unrounded_fractions():
+    # 79.6 % prints as "80%" with no decimals; the bar must still say NO. 15.2 % of one class misses 5–15 %.
+    notes = dict(n.split(": ", 1) for n in quality.checks_digits(_digits(_scores(5.6, 0.7959, 0.07, 0.152))))
+    assert notes["ict"] == "2-step < 1-step: yes, 1-step ≥ 80 % confident: NO, classes within 5–15 %: NO"
+    assert notes["ct"] == "2-step < 1-step: NO"
+    notes = dict(n.split(": ", 1) for n in quality.checks_digits(_digits(_scores(5.3, 0.803, 0.076, 0.15))))
+    assert notes["ict"] == "2-step < 1-step: yes, 1-step ≥ 80 % confident: yes, classes within 5–15 %: yes"
+    table = quality.markdown({"eval_samples": 16, "digits": _digits(_scores(5.6, 0.7959))}, ["cmd"], 1.0, (0, 0, 0))
+    assert "| 79.6% |" in table
+
+
+def test_parse_steps_and_unknown_methods():
+    assert quality.parse_steps("", {"cd": 3, "ict": 5}) == {"cd": 3, "ict": 5}
+    assert quality.parse_steps("7", {"cd": 3, "ict": 5}) == {"cd": 7, "ict": 7}
+    assert quality.parse_steps("ict=9", {"cd": 3, "ict": 5}) == {"cd": 3, "ict": 9}
+    with pytest.raises(ValueError, match="Unknown method"):
+        quality.parse_steps("ictt=9", {"cd": 3, "ict": 5})
+    with pytest.raises(ValueError, match="Unknown digits method"):
+        quality.run_digits("/nonexistent", 0, quality.DIGITS_STEPS, methods=["edm", "lcm"])
+
+
+def test_merge_takes_rerun_digits_methods_per_method(tmp_path):
+    first = {"eval_samples": 16, "digits": _digits(_scores(5.6, 0.7959)), "command": "a", "wall": 10.0,
+             "load": [1, 1, 1]}
+    rerun = {"eval_samples": 16, "command": "b", "wall": 20.0, "load": [2, 2, 2],
+             "digits": {"edm": dict(first["digits"]["edm"], teacher=_scores(2.9, 0.9)),
+                        "cd": _method(_scores(6.0, 0.8), _scores(5.0, 0.85))}}
+    paths = []
+    for i, part in enumerate((first, rerun)):
+        paths.append(str(tmp_path / f"{i}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(part, f)
+    out = tmp_path / "report.md"
+    quality.merge_reports(paths, str(out))
+    report = out.read_text()
+    assert "| edm teacher (35 evaluations) | 3000 | 2.9 | 90.0% |" in report  # the rerun's teacher
+    assert "| ict | 18000 | 5.6 | 79.6% |" in report  # kept from the first part
+    assert "| cd | 3000 | 6.0 | 80.0% |" in report
+    assert "Wall time: 0.3 min" in report
+
+
+def test_digits_method_configs():
+    teacher = "/runs/edm"
+    edm = quality.digits_method_config("edm", 100, teacher)
+    assert (edm.method.name, edm.optim.decay, edm.total_steps) == ("edm", "constant", 100)
+    ict = quality.digits_method_config("ict", 100, teacher)
+    assert (ict.method.name, ict.optim.decay) == ("ict", "cosine")  # configs/digits.py as `make demo` runs it
+    cd = quality.digits_method_config("cd", 100, teacher)
+    assert (cd.method.teacher, cd.method.weighting, cd.optim.decay) == (teacher, "karras", "cosine")
+    assert quality.digits_method_config("ect", 100, teacher).method.teacher == teacher
+    with pytest.raises(ValueError, match="Unknown method"):
+        quality.digits_method_config("lcm", 100, teacher)
