@@ -97,7 +97,7 @@ def run_2d(problem_name: str, steps: dict, eval_samples: int, seed: int, log=pri
 # Digits: the real training loop.
 
 # Step counts: iCT is configs/digits.py itself (the `make demo` run, 18k steps); the others ~1–2 min each on
-# an idle 2-core machine. Every run uses that config's optimizer (Adam 1e-3, cosine decay over its steps).
+# an idle 2-core machine. Each uses that config's Adam 1e-3 with cosine decay over its steps, except EDM (constant).
 DIGITS_STEPS = {"edm": 3000, "cd": 3000, "ct": 3000, "ict": 18000, "ect": 3000}
 DIGITS_METHODS = tuple(DIGITS_STEPS)
 DIGITS_EMA = 0.998  # the evaluation EMA reported (configs/digits.py keeps 0.998 and 0.999)
@@ -280,9 +280,10 @@ def markdown(results: dict, commands: list, wall: float, load: tuple) -> str:
                   f"| real test images (floor) | — | {_fmt(f['frechet'], 1)} | {f['confident_fraction']:.1%} | "
                   f"{min(f['class_fractions']):.1%}–{max(f['class_fractions']):.1%} | | | | | | |"]
         t = r["edm"]["teacher"] if "edm" in r else None
-        lines += [] if t is None else [f"| edm teacher ({r['edm']['nfe']} evaluations) | {r['edm']['steps']} | {_fmt(t['frechet'], 1)} | "
-                     f"{t['confident']:.1%} | {t['class_min']:.1%}–{t['class_max']:.1%} | | | | | | "
-                     f"{r['edm']['train_seconds']:.0f} |"]
+        lines += [] if t is None else [
+            f"| edm teacher ({r['edm']['nfe']} evaluations) | {r['edm']['steps']} | {_fmt(t['frechet'], 1)} | "
+            f"{t['confident']:.1%} | {t['class_min']:.1%}–{t['class_max']:.1%} | | | | | | "
+            f"{r['edm']['train_seconds']:.0f} |"]
         for method in (m for m in CONSISTENCY_METHODS if m in r):
             m = r[method]
             o, d, c = m["one_step"], m["two_step_default"], m["two_step_chosen"]
