@@ -83,6 +83,7 @@ class Model2D:
     params: Any
     sigma_data: float
     kind: str  # "edm" | "consistency"
+    sigma_max: float = pz.SIGMA_MAX  # where 1-step and 2-step sampling start: the objective's σ_max
 
     def apply(self, params, x_in, t_in):
         return self.module.apply({"params": params}, x_in, t_in)
@@ -162,7 +163,8 @@ def train(config: Demo2DConfig, problem, *, teacher=None, init_params=None, log=
         log(f"{config.method} step {first + chunk:5d}  loss {float(jnp.mean(chunk_losses)):.5f}  "
             f"({time.time() - start:.1f}s)")
     kind = "edm" if config.method in EDM_PARAMETERISED else "consistency"
-    return Model2D(module, state["ema"], sigma_data, kind)
+    sigma_max = config.objective_settings(sigma_data).get("sigma_max", pz.SIGMA_MAX)
+    return Model2D(module, state["ema"], sigma_data, kind, sigma_max)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,12 +173,13 @@ def train(config: Demo2DConfig, problem, *, teacher=None, init_params=None, log=
 
 def one_step(model: Model2D, key, num: int):
     """x = f(σmax·z, σmax), unclipped (2-D data is not confined to [−1, 1])."""
-    return sampling.one_step_sample(model.denoiser(), key, (num, 2), clip=False)
+    return sampling.one_step_sample(model.denoiser(), key, (num, 2), model.sigma_max, clip=False)
 
 
 def two_step(model: Model2D, key, num: int, middle_sigma: float):
     """CM Algorithm 1 through [σmax, middle_sigma], unclipped."""
-    return sampling.multistep_sample(model.denoiser(), key, (num, 2), [pz.SIGMA_MAX, middle_sigma], clip=False)
+    return sampling.multistep_sample(model.denoiser(), key, (num, 2), [model.sigma_max, middle_sigma],
+                                     sigma_max=model.sigma_max, clip=False)
 
 
 def edm_sample(denoise_fn, key, num: int, num_steps: int = 18):

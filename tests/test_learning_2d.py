@@ -46,3 +46,26 @@ def test_checkerboard_samples_lie_on_black_squares_with_the_stated_covariance():
     assert len({tuple(c) for c in cells}) == 8
     np.testing.assert_allclose(np.cov(x.T), board.covariance(), atol=0.01)
     np.testing.assert_allclose(board.covariance(), [[1 / 3, 1 / 16], [1 / 16, 1 / 3]], atol=1e-12)
+
+
+def test_sampling_starts_at_the_objectives_sigma_max():
+    """A run trained with another σ_max samples from it: f(σmax·z, σmax), not from the default 80."""
+    import jax
+    import numpy as np
+
+    from cmjax import parameterization as pz
+
+    config = dataclasses.replace(demo_2d.Demo2DConfig(), method="ict", steps=1, log_every=1,
+                                 settings=(("sigma_max", 10.0),))
+    model = demo_2d.train(config, RING, log=lambda s: None)
+    assert model.sigma_max == 10.0
+    # With the zero-initialised output layer F = 0, so f(x, σ) = c_skip(σ)·x: the samples' std is
+    # c_skip(σmax)·σmax, which tells σmax = 10 (0.050) from 80 (0.0063).
+    fresh = dataclasses.replace(model, params=model.module.init(jax.random.key(0), np.zeros((1, 2)),
+                                                                np.zeros((1,)))["params"])
+    c_skip, _, _ = pz.consistency_scalings(10.0, model.sigma_data)
+    x = demo_2d.one_step(fresh, jax.random.key(1), 20000)
+    np.testing.assert_allclose(np.std(np.asarray(x)), float(c_skip) * 10.0, rtol=0.03)
+    x2 = demo_2d.two_step(fresh, jax.random.key(2), 20000, middle_sigma=5.0)  # f(x1 + √(5² − σmin²)·z, 5)
+    c_skip_5 = float(pz.consistency_scalings(5.0, model.sigma_data)[0])
+    np.testing.assert_allclose(np.std(np.asarray(x2)), c_skip_5 * np.hypot(float(c_skip) * 10.0, 5.0), rtol=0.03)
