@@ -162,19 +162,20 @@ def digits_quality(workdir: str, method: str, seed: int) -> dict:
         return {"teacher": quality(np.clip(images, -1, 1)), "nfe": nfe}
 
     kind = "edm" if method == "ect" else "consistency"
+    sigma_max = config.method.get("sigma_max", parameterization.SIGMA_MAX)  # where the run's sampling starts
 
     def sample(sigmas, key):
         images, _ = evaluate.generate(module, params, key, mesh=mesh, num_images=DIGITS_SAMPLES, image_shape=shape,
-                                      sigmas=sigmas, parameterization_kind=kind)
+                                      sigmas=sigmas, sigma_max=sigma_max, parameterization_kind=kind)
         return images
 
-    selection = {s: quality(sample([parameterization.SIGMA_MAX, s], jax.random.key(20_000 + seed)))["frechet"]
+    selection = {s: quality(sample([sigma_max, s], jax.random.key(20_000 + seed)))["frechet"]
                  for s in MIDDLE_SIGMAS}
     chosen = min(selection, key=selection.get)
     key = jax.random.key(seed)
-    return {"one_step": quality(sample([parameterization.SIGMA_MAX], key)),
-            "two_step_default": quality(sample([parameterization.SIGMA_MAX, DEFAULT_MIDDLE_SIGMA], key)),
-            "two_step_chosen": quality(sample([parameterization.SIGMA_MAX, chosen], key)),
+    return {"one_step": quality(sample([sigma_max], key)),
+            "two_step_default": quality(sample([sigma_max, DEFAULT_MIDDLE_SIGMA], key)),
+            "two_step_chosen": quality(sample([sigma_max, chosen], key)),
             "middle_sigma": chosen, "selection": selection}
 
 
