@@ -35,7 +35,9 @@ What moved the 1-step samples (1,024 samples, EMA 0.998–0.999, seed 0; 2026-11
   (N up to 161) the 1-step was as good (80.0–81.6 %, the 8 at 13.4–14.0 %) but the 2-step worse than the 1-step
   (Fréchet 5.7–6.9, erratic over σ_mid): the finer grid below σ = 1 trained the small σ worse. σ_max = 20 with
   s1 = 160: 79.3–83.1 %, the 8 at 14.5–14.9 %.
-`make demo` with this file (nothing else running): MAKE_DEMO_NUMBERS
+`make demo` with this file (nothing else running, 2026-11-27): 9 min 34 s wall, 38 steps/s (median); its final
+evaluation (512 samples), EMA 0.998: 1-step 82.2 % confident, Fréchet 4.2, classes 8.2–13.9 %; 2-step 89.6 %,
+Fréchet 3.0, classes 7.8–13.7 %.
 For scale: the EDM teacher on this MLP, 3,000 steps with its 35-evaluation sampler, scores 82 %, Fréchet 3.7;
 real test images 95 %, Fréchet 3.2.
 """
