@@ -53,11 +53,18 @@ def test_parse_steps_and_unknown_methods():
 def test_merge_takes_rerun_digits_methods_per_method(tmp_path):
     first = {"eval_samples": 16, "digits": _digits(_scores(5.6, 0.7959)), "command": "a", "wall": 10.0,
              "load": [1, 1, 1]}
+    first["digits"]["ct"]["train_seconds"] = 497.0
     rerun = {"eval_samples": 16, "command": "b", "wall": 20.0, "load": [2, 2, 2],
              "digits": {"edm": dict(first["digits"]["edm"], teacher=_scores(2.9, 0.9)),
                         "cd": _method(_scores(6.0, 0.8), _scores(5.0, 0.85))}}
+    # A --digits_score_only part: new scores on more samples, no training time of its own.
+    ct_rescored = {k: v for k, v in _method(_scores(23.7, 0.576), _scores(20.5, 0.593)).items()
+                   if k != "train_seconds"}
+    rescore = {"eval_samples": 16, "command": "c", "wall": 1.0, "load": [1, 1, 1],
+               "digits": {"samples": 4096, "ct": ct_rescored}}
+    assert quality._seconds(ct_rescored) == "—"
     paths = []
-    for i, part in enumerate((first, rerun)):
+    for i, part in enumerate((first, rerun, rescore)):
         paths.append(str(tmp_path / f"{i}.json"))
         with open(paths[-1], "w") as f:
             json.dump(part, f)
@@ -67,6 +74,9 @@ def test_merge_takes_rerun_digits_methods_per_method(tmp_path):
     assert "| edm teacher (35 evaluations) | 3000 | 2.9 | 90.0% |" in report  # the rerun's teacher
     assert "| ict | 18000 | 5.6 | 79.6% |" in report  # kept from the first part
     assert "| cd | 3000 | 6.0 | 80.0% |" in report
+    assert "| ct | 3000 | 23.7 | 57.6% |" in report and report.split("| ct |")[1].split("\n")[0].endswith(
+        "| 497 |")  # the rescoring's numbers with the training run's seconds
+    assert "EMA 0.998, 4096 samples" in report
     assert "Wall time: 0.3 min" in report
 
 
