@@ -91,3 +91,42 @@ def test_digits_method_configs():
     assert quality.digits_method_config("ect", 100, teacher).method.teacher == teacher
     with pytest.raises(ValueError, match="Unknown method"):
         quality.digits_method_config("lcm", 100, teacher)
+
+
+def _ring_run(teacher, cd_one, ict_one):
+    def method(one, two):
+        return {"one_step": one, "two_step_default": two, "two_step_chosen": two, "middle_sigma": 0.2,
+                "selection": {"0.2": two}, "steps": 10, "seconds": 1.0}
+    return {"floor": 0.011, "edm": {"teacher": teacher, "nfe": 35, "steps": 10, "seconds": 1.0},
+            "cd": method(cd_one, 0.9 * cd_one), "ct": method(0.15, 0.08), "ict": method(ict_one, 0.02),
+            "ect": method(0.09, 0.03)}
+
+
+def test_2d_bars_are_judged_on_the_means_over_merged_seeds(tmp_path):
+    # Seed 0 alone: iCT 0.030 against a teacher of 0.013 (2.31×, NO). With seed 1 (0.031 against 0.019,
+    # 1.63×) the means are 0.0305 / 0.016 = 1.91×: yes. A ratio averaged per seed would say the same here,
+    # so the CD numbers tell the two apart: per seed 2.1× and 1.0× average 1.55×, the means give 1.45×.
+    seed0 = {"eval_samples": 16, "ring": _ring_run(0.013, 0.0273, 0.030), "command": "a", "wall": 60.0,
+             "load": [1, 1, 1]}  # no "seed": an older part, seed 0
+    seed1 = {"eval_samples": 16, "seed": 1, "ring": _ring_run(0.019, 0.019, 0.031), "command": "b",
+             "wall": 120.0, "load": [1, 1, 1]}
+    notes = dict(n.split(": ", 1) for n in quality.checks_2d(quality._by_seed([seed0])["ring"]))
+    assert notes["ict"].endswith("1-step ≤ 2× teacher: NO (2.31× on the means; per seed 2.31)")
+    by_seed = quality._by_seed([seed0, seed1])["ring"]
+    assert sorted(by_seed) == ["0", "1"]
+    notes = dict(n.split(": ", 1) for n in quality.checks_2d(by_seed))
+    assert notes["ict"] == ("2-step < 1-step: yes (2 of 2 seeds), "
+                            "1-step ≤ 2× teacher: yes (1.91× on the means; per seed 2.31, 1.63)")
+    assert "(1.45× on the means; per seed 2.10, 1.00)" in notes["cd"]
+    paths = []
+    for i, part in enumerate((seed0, seed1)):
+        paths.append(str(tmp_path / f"{i}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(part, f)
+    out = tmp_path / "report.md"
+    quality.merge_reports(paths, str(out))
+    report = out.read_text()
+    assert "training seeds 0, 1" in report
+    assert "| **mean** | **0.011** | **0.016** |" in report
+    assert "| ict | 10 | 0.030 | 0.020 | 0.020 | 0.2, 0.2 | 1.91 | 2.31, 1.63 | 1 |" in report
+    assert "Wall time: 2.0 min" in report
