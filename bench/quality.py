@@ -8,7 +8,9 @@ trained first (its 35-evaluation EDM sampler is the teacher's number); CD distil
 weights, CT and iCT train from scratch. Every sample set is scored by the sliced Wasserstein distance to
 one fresh data set, beside the distance between two fresh data sets (the floor). The 2-step sampler's
 middle σ is chosen per problem and method on a grid, with a selection sample and data set separate from
-the reported ones; the fixed default σ = 0.8 is reported beside it.
+the reported ones; the fixed default σ = 0.8 is reported beside it. One run is one training seed (`--seed`);
+runs of several seeds, side by side, are merged (`--merge`) and the bars judged on the means over seeds
+(bench/results/quality_cpu.md: seeds 0–3).
 
 Digits (`cmjax/train.py` on `configs/digits.py`, one CPU device): the same five methods through the real
 training loop, CD and ECT from the EDM run's workdir, scored by the in-repo digit classifier
