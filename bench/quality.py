@@ -321,9 +321,12 @@ def markdown(results: dict, commands: list, wall: float, load: tuple) -> str:
                          f"{', '.join(str(r[method]['middle_sigma']) for r in runs)} | {m['ratio']:.2f} | "
                          f"{', '.join(f'{x:.2f}' for x in m['ratio_per_seed'])} | {m['seconds']:.0f} |")
         lines += [""] + [f"- {n}" for n in checks_2d(by_seed)] + [""]
-        lines += ["2-step selection distances per σ_mid (selection set):", ""] + [
-            f"- seed {seed}: " + "; ".join(f"{m}: " + ", ".join(f"{sig}→{_fmt(v)}" for sig, v in r[m]["selection"].items())
-                                           for m in CONSISTENCY_METHODS) for seed, r in zip(s["seeds"], runs)] + [""]
+        lines += ["2-step selection distances per σ_mid (selection set):", ""]
+        for seed, r in zip(s["seeds"], runs):
+            lines.append(f"- seed {seed}: " + "; ".join(
+                f"{m}: " + ", ".join(f"{sig}→{_fmt(v)}" for sig, v in r[m]["selection"].items())
+                for m in CONSISTENCY_METHODS))
+        lines.append("")
     if "digits" in results:
         r = results["digits"]
         f = r["floor"]
