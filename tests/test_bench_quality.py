@@ -29,6 +29,18 @@ def _digits(ict_one):
             "ict": _method(ict_one, _scores(4.8, 0.84), steps=18000)}
 
 
+def _merged_report(tmp_path, parts) -> str:
+    """`merge_reports` over `parts` written as the --json files the bench writes; returns the report."""
+    paths = []
+    for i, part in enumerate(parts):
+        paths.append(str(tmp_path / f"{i}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(part, f)
+    out = tmp_path / "report.md"
+    quality.merge_reports(paths, str(out))
+    return out.read_text()
+
+
 def test_digits_bars_use_unrounded_fractions():
     # 79.6 % prints as "80%" with no decimals; the bar must still say NO. 15.2 % of one class misses 5–15 %.
     notes = dict(n.split(": ", 1) for n in quality.checks_digits(_digits(_scores(5.6, 0.7959, 0.07, 0.152))))
@@ -63,14 +75,7 @@ def test_merge_takes_rerun_digits_methods_per_method(tmp_path):
     rescore = {"eval_samples": 16, "command": "c", "wall": 1.0, "load": [1, 1, 1],
                "digits": {"samples": 4096, "ct": ct_rescored}}
     assert quality._seconds(ct_rescored) == "—"
-    paths = []
-    for i, part in enumerate((first, rerun, rescore)):
-        paths.append(str(tmp_path / f"{i}.json"))
-        with open(paths[-1], "w") as f:
-            json.dump(part, f)
-    out = tmp_path / "report.md"
-    quality.merge_reports(paths, str(out))
-    report = out.read_text()
+    report = _merged_report(tmp_path, (first, rerun, rescore))
     assert "| edm teacher (35 evaluations) | 3000 | 2.9 | 90.0% |" in report  # the rerun's teacher
     assert "| ict | 18000 | 5.6 | 79.6% |" in report  # kept from the first part
     assert "| cd | 3000 | 6.0 | 80.0% |" in report
@@ -118,14 +123,7 @@ def test_2d_bars_are_judged_on_the_means_over_merged_seeds(tmp_path):
     assert notes["ict"] == ("2-step < 1-step: yes (2 of 2 seeds), "
                             "1-step ≤ 2× teacher: yes (1.91× on the means; per seed 2.31, 1.63)")
     assert "(1.45× on the means; per seed 2.10, 1.00)" in notes["cd"]
-    paths = []
-    for i, part in enumerate((seed0, seed1)):
-        paths.append(str(tmp_path / f"{i}.json"))
-        with open(paths[-1], "w") as f:
-            json.dump(part, f)
-    out = tmp_path / "report.md"
-    quality.merge_reports(paths, str(out))
-    report = out.read_text()
+    report = _merged_report(tmp_path, (seed0, seed1))
     assert "training seeds 0, 1" in report
     assert "| **mean** | **0.011** | **0.016** |" in report
     assert "| ict | 10 | 0.030 | 0.020 | 0.020 | 0.2, 0.2 | 1.91 | 2.31, 1.63 | 1 |" in report
