@@ -15,9 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 
-from cmjax import losses, models, optim, sharding, train  # noqa: E402
+from cmjax import losses, methods, models, optim, sharding, train_step  # noqa: E402
+from cmjax import workdir as workdir_lib  # noqa: E402
 from configs import digits  # noqa: E402
 
 
@@ -39,22 +39,22 @@ def main():
     config.batch_size = args.batch
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
     module = models.get(config.model)
-    x, t, labels = train.sample_inputs(config, args.batch)
-    params = jax.eval_shape(lambda k: train.init_params(module, config, k), jax.random.key(0))
+    x, t, labels = models.sample_inputs(config, args.batch)
+    params = jax.eval_shape(lambda k: models.init_params(module, config, k), jax.random.key(0))
     forward = jax.jit(lambda p, x, t: module.apply({"params": p}, x, t, labels)).lower(params, x, t).compile()
     forward_flops = flops(forward)
     print(f"device: {jax.devices()[0].device_kind}; UNet {args.channels} channels, batch {args.batch}; "
           f"forward {forward_flops / 1e9:.3f} GFLOPs")
-    batch = {"image": jax.ShapeDtypeStruct((args.batch, *train.image_shape(config)), jnp.uint8),
+    batch = {"image": jax.ShapeDtypeStruct((args.batch, *models.image_shape(config)), jnp.uint8),
              "label": jax.ShapeDtypeStruct((args.batch,), jnp.int32)}
     expected = {"edm": 3, "ict": 4, "cd": 6}
     for name, settings in [("edm", {}), ("ict", {}), ("cd", {"num_scales": 18, "teacher_solver": "heun"})]:
-        config.method = ml_collections.ConfigDict({"name": name, "teacher": "", **settings})
+        methods.select(config, name, **settings)
         objective = losses.make_objective(name, **settings, **({"total_steps": 1000} if name == "ict" else {}))
         optimizer, lr_fn = optim.make_optimizer(config.optim, config.total_steps)
-        abstract_state, _ = train.abstract_train_state(config, module, mesh)
+        abstract_state, _ = workdir_lib.abstract_train_state(config, module, mesh)
         teacher = module if name == "cd" else None
-        step = jax.jit(train.make_train_step(config, module, objective, optimizer, lr_fn, teacher_module=teacher))
+        step = jax.jit(train_step.make_train_step(config, module, objective, optimizer, lr_fn, teacher_module=teacher))
         compiled = step.lower(abstract_state, batch, params if teacher else None).compile()
         ratio = flops(compiled) / forward_flops
         print(f"{name:4s} train step {flops(compiled) / 1e9:8.3f} GFLOPs = {ratio:5.2f} forward passes "

@@ -120,17 +120,19 @@ def digits_method_config(method: str, steps: int, teacher_workdir: str) -> ml_co
     config.ema_rates = (DIGITS_EMA,)
     config.ckpt_every = steps
     config.log_every = 250
-    methods = {
-        "edm": {"name": "edm", "teacher": ""},  # with a constant lr (below), as EDM trains
+    from cmjax import methods
+
+    settings = {
+        "edm": {},  # with a constant lr (below), as EDM trains
         # Karras weighting: with uniform weights f stays inaccurate at small σ (2-D evidence, docs/quality.md).
-        "cd": {"name": "cd", "teacher": teacher_workdir, "num_scales": 18, "target_ema": 0.95, "distance": "l2",
-               "weighting": "karras"},
-        "ct": {"name": "ct", "teacher": "", "curriculum": "cm_adaptive", "s0": 2, "s1": 20, "mu0": 0.9,
-               "distance": "l2"},
-        "ect": {"name": "ect", "teacher": teacher_workdir, "stage_steps": max(1, steps // 4), "huber_c": 0.0},
+        "cd": {"num_scales": 18, "target_ema": 0.95, "distance": "l2", "weighting": "karras"},
+        "ct": {"curriculum": "cm_adaptive", "s0": 2, "s1": 20, "mu0": 0.9, "distance": "l2"},
+        "ect": {"stage_steps": max(1, steps // 4), "huber_c": 0.0},
     }
-    if method in methods:
-        config.method = ml_collections.ConfigDict(methods[method])
+    if method in settings:
+        methods.select(config, method, **settings[method])
+        if methods.get(method).needs_teacher:
+            config.teacher.workdir = teacher_workdir
     elif method != "ict":
         raise ValueError(f"Unknown method {method!r}.")
     if method == "edm":
@@ -142,18 +144,19 @@ def digits_method_config(method: str, steps: int, teacher_workdir: str) -> ml_co
 
 def digits_quality(workdir: str, method: str, seed: int) -> dict:
     """1-step and 2-step (teacher: 35-evaluation EDM sampler) quality of a digits run's final EMA model."""
-    from cmjax import evaluate, parameterization, sharding, solvers, train
+    from cmjax import evaluate, methods, models, parameterization, sharding, solvers
+    from cmjax import workdir as workdir_lib
     from cmjax.metrics import digits as digits_metric
 
-    config = train.read_run_config(workdir)
+    config = workdir_lib.read_run_config(workdir)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1})
-    module, params, config, step = train.load_params(workdir, mesh, ema_rate=DIGITS_EMA, config=config)
+    module, params, config, step = workdir_lib.load_params(workdir, mesh, ema_rate=DIGITS_EMA, config=config)
     if step != config.total_steps:
         raise ValueError(f"The run in {workdir!r} stopped at step {step} of {config.total_steps}; "
                          "finish it (rerun without --digits_score_only) before scoring it.")
     classifier = digits_metric.train_classifier(data_dir=config.data.data_dir)
     reference = digits_metric.reference_images("train", data_dir=config.data.data_dir)
-    shape = train.image_shape(config)
+    shape = models.image_shape(config)
 
     def quality(images):
         q = digits_metric.sample_quality(classifier, evaluate.to_uint8(images) / 127.5 - 1.0, reference)
@@ -168,8 +171,8 @@ def digits_quality(workdir: str, method: str, seed: int) -> dict:
                               )(jax.random.key(seed)), 35
         return {"teacher": quality(np.clip(images, -1, 1)), "nfe": nfe, "steps": step}
 
-    kind = "edm" if method == "ect" else "consistency"
-    sigma_max = config.method.get("sigma_max", parameterization.SIGMA_MAX)  # where the run's sampling starts
+    kind = methods.parameterization_kind(config)
+    sigma_max = methods.noise_range(config)["sigma_max"]  # where the run's sampling starts
 
     def sample(sigmas, key):
         images, _ = evaluate.generate(module, params, key, mesh=mesh, num_images=DIGITS_SAMPLES, image_shape=shape,

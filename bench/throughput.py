@@ -1,6 +1,6 @@
 """Train-step throughput of cmjax: images/s, compile time, peak memory, XLA-counted FLOPs and MFU.
 
-The step is the trainer's own (`cmjax.train.make_train_step`, jitted with the state donated, as
+The step is the trainer's own (`cmjax.train_step.make_train_step`, jitted with the state donated, as
 `train_and_evaluate` does) on one device, fed a fixed random uint8 batch so that only the step is timed.
 FLOPs are XLA's cost analysis of the compiled step; MFU = FLOPs / step time / the device's peak dense
 bf16 rate (table below; MFU is left blank on devices the table does not know, e.g. CPUs).
@@ -27,7 +27,8 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cmjax import models, optim, sharding, train, train_state  # noqa: E402
+from cmjax import methods, models, optim, sharding, train_state, train_step  # noqa: E402
+from cmjax import workdir as workdir_lib  # noqa: E402
 from configs import default  # noqa: E402
 
 # Peak dense bf16 FLOP/s per chip, from the vendors' data sheets; keyed by a substring of `device_kind`
@@ -115,13 +116,11 @@ def make_config(model: str, method: str, batch: int, dtype: str, *, optimizer: s
     config.optim.optimizer = optimizer
     config.optim.learning_rate = learning_rate
     if method == "cd":
-        config.method = ml_collections.ConfigDict(
-            {"name": "cd", "teacher": "", "num_scales": 18, "teacher_solver": "heun"})
+        methods.select(config, "cd", num_scales=18, teacher_solver="heun")
     elif method == "ict":
-        config.method = ml_collections.ConfigDict(
-            {"name": "ict", "teacher": "", "s0": 10, "s1": 1280, "p_mean": -1.1, "p_std": 2.0})
+        methods.select(config, "ict", s0=10, s1=1280, p_mean=-1.1, p_std=2.0)
     else:
-        config.method = ml_collections.ConfigDict({"name": method, "teacher": ""})
+        methods.select(config, method)
     return config
 
 
@@ -133,20 +132,20 @@ class Step:
         self.config = config
         self.mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=[device])
         self.module = models.get(config.model)
-        objective = train.objective_from_config(config)
+        objective = methods.objective_from_config(config)
         optimizer, lr_fn = optim.make_optimizer(config.optim, config.total_steps)
         self.optimizer = optimizer
-        abstract, shardings = train.abstract_train_state(config, self.module, self.mesh)
+        abstract, shardings = workdir_lib.abstract_train_state(config, self.module, self.mesh)
         teacher = self.module if config.method.name == "cd" else None
-        step_fn = train.make_train_step(config, self.module, objective, optimizer, lr_fn, teacher_module=teacher)
-        keep_target = config.method.name in train.METHODS_WITH_TARGET
+        step_fn = train_step.make_train_step(config, self.module, objective, optimizer, lr_fn, teacher_module=teacher)
+        keep_target = methods.get(config.method.name).keeps_target
         self.state = jax.jit(
-            lambda key: train_state.create(train.init_params(self.module, config, key), optimizer,
+            lambda key: train_state.create(models.init_params(self.module, config, key), optimizer,
                                            config.ema_rates, keep_target),
             out_shardings=shardings)(jax.random.key(config.seed))
         self.teacher_params = (jax.tree.map(jnp.copy, self.state.params) if teacher is not None else None)
         rng = np.random.default_rng(0)
-        shape = (config.batch_size, *train.image_shape(config))
+        shape = (config.batch_size, *models.image_shape(config))
         batch = {"image": rng.integers(0, 256, shape, dtype=np.uint8),
                  "label": rng.integers(0, max(int(config.model.get("num_classes") or 1), 1),
                                        (config.batch_size,), dtype=np.int32)}

@@ -6,7 +6,7 @@ grid of N(k) points, z ~ N(0, I), online f_θ(x + σ_{i+1}z, σ_{i+1}) with grad
 f_sg(θ)(x + σ_i z, σ_i) without, consistency scalings c_skip/c_out/c_in, time input 250·ln σ,
 pseudo-Huber with c = 0.00054·√d, weight 1/(σ_{i+1} − σ_i), then one Adam update. The online and target
 calls share one dropout mask (JAX: one key; PyTorch: the RNG state restored before the target call).
-cmjax runs its trainer's own step (`cmjax.train.make_train_step`, state donated), which also computes the
+cmjax runs its trainer's own step (`cmjax.train_step.make_train_step`, state donated), which also computes the
 grad norm and the non-finite guard; no EMA on either side.
 
 Before timing, an equivalence check: dropout 0, identical weights and identical inputs (x, z, pair
@@ -37,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import throughput  # noqa: E402
-from cmjax import losses, parameterization, schedules  # noqa: E402
+from cmjax import distances, methods, models, parameterization, schedules  # noqa: E402
 from cmjax.data import pipeline  # noqa: E402
 from cmjax.interop import diffusers as interop  # noqa: E402
 
@@ -72,10 +72,10 @@ class TorchICT:
             raise ValueError("The PyTorch side implements plain Adam (optim.optimizer='adam', no warmup/clip/decay).")
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps,
                                           foreach=True)
-        m = config.method
-        self.total_steps, self.s0, self.s1 = config.total_steps, m.s0, m.s1
-        self.p_mean, self.p_std = m.get("p_mean", -1.1), m.get("p_std", 2.0)
-        self.huber_c = losses.ict_huber_c(throughput.train.image_shape(config))
+        m = methods.settings(config)
+        self.total_steps, self.s0, self.s1 = config.total_steps, m["s0"], m["s1"]
+        self.p_mean, self.p_std = m["p_mean"], m["p_std"]
+        self.huber_c = distances.ict_huber_c(models.image_shape(config))
         self.conditional = bool(config.model.get("num_classes"))
         self.step_count = 0
 
@@ -169,7 +169,7 @@ def _perturbed_setup(model: str, batch: int, dtype: str, overrides: dict | None,
                           step.state.params)
     step.state = step.state.replace(params=jax.tree.map(jnp.asarray, params),
                                     opt_state=jax.jit(step.optimizer.init)(params))
-    module, objective = step.module, throughput.train.objective_from_config(config)
+    module, objective = step.module, methods.objective_from_config(config)
     labels = step.batch["label"] if config.model.get("num_classes") else None
     x = pipeline.to_model_range(step.batch["image"])
 
@@ -184,9 +184,9 @@ def _objective_draws(config, x):
     """The N(k), pair indices and z that cmjax's objective draws at step 0 (losses._discrete_consistency_loss)."""
     key = jax.random.fold_in(jax.random.key(config.seed), 0)
     index_key, noise_key, _ = jax.random.split(key, 3)
-    m = config.method
-    n = int(schedules.ict_num_scales(0, config.total_steps, m.s0, m.s1))
-    index = schedules.sample_ict_indices(index_key, x.shape[0], n, m.s1 + 1, m.p_mean, m.p_std)
+    m = methods.settings(config)
+    n = int(schedules.ict_num_scales(0, config.total_steps, m["s0"], m["s1"]))
+    index = schedules.sample_ict_indices(index_key, x.shape[0], n, m["s1"] + 1, m["p_mean"], m["p_std"])
     return n, index, jax.random.normal(noise_key, x.shape, jnp.float32)
 
 

@@ -34,12 +34,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from cmjax import errors
+
 STATE_ITEM, DATA_ITEM = "state", "data"
 # How many mismatched or non-finite leaves an error message lists before "... and N more".
 _LISTED = 5
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.UserError, ValueError):
     """The saved train state's tree differs from the one the current config builds."""
 
 
@@ -79,7 +81,7 @@ class DataIteratorHandler(ocp.CheckpointHandler):
         path = directory / data_state_filename(jax.process_index(), jax.process_count())
         if not path.exists():
             found = self.metadata(directory) if directory.exists() else []
-            raise FileNotFoundError(
+            raise errors.MissingFileError(
                 f"No data iterator state {str(path)!r} for process {jax.process_index()} of "
                 f"{jax.process_count()}; the checkpoint holds {found}. Iterator states are per process: resume "
                 "with the process count that saved them, or restore without `data_iterator` to start the data "
@@ -193,7 +195,7 @@ class Checkpointer:
         """`read_only=True` opens another run's checkpoints (a teacher) without touching them: no saves, no
         clean-up of its temporary directories, no SIGTERM handler."""
         if save_every < 1 or keep < 1 or preemption_check_every < 1:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"save_every={save_every}, keep={keep} and preemption_check_every={preemption_check_every} "
                 "must all be at least 1."
             )
@@ -306,7 +308,7 @@ class Checkpointer:
             if step is None:
                 return None
         elif step not in self._manager.all_steps():
-            raise FileNotFoundError(
+            raise errors.MissingFileError(
                 f"No complete checkpoint for step {step} in {self.directory}; present: {self.all_steps()}."
             )
         saved = self._manager.item_metadata(step)
@@ -326,7 +328,7 @@ class Checkpointer:
             data_iterator = None
         if data_iterator is not None:
             if saved.get(DATA_ITEM) is None:
-                raise FileNotFoundError(
+                raise errors.MissingFileError(
                     f"The checkpoint {self.directory / str(step)} holds no data iterator state; restore "
                     "without `data_iterator` to start the data stream afresh."
                 )

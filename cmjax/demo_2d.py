@@ -22,14 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cmjax import losses, models, optim, sampling, solvers, toy_problems
+from cmjax import losses, methods, models, optim, sampling, solvers, toy_problems
 from cmjax import parameterization as pz
-
-# Objectives whose online network is EDM-parameterised (f(x, 0) = x through D itself): the EDM teacher
-# and ECT, which tunes it. The others use the consistency boundary scalings.
-EDM_PARAMETERISED = ("edm", "ect")
-# Objectives that keep a target EMA network θ⁻ updated with the μ(k) the objective reports.
-KEEPS_TARGET = ("cd", "ct")
 
 # The 2-D recipes of each method: the published settings where they transfer, the curricula sized for
 # a few thousand steps (`total_steps` / `stage_steps` are filled in from the run's length).
@@ -127,7 +121,7 @@ def train(config: Demo2DConfig, problem, *, teacher=None, init_params=None, log=
     if init_params is None:
         init_params = module.init({"params": key}, jnp.zeros((1, problem.dim)), jnp.zeros((1,)))["params"]
     optimizer = make_optimizer(config)
-    keeps_target = config.method in KEEPS_TARGET
+    keeps_target = methods.get(config.method).keeps_target
     state = {"params": init_params, "ema": init_params, "opt": optimizer.init(init_params),
              "target": init_params if keeps_target else None}
 
@@ -162,8 +156,9 @@ def train(config: Demo2DConfig, problem, *, teacher=None, init_params=None, log=
         state, chunk_losses = train_chunk(state, teacher_params, jnp.int32(first))
         log(f"{config.method} step {first + chunk:5d}  loss {float(jnp.mean(chunk_losses)):.5f}  "
             f"({time.time() - start:.1f}s)")
-    kind = "edm" if config.method in EDM_PARAMETERISED else "consistency"
-    sigma_max = config.objective_settings(sigma_data).get("sigma_max", pz.SIGMA_MAX)
+    settings = config.objective_settings(sigma_data)
+    kind = methods.parameterization_of(config.method, settings)
+    sigma_max = settings.get("sigma_max", pz.SIGMA_MAX)
     return Model2D(module, state["ema"], sigma_data, kind, sigma_max)
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from cmjax import parameterization, sampling, sharding
+from cmjax import errors, methods, models, parameterization, sampling, sharding, workdir as workdir_lib
 
 
 def consistency_fn_for(module, params, class_labels, *, sigma_data, sigma_min):
@@ -41,7 +41,7 @@ def generate(module, params, key, *, mesh: Mesh, num_images: int, image_shape: S
     over the mesh's batch axes. Returns (images [N, H, W, C] float32 global array, labels or None)."""
     devices = sharding.batch_device_count(mesh)
     if num_images % devices:
-        raise ValueError(f"num_images={num_images} must divide over the {devices} devices of the mesh.")
+        raise errors.ConfigError(f"num_images={num_images} must divide over the {devices} devices of the mesh.")
     shape = (num_images, *image_shape)
     out_sharding = sharding.batch_sharding(mesh)
 
@@ -288,7 +288,7 @@ def metric_name(config) -> str:
     if name == "auto":
         return "digits" if config.data.name == "digits" else "inception"
     if name not in METRICS:
-        raise ValueError(f"Unknown config.eval.metric {name!r}; use 'auto' or one of {sorted(METRICS)}.")
+        raise errors.ConfigError(f"Unknown config.eval.metric {name!r}; use 'auto' or one of {sorted(METRICS)}.")
     return name
 
 
@@ -297,7 +297,7 @@ def _eval_batch(config, mesh: Mesh, num_samples: int | None) -> int:
     devices = sharding.batch_device_count(mesh)
     batch = int(config.eval.batch_size)
     if batch % devices:
-        raise ValueError(f"config.eval.batch_size={batch} does not divide over the {devices} devices of the mesh; "
+        raise errors.ConfigError(f"config.eval.batch_size={batch} does not divide over the {devices} devices of the mesh; "
                          f"choose a multiple of {devices}.")
     if num_samples is not None:
         batch = min(batch, -(-num_samples // devices) * devices)
@@ -309,16 +309,13 @@ class Evaluator:
     calls (periodic evaluation during training reuses them)."""
 
     def __init__(self, config, module, mesh: Mesh):
-        from cmjax import train
-
         self.config, self.module, self.mesh = config, module, mesh
-        self.image_shape = train.image_shape(config)
+        self.image_shape = models.image_shape(config)
         self.num_classes = int(config.model.get("num_classes") or 0)
-        method = config.method
-        self.kind = "edm" if method.name in ("edm", "ect") else "consistency"
-        self.sigma_data = method.get("sigma_data", parameterization.SIGMA_DATA)
-        self.sigma_min = method.get("sigma_min", parameterization.SIGMA_MIN)
-        self.sigma_max = method.get("sigma_max", parameterization.SIGMA_MAX)
+        # The run's own parameterisation (ECT: its `parameterization_kind`), as export reads it too.
+        self.kind = methods.parameterization_kind(config)
+        noise = methods.noise_range(config)
+        self.sigma_data, self.sigma_min, self.sigma_max = noise["sigma_data"], noise["sigma_min"], noise["sigma_max"]
         self._samplers: dict[Any, Any] = {}
         self._metrics: dict[str, Any] = {}
 
@@ -435,10 +432,8 @@ def sample_checkpoint(config, workdir: str, *, step: int | None = None, ema_rate
     """`--mode=sample`: 1-step and 2-step (config.sample.two_step_sigma) samples of a checkpoint as PNG grids and
     one .npz per sampler (uint8 NHWC `images`, `labels`) in `output` (default workdir/samples). Deterministic for
     config.seed; every process calls it."""
-    from cmjax import train
-
     mesh = sharding.make_mesh(config.mesh)
-    module, params, _, step = train.load_params(workdir, mesh, step=step, ema_rate=ema_rate, config=config)
+    module, params, _, step = workdir_lib.load_params(workdir, mesh, step=step, ema_rate=ema_rate, config=config)
     evaluator = Evaluator(config, module, mesh)
     output = output or os.path.join(workdir, "samples")
     num_samples = int(num_samples or config.sample.num_images)
@@ -462,14 +457,12 @@ def evaluate_checkpoint(config, workdir: str, *, step: int | None = None, ema_ra
     /metrics_<step>.json and grids; resumes a preempted evaluation from its saved chunks. Every process calls it."""
     import shutil
 
-    from cmjax import train
-
     mesh = sharding.make_mesh(config.mesh)
     output = output or os.path.join(workdir, "eval")
     num_samples = int(num_samples or config.eval.num_samples)
     evaluator, results, step_used = None, {}, step
     for rate in _ema_rates(config, ema_rate):
-        module, params, _, step_used = train.load_params(workdir, mesh, step=step, ema_rate=rate, config=config)
+        module, params, _, step_used = workdir_lib.load_params(workdir, mesh, step=step, ema_rate=rate, config=config)
         evaluator = evaluator or Evaluator(config, module, mesh)
         metric = evaluator.metric()
         samplers = sampler_sigmas(config.sample.two_step_sigma, evaluator.sigma_max)

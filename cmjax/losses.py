@@ -1,4 +1,4 @@
-"""Training objectives and distances: edm, cd, ct (2023), ict, ect.
+"""Training objectives: edm, cd, ct (2023), ict, ect (distances: `cmjax.distances`).
 
 Every objective has the signature
     objective(network, params, x, key, step, *, target_params=None, teacher_params=None,
@@ -13,96 +13,14 @@ and iCT releases).
 """
 from __future__ import annotations
 
-import importlib
 import inspect
-import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from cmjax import parameterization, schedules, solvers
+from cmjax import distances, errors, parameterization, schedules, solvers
 from cmjax.parameterization import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, broadcast_per_sample
-
-# ----------------------------------------------------------------------------------------------
-# Distances: per-sample, shape [B].
-
-
-def l2_distance(a, b):
-    """Mean squared error per sample (openai `mean_flat((a − b)²)`)."""
-    return jnp.mean(jnp.square(a - b).reshape(a.shape[0], -1), axis=1)
-
-
-def l1_distance(a, b):
-    """Mean absolute error per sample."""
-    return jnp.mean(jnp.abs(a - b).reshape(a.shape[0], -1), axis=1)
-
-
-def pseudo_huber_distance(a, b, c):
-    """√(‖a − b‖² + c²) − c over the whole sample (iCT §3.3). c = 0 is the plain L2 norm (ECT CIFAR-10);
-    the floor inside the square root keeps its gradient finite where a = b.
-    """
-    squared_norm = jnp.sum(jnp.square(a - b).reshape(a.shape[0], -1), axis=1)
-    return jnp.sqrt(jnp.maximum(squared_norm + c**2, 1e-20)) - c
-
-
-def ict_huber_c(sample_shape) -> float:
-    """c = 0.00054·√d, d the data dimension (iCT §3.3: 0.03 for CIFAR-10's d = 3072)."""
-    return 0.00054 * math.sqrt(math.prod(sample_shape))
-
-
-_DISTANCES: dict[str, Callable] = {
-    "l2": l2_distance,
-    "l1": l1_distance,
-    "pseudo_huber": pseudo_huber_distance,
-}
-# Loaders `load(path) -> params` of the distances that carry a network (their fn is fn(params, a, b)).
-_DISTANCE_LOADERS: dict[str, Callable] = {}
-
-
-def register_distance(name: str, fn: Callable, *, load_params: Callable | None = None) -> None:
-    """Adds a distance `fn(a, b) -> [B]`, or with `load_params(path) -> params` one with network weights,
-    `fn(params, a, b)` (the metrics package registers `lpips` and `lpips_avgpool` so)."""
-    _DISTANCES[name] = fn
-    if load_params is not None:
-        _DISTANCE_LOADERS[name] = load_params
-
-
-def _registered(name: str) -> str:
-    if name.startswith("lpips") and name not in _DISTANCES:
-        try:  # The LPIPS network lives with the metrics; importing it registers the distance.
-            importlib.import_module("cmjax.metrics.lpips")
-        except ModuleNotFoundError as err:
-            raise ValueError(
-                f"distance {name!r} needs cmjax.metrics.lpips (VGG16 LPIPS), which this installation "
-                f"lacks ({err}); use one of {sorted(_DISTANCES)}."
-            ) from err
-    if name not in _DISTANCES:
-        raise ValueError(f"Unknown distance {name!r}; choose one of {sorted(_DISTANCES)}.")
-    return name
-
-
-def load_distance_params(name: str, path: str | None = None):
-    """The network weights distance `name` needs (read from `path`, else its default file); None for the
-    distances without a network (l2, l1, pseudo_huber)."""
-    loader = _DISTANCE_LOADERS.get(_registered(name))
-    return None if loader is None else loader(path)
-
-
-def get_distance(name: str, sample_shape, huber_c: float | None = None, params=None) -> Callable:
-    """The distance `config.method.distance` names, as `fn(a, b) -> [B]`; `params` are the weights of
-    its network, if it has one (LPIPS)."""
-    fn = _DISTANCES[_registered(name)]
-    if name in _DISTANCE_LOADERS:
-        if params is None:
-            raise ValueError(f"distance {name!r} needs its network weights as distance_params (training "
-                             "loads them from config.method.distance_weights).")
-        return lambda a, b: fn(params, a, b)
-    if name == "pseudo_huber":
-        c = ict_huber_c(sample_shape) if huber_c is None else huber_c
-        return lambda a, b: pseudo_huber_distance(a, b, c)
-    return fn
-
 
 # ----------------------------------------------------------------------------------------------
 # Weightings λ(σ_{n+1}, σ_n): per-sample, shape [B].
@@ -117,7 +35,7 @@ def _weighting(name: str, sigma, sigma_prev, sigma_data):
         return 1.0 / jnp.square(sigma) + 1.0 / sigma_data**2
     if name in ("ict", "ect"):
         return 1.0 / (sigma - sigma_prev)
-    raise ValueError(f"Unknown weighting {name!r}; choose uniform, karras, ict or ect.")
+    raise errors.ConfigError(f"Unknown weighting {name!r}; choose uniform, karras, ict or ect.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +60,7 @@ def curriculum(step, *, curriculum: str, total_steps: int, num_scales: int, s0: 
         return schedules.cm_adaptive_schedule(jnp.asarray(step), total_steps, s0, s1, mu0)
     if curriculum == "ict":
         return schedules.ict_num_scales(step, total_steps, s0, s1), jnp.float32(0.0)
-    raise ValueError(f"Unknown curriculum {curriculum!r}; choose fixed, cm_adaptive or ict.")
+    raise errors.ConfigError(f"Unknown curriculum {curriculum!r}; choose fixed, cm_adaptive or ict.")
 
 
 def max_num_scales(*, curriculum: str, num_scales: int, s1: int) -> int:
@@ -165,7 +83,7 @@ def edm_loss(network, params, x, key, step, *, sigma_data=SIGMA_DATA, p_mean=-1.
     denoise = _bind(network, params, dropout_key, "edm", sigma_data, SIGMA_MIN)
     denoised = denoise(x + broadcast_per_sample(sigma, x) * noise, sigma)
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-    loss = jnp.mean(weight * l2_distance(denoised, x))
+    loss = jnp.mean(weight * distances.l2_distance(denoised, x))
     return loss, {"loss": loss, "mean_sigma": jnp.mean(sigma)}
 
 
@@ -190,7 +108,7 @@ def _discrete_consistency_loss(
         index = schedules.sample_ict_indices(index_key, batch, n_scales, grid_size, p_mean, p_std,
                                              sigma_min, sigma_max, rho)
     else:
-        raise ValueError(f"Unknown index_distribution {index_distribution!r}; use uniform or lognormal.")
+        raise errors.ConfigError(f"Unknown index_distribution {index_distribution!r}; use uniform or lognormal.")
     sigma_n = schedules.karras_sigma(index, n_scales, sigma_min, sigma_max, rho)
     sigma_next = schedules.karras_sigma(index + 1, n_scales, sigma_min, sigma_max, rho)
 
@@ -204,7 +122,7 @@ def _discrete_consistency_loss(
     online = _bind(network, params, dropout_key, "consistency", sigma_data, sigma_min)
     target_params = jax.lax.stop_gradient(params if target_params is None else target_params)
     target = _bind(network, target_params, dropout_key, "consistency", sigma_data, sigma_min)
-    distance_fn = get_distance(distance, x.shape[1:], huber_c, params=distance_params)
+    distance_fn = distances.get(distance, x.shape[1:], huber_c, params=distance_params)
     per_sample = distance_fn(online(x_next, sigma_next), jax.lax.stop_gradient(target(x_hat, sigma_n)))
     weight = _weighting(weighting, sigma_next, sigma_n, sigma_data)
     loss = jnp.mean(weight * per_sample)
@@ -221,10 +139,10 @@ def cd_loss(network, params, x, key, step, *, target_params=None, teacher_params
     """Consistency distillation (CM 2023 eq. 7): x̂_n is one Heun (or Euler) step of the EDM teacher
     from σ_{n+1} to σ_n. CIFAR-10: N = 18, μ = 0; ImageNet-64/LSUN: N = 40, μ = 0.95."""
     if teacher_network is None:
-        raise ValueError("method 'cd' needs a teacher: set config.method.teacher to an EDM run.")
+        raise errors.ConfigError("method 'cd' needs a teacher: set config.teacher.workdir to an EDM run.")
     steppers = {"heun": solvers.heun_step, "euler": solvers.euler_step}
     if teacher_solver not in steppers:
-        raise ValueError(f"Unknown teacher_solver {teacher_solver!r}; choose {sorted(steppers)}.")
+        raise errors.ConfigError(f"Unknown teacher_solver {teacher_solver!r}; choose {sorted(steppers)}.")
     teacher_denoise = lambda xs, s: parameterization.edm_denoise(  # noqa: E731
         teacher_network, teacher_params, xs, s, sigma_data)
     teacher = lambda xs, s, s_prev: steppers[teacher_solver](teacher_denoise, xs, s, s_prev)  # noqa: E731
@@ -245,7 +163,7 @@ def ct_loss(network, params, x, key, step, *, target_params=None, teacher_params
     curriculum (CIFAR-10: s0 = 2, s1 = 150, μ0 = 0.9, K = 800k)."""
     del teacher_params, teacher_network
     if target_params is None:
-        raise ValueError("method 'ct' keeps a target EMA network: pass target_params.")
+        raise errors.ConfigError("method 'ct' keeps a target EMA network: pass target_params.")
     return _discrete_consistency_loss(
         network, params, x, key, step, teacher=None, target_params=target_params,
         total_steps=total_steps, curriculum_name=curriculum, num_scales=num_scales, s0=s0, s1=s1,
@@ -289,7 +207,7 @@ def ect_loss(network, params, x, key, step, *, target_params=None, teacher_param
     prediction = online(x + broadcast_per_sample(t, x) * eps, t)
     target_value = target(x + broadcast_per_sample(r, x) * eps, r)
     target_value = jnp.where(broadcast_per_sample(r, x) > 0, target_value, x)
-    per_sample = pseudo_huber_distance(prediction, jax.lax.stop_gradient(target_value), huber_c)
+    per_sample = distances.pseudo_huber_distance(prediction, jax.lax.stop_gradient(target_value), huber_c)
     loss = jnp.mean(_weighting("ect", t, r, sigma_data) * per_sample)
     return loss, {"loss": loss, "mean_sigma": jnp.mean(t), "mean_r_over_t": jnp.mean(r / t)}
 
@@ -303,7 +221,7 @@ _CALL_ARGS = {"target_params", "teacher_params", "teacher_network", "distance_pa
 def objective_settings(name: str) -> dict[str, Any]:
     """The hyper-parameters objective `name` accepts, with their defaults."""
     if name not in OBJECTIVES:
-        raise ValueError(f"Unknown method {name!r}; choose one of {sorted(OBJECTIVES)}.")
+        raise errors.ConfigError(f"Unknown method {name!r}; choose one of {sorted(OBJECTIVES)}.")
     params = inspect.signature(OBJECTIVES[name]).parameters.values()
     return {p.name: p.default for p in params
             if p.kind is p.KEYWORD_ONLY and p.name not in _CALL_ARGS}
@@ -314,7 +232,7 @@ def make_objective(name: str, **settings) -> Callable:
     allowed = objective_settings(name)
     unknown = sorted(set(settings) - set(allowed))
     if unknown:
-        raise ValueError(f"Method {name!r} has no setting(s) {unknown}; it takes {sorted(allowed)}.")
+        raise errors.ConfigError(f"Method {name!r} has no setting(s) {unknown}; it takes {sorted(allowed)}.")
     fn = OBJECTIVES[name]
 
     def objective(network, params, x, key, step, **call_args):

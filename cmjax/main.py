@@ -13,6 +13,8 @@ On several hosts every process runs the same command; `jax.distributed.initializ
 the environment says the job spans processes (Cloud TPU pod slices, SLURM, or the explicit flags).
 """
 import os
+import re
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -27,7 +29,7 @@ MODES = {
     "eval": "cmjax.evaluate:evaluate_checkpoint",
     "export": "cmjax.interop:export_checkpoint",
     "import": "cmjax.interop:import_checkpoint",
-    "compile": "cmjax.train:compile_report",
+    "compile": "cmjax.aot:compile_report",
 }
 flags.DEFINE_enum("mode", "train", list(MODES), "What to do.")
 flags.DEFINE_integer("step", None, "sample/eval/export: checkpoint step (default: the newest).")
@@ -41,6 +43,7 @@ flags.DEFINE_string("input", None, "import: the checkpoint to import (a diffuser
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run.")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "Index of this process in a multi-process run.")
+flags.DEFINE_bool("verbose", False, "Show the Python traceback of a user error (bad config, path or file) too.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -65,7 +68,7 @@ class _QuietLibraries(logging.logging.Filter):
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        _exit_with_message(f"Unexpected arguments: {argv[1:]} (flags are --name=value).")
     options = _mode_options(FLAGS.mode)  # flag errors before any distributed set-up
     logging.get_absl_handler().addFilter(_QuietLibraries())
     _initialize_distributed()
@@ -73,7 +76,14 @@ def main(argv):
 
     logging.info("JAX process %d/%d, %d local / %d global devices.", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
-    result = _mode_function(FLAGS.mode)(FLAGS.config, FLAGS.workdir, **options)
+    from cmjax import errors
+
+    try:
+        result = _mode_function(FLAGS.mode)(FLAGS.config, FLAGS.workdir, **options)
+    except errors.UserError as err:
+        if FLAGS.verbose:
+            raise
+        _exit_with_message(str(err))
     if jax.process_index() == 0:
         _report(FLAGS.mode, FLAGS.workdir, result)
 
@@ -97,11 +107,11 @@ def _mode_options(mode: str) -> dict:
     ignored = [name for name in ("step", "ema_rate", "num_samples", "output", "input")
                if name not in accepted and FLAGS[name].present]
     if ignored:
-        raise app.UsageError(f"--mode={mode} does not take --{', --'.join(ignored)}.")
+        _exit_with_message(f"--mode={mode} does not take --{', --'.join(ignored)}.")
     if mode == "import" and not FLAGS.input:
-        raise app.UsageError("--mode=import needs --input=PATH (a diffusers folder or an openai .pt/.safetensors).")
+        _exit_with_message("--mode=import needs --input=PATH (a diffusers folder or an openai .pt/.safetensors).")
     if mode == "export" and not FLAGS.output:
-        raise app.UsageError("--mode=export needs --output=DIR.")
+        _exit_with_message("--mode=export needs --output=DIR.")
     return {name: FLAGS[name].value for name in accepted}
 
 
@@ -117,5 +127,51 @@ def _report(mode: str, workdir: str, result) -> None:
     elif result is not None:
         print(result)
 
+def _exit_with_message(message: str) -> None:
+    """A user error: its message alone on stderr (no traceback; --verbose shows one), exit status 2."""
+    print(f"cmjax: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with errors in the config file or a --config.* override as one message."""
+    try:
+        args = FLAGS(argv)
+        FLAGS.config.get("seed")  # a config file that failed to load raises here, not in FLAGS(argv)
+        return args
+    except OSError as err:  # the config file is missing or unreadable
+        if "--verbose" in argv:
+            raise
+        path = argv_config(argv).partition("=")[2].split(":")[0]
+        if path and not os.path.isfile(path):
+            _exit_with_message(f"{argv_config(argv)}: no such config file {path!r} (recipes are in configs/).")
+        _exit_with_message(f"{argv_config(argv)}: " + " ".join(str(err).split()))
+    except flags.Error as err:
+        if "--verbose" in argv:
+            raise
+        text = str(err)
+        if "Error whilst parsing config file" in text:  # the config's own exception, inside a traceback text
+            last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+            _exit_with_message(f"{argv_config(argv)}: {last}")
+        _exit_with_message(text.splitlines()[0] if text else repr(err))
+    except (AttributeError, KeyError) as err:  # an override of a key the (locked) config does not have
+        if "--verbose" in argv:
+            raise
+        key = str(err).strip("\"'").splitlines()[0].strip("\"'")
+        given = [a for a in argv[1:] if re.match(rf"--config(\.\w+)*\.{re.escape(key)}(=|$)", a)]
+        hint = " ".join(line.strip() for line in str(err).strip("\"'").splitlines()[1:])
+        _exit_with_message(f"{given[0] if given else key!r}: the config has no key {key!r}. {hint} Every key is "
+                           "in configs/default.py (method settings in config.method.<name>).".replace("  ", " "))
+    except Exception as err:  # the config file itself raised while loading: its message is the user's to act on
+        if "--verbose" in argv:
+            raise
+        _exit_with_message(f"{argv_config(argv)}: {type(err).__name__}: {err}")
+
+
+def argv_config(argv) -> str:
+    given = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+    return f"--config={given[0]}" if given else "--config"
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from cmjax import errors
+
 OPTIMIZERS = ("adam", "radam", "adamw")
 DECAYS = ("constant", "inverse_sqrt", "cosine")
 
@@ -52,47 +54,47 @@ def validate(optim_config: Mapping[str, Any], total_steps: int) -> dict[str, Any
     cfg = _as_dict(optim_config)
     unknown = sorted(set(cfg) - set(VALID_KEYS))
     if unknown:
-        raise ValueError(f"Unknown optimizer setting(s) {unknown}; the valid keys are {sorted(VALID_KEYS)}.")
+        raise errors.ConfigError(f"Unknown optimizer setting(s) {unknown}; the valid keys are {sorted(VALID_KEYS)}.")
     missing = sorted(set(VALID_KEYS) - set(cfg))
     if missing:
-        raise ValueError(
+        raise errors.ConfigError(
             f"Missing optimizer setting(s) {missing}; start from cmjax.optim.default_config(), which holds "
             f"every key {sorted(VALID_KEYS)}."
         )
     if cfg["optimizer"] not in OPTIMIZERS:
-        raise ValueError(f"optim.optimizer={cfg['optimizer']!r} is not one of {list(OPTIMIZERS)}.")
+        raise errors.ConfigError(f"optim.optimizer={cfg['optimizer']!r} is not one of {list(OPTIMIZERS)}.")
     if cfg["decay"] not in DECAYS:
-        raise ValueError(f"optim.decay={cfg['decay']!r} is not one of {list(DECAYS)}.")
+        raise errors.ConfigError(f"optim.decay={cfg['decay']!r} is not one of {list(DECAYS)}.")
     if not cfg["learning_rate"] > 0:
-        raise ValueError(f"optim.learning_rate={cfg['learning_rate']} must be positive.")
+        raise errors.ConfigError(f"optim.learning_rate={cfg['learning_rate']} must be positive.")
     for key in ("b1", "b2"):
         if not 0.0 <= cfg[key] < 1.0:
-            raise ValueError(f"optim.{key}={cfg[key]} must lie in [0, 1).")
+            raise errors.ConfigError(f"optim.{key}={cfg[key]} must lie in [0, 1).")
     if not cfg["eps"] > 0:
-        raise ValueError(f"optim.eps={cfg['eps']} must be positive (it keeps the Adam denominator away from 0).")
+        raise errors.ConfigError(f"optim.eps={cfg['eps']} must be positive (it keeps the Adam denominator away from 0).")
     if cfg["weight_decay"] < 0:
-        raise ValueError(f"optim.weight_decay={cfg['weight_decay']} must be >= 0.")
+        raise errors.ConfigError(f"optim.weight_decay={cfg['weight_decay']} must be >= 0.")
     if cfg["weight_decay"] and cfg["optimizer"] != "adamw":
-        raise ValueError(
+        raise errors.ConfigError(
             f"optim.weight_decay={cfg['weight_decay']} with optim.optimizer={cfg['optimizer']!r}: decoupled "
             "weight decay belongs to adamw; set optimizer='adamw' or weight_decay=0."
         )
     if int(total_steps) <= 0:
-        raise ValueError(f"total_steps={total_steps} must be positive.")
+        raise errors.ConfigError(f"total_steps={total_steps} must be positive.")
     if cfg["warmup_steps"] < 0 or int(cfg["warmup_steps"]) != cfg["warmup_steps"]:
-        raise ValueError(f"optim.warmup_steps={cfg['warmup_steps']} must be a whole number >= 0.")
+        raise errors.ConfigError(f"optim.warmup_steps={cfg['warmup_steps']} must be a whole number >= 0.")
     if cfg["warmup_steps"] > total_steps:
-        raise ValueError(
+        raise errors.ConfigError(
             f"optim.warmup_steps={cfg['warmup_steps']} exceeds the {total_steps} training steps, so the learning "
             f"rate never reaches its peak; set warmup_steps <= {total_steps}."
         )
     if cfg["decay"] == "inverse_sqrt" and not cfg["decay_start_step"] > 0:
-        raise ValueError(
+        raise errors.ConfigError(
             f"optim.decay='inverse_sqrt' needs optim.decay_start_step > 0 (got {cfg['decay_start_step']}); "
             "it is the update count where the decay begins (EDM2: 70000 at batch 2048)."
         )
     if cfg["grad_clip_norm"] is not None and cfg["grad_clip_norm"] < 0:
-        raise ValueError(f"optim.grad_clip_norm={cfg['grad_clip_norm']} must be >= 0 (0 or None turns it off).")
+        raise errors.ConfigError(f"optim.grad_clip_norm={cfg['grad_clip_norm']} must be >= 0 (0 or None turns it off).")
     return cfg
 
 

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from cmjax import errors
+
 MESH_AXES = ("data", "fsdp")
 # The batch dimension is split over every mesh axis, in this order.
 BATCH_AXES = ("data", "fsdp")
@@ -25,21 +27,21 @@ def mesh_shape(mesh_config: Mapping[str, Any], device_count: int) -> tuple[int, 
     """Resolves `{"data": d, "fsdp": f}` (one of them may be -1: the devices left over) to concrete sizes."""
     unknown = sorted(set(mesh_config) - set(MESH_AXES))
     if unknown:
-        raise ValueError(f"Unknown mesh axes {unknown}; the mesh axes are {list(MESH_AXES)}.")
+        raise errors.ConfigError(f"Unknown mesh axes {unknown}; the mesh axes are {list(MESH_AXES)}.")
     sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"At most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
+        raise errors.ConfigError(f"At most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"Mesh axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}.")
+        raise errors.ConfigError(f"Mesh axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}.")
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if device_count % fixed:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"Mesh {dict(zip(MESH_AXES, sizes))}: {device_count} devices do not divide by {fixed}."
             )
         sizes[sizes.index(-1)] = device_count // fixed
     if math.prod(sizes) != device_count:
-        raise ValueError(
+        raise errors.ConfigError(
             f"Mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but {device_count} are "
             "present; set one axis to -1 to use all of them."
         )
@@ -68,7 +70,7 @@ def process_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     """Rows each process feeds; a batch that does not split evenly over the devices is an error."""
     devices = batch_device_count(mesh)
     if global_batch_size <= 0 or global_batch_size % devices:
-        raise ValueError(
+        raise errors.ConfigError(
             f"Global batch size {global_batch_size} does not divide evenly over the {devices} devices of the "
             f"mesh {dict(mesh.shape)}; choose a multiple of {devices}."
         )
@@ -179,7 +181,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, *, param_specs: Any = None,
     if param_specs is None:
         param_specs = param_partition_specs(params, mesh, min_size_to_shard=min_size_to_shard)
     if jax.tree.structure(param_specs, is_leaf=lambda x: isinstance(x, P)) != jax.tree.structure(params):
-        raise ValueError(
+        raise errors.ConfigError(
             "param_specs does not match the state's parameter tree; build it with param_partition_specs from the "
             "same model's abstract init (boxed or unboxed)."
         )

@@ -2,9 +2,9 @@
 default, the published one) and `:l2`; add `,smoke` for a CPU run.
 
   python -m cmjax.main --config=configs/cifar10_cd.py:lpips --workdir=gs://BUCKET/runs/cifar10_cd \
-      --config.method.teacher=gs://BUCKET/runs/cifar10_edm
+      --config.teacher.workdir=gs://BUCKET/runs/cifar10_edm
   python -m cmjax.main --config=configs/cifar10_cd.py:l2,smoke --workdir=/tmp/cd_smoke \
-      --config.method.teacher=/tmp/cifar10_edm_smoke     # a cifar10_edm.py:smoke workdir
+      --config.teacher.workdir=/tmp/cifar10_edm_smoke     # a cifar10_edm.py:smoke workdir
 
 Settings of the CM CIFAR-10 release (`configs/cifar10_ve_cd.py`): NCSN++ (dropout 0), N = 18 fixed,
 target EMA μ = 0, Heun teacher step, uniform weighting, LPIPS distance (images upsampled to 224 for VGG),
@@ -18,14 +18,29 @@ cmjax: not yet measured. Compute: 8 A100 GPUs (CM paper, Table 3).
 `:smoke`: a tiny MLP on the embedded digits for a few steps; the teacher must be a cifar10_edm.py:smoke run
 (same image shape). `:lpips` needs the LPIPS VGG weights (cmjax.metrics.lpips).
 """
-from configs import common
+from configs import common, default
 
 
 def get_config(arg: str | None = None):
     chosen = common.variants(arg, ("lpips", "l2", "smoke"), "cifar10_cd")
-    return common.recipe(
-        chosen, data="cifar10", random_flip=True, model=common.ncsnpp_cifar10(dropout=0.0),
-        method=common.method("cd", teacher_solver="heun", curriculum="fixed", num_scales=18, target_ema=0.0,
-                             distance=common.lpips_or_l2(chosen, "cifar10_cd"), weighting="uniform"),
-        batch_size=512, total_steps=800_000, optimizer="radam", learning_rate=4e-4,
-        warmup_steps=19_531, ema_rates=(0.9999,))
+    config = default.get_config()
+    config.data.name = "cifar10"
+    config.data.random_flip = True
+    config.model = common.ncsnpp_cifar10(dropout=0.0)
+    config.method.name = "cd"
+    config.method.cd.teacher_solver = "heun"
+    config.method.cd.curriculum = "fixed"
+    config.method.cd.num_scales = 18
+    config.method.cd.target_ema = 0.0
+    config.method.cd.distance = common.lpips_or_l2(chosen, "cifar10_cd")
+    config.method.cd.weighting = "uniform"
+    config.batch_size = 512
+    config.total_steps = 800_000
+    config.optim.optimizer = "radam"
+    config.optim.learning_rate = 4e-4
+    config.optim.warmup_steps = 19_531
+    config.ema_rates = (0.9999,)
+    config.log_every = 100
+    config.ckpt_every = 10_000
+    config.eval_every = 50_000
+    return common.finish(config, chosen)

@@ -12,16 +12,31 @@ Published FID (50k samples): 8.70 (1 step) / 5.83 (2 steps). cmjax: not yet meas
 Compute: 8 A100 GPUs (CM paper, Table 3).
 
 `:smoke`: a tiny MLP on the embedded digits for a few steps. The LPIPS distance needs the LPIPS VGG weights
-(cmjax.metrics.lpips); `--config.method.distance=l2` runs without them.
+(cmjax.metrics.lpips); `--config.method.ct.distance=l2` runs without them.
 """
-from configs import common
+from configs import common, default
 
 
 def get_config(arg: str | None = None):
-    return common.recipe(
-        common.variants(arg, ("smoke",), "cifar10_ct"), data="cifar10", random_flip=True,
-        model=common.ncsnpp_cifar10(dropout=0.0),
-        method=common.method("ct", curriculum="cm_adaptive", s0=2, s1=150, mu0=0.9, distance="lpips",
-                             weighting="uniform"),
-        batch_size=512, total_steps=800_000, optimizer="radam", learning_rate=2e-4, warmup_steps=19_531,
-        ema_rates=(0.9999,))
+    chosen = common.variants(arg, ("smoke",), "cifar10_ct")
+    config = default.get_config()
+    config.data.name = "cifar10"
+    config.data.random_flip = True
+    config.model = common.ncsnpp_cifar10(dropout=0.0)
+    config.method.name = "ct"
+    config.method.ct.curriculum = "cm_adaptive"
+    config.method.ct.s0 = 2
+    config.method.ct.s1 = 150
+    config.method.ct.mu0 = 0.9
+    config.method.ct.distance = "lpips"
+    config.method.ct.weighting = "uniform"
+    config.batch_size = 512
+    config.total_steps = 800_000
+    config.optim.optimizer = "radam"
+    config.optim.learning_rate = 2e-4
+    config.optim.warmup_steps = 19_531
+    config.ema_rates = (0.9999,)
+    config.log_every = 100
+    config.ckpt_every = 10_000
+    config.eval_every = 50_000
+    return common.finish(config, chosen)

@@ -15,13 +15,25 @@ Compute: the release does not state it for the teacher.
 `:smoke` keeps the method and optimizer but trains a tiny MLP on the embedded digits dataset for a few steps
 (configs/common.py); its workdir is the teacher for the CD/ECT smoke runs.
 """
-from configs import common
+from configs import common, default
 
 
 def get_config(arg: str | None = None):
-    return common.recipe(
-        common.variants(arg, ("smoke",), "cifar10_edm"), data="cifar10", random_flip=True,
-        model=common.ncsnpp_cifar10(dropout=0.13), method=common.method("edm", p_mean=-1.2, p_std=1.2),
-        batch_size=512, total_steps=400_000, optimizer="adam", learning_rate=1e-3,
-        warmup_steps=19_531,  # 10M images
-        ema_rates=(common.ema_rate_from_half_life(0.5e6, 512),))
+    chosen = common.variants(arg, ("smoke",), "cifar10_edm")
+    config = default.get_config()
+    config.data.name = "cifar10"
+    config.data.random_flip = True
+    config.model = common.ncsnpp_cifar10(dropout=0.13)
+    config.method.name = "edm"
+    config.method.edm.p_mean = -1.2
+    config.method.edm.p_std = 1.2
+    config.batch_size = 512
+    config.total_steps = 400_000
+    config.optim.optimizer = "adam"
+    config.optim.learning_rate = 1e-3
+    config.optim.warmup_steps = 19_531  # 10M images
+    config.ema_rates = (common.ema_rate_from_half_life(0.5e6, 512),)
+    config.log_every = 100
+    config.ckpt_every = 10_000
+    config.eval_every = 50_000
+    return common.finish(config, chosen)

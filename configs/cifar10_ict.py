@@ -14,14 +14,30 @@ cmjax: not yet measured. Compute: a cluster of A100 GPUs (the paper does not giv
 
 `:smoke`: a tiny MLP on the embedded digits for a few steps (configs/common.py).
 """
-from configs import common
+from configs import common, default
 
 
 def get_config(arg: str | None = None):
     chosen = common.variants(arg, ("deep", "smoke"), "cifar10_ict")
-    model = common.ncsnpp_cifar10(dropout=0.3, fourier_scale=0.02)
+    config = default.get_config()
+    config.data.name = "cifar10"
+    config.data.random_flip = True
+    config.model = common.ncsnpp_cifar10(dropout=0.3, fourier_scale=0.02)
     if "deep" in chosen:
-        model.num_res_blocks = 8
-    return common.recipe(
-        chosen, data="cifar10", random_flip=True, model=model, method=common.ict_method(),
-        batch_size=1024, total_steps=400_000, optimizer="radam", learning_rate=1e-4, ema_rates=(0.99993,))
+        config.model.num_res_blocks = 8
+    config.method.name = "ict"
+    config.method.ict.s0 = 10
+    config.method.ict.s1 = 1280
+    config.method.ict.p_mean = -1.1
+    config.method.ict.p_std = 2.0
+    config.method.ict.distance = "pseudo_huber"
+    config.method.ict.weighting = "ict"
+    config.batch_size = 1024
+    config.total_steps = 400_000
+    config.optim.optimizer = "radam"
+    config.optim.learning_rate = 1e-4
+    config.ema_rates = (0.99993,)
+    config.log_every = 100
+    config.ckpt_every = 10_000
+    config.eval_every = 50_000
+    return common.finish(config, chosen)

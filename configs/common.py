@@ -13,10 +13,9 @@ import math
 
 import ml_collections
 
-from cmjax import losses
-from cmjax.parameterization import SIGMA_MAX, SIGMA_MIN
-from cmjax.schedules import RHO
-from configs import default
+# EDM's σ range and ρ as plain numbers (a config must not import cmjax, which starts JAX and TensorFlow);
+# tests/test_configs.py checks them against cmjax.parameterization and cmjax.schedules.
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 
 # Smoke runs: steps, global batch (a multiple of 8 virtual CPU devices) and images per sample grid.
 SMOKE_STEPS = 8  # iCT needs K >= 8 for its 8 curriculum stages (K′ = ⌊K/8⌋ >= 1)
@@ -34,17 +33,6 @@ def variants(arg: str | None, allowed: tuple[str, ...], recipe: str) -> set[str]
     return chosen
 
 
-def method(name: str, **settings) -> ml_collections.ConfigDict:
-    """`config.method` for objective `name`: its settings are checked against the objective's signature
-    here, so a misspelt key fails when the config loads."""
-    losses.make_objective(name, **settings)
-    method = {"name": name, "teacher": "", **settings}
-    # The weights file of a distance with a network (LPIPS), where configs/default.py has that key.
-    if "distance_weights" in default.get_config().method and "distance" in losses.objective_settings(name):
-        method["distance_weights"] = ""
-    return ml_collections.ConfigDict(method)
-
-
 # The CM release's evaluation EMA rates (`--ema_rate` of scripts/launch.sh): ImageNet-64 and the EDM teachers,
 # and the LSUN-256 consistency models.
 CM_EMA_RATES_IMAGENET = (0.999, 0.9999, 0.9999432189950708)
@@ -58,47 +46,16 @@ def lpips_or_l2(chosen: set[str], recipe: str) -> str:
     return "l2" if "l2" in chosen else "lpips"
 
 
-def cd_method_n40(distance: str) -> ml_collections.ConfigDict:
-    """CD as the CM release runs it on ImageNet-64 and LSUN-256: N = 40 fixed, μ = 0.95, Heun, uniform λ."""
-    return method("cd", teacher_solver="heun", curriculum="fixed", num_scales=40, target_ema=0.95,
-                  distance=distance, weighting="uniform")
-
-
-def ict_method() -> ml_collections.ConfigDict:
-    """iCT's objective (DESIGN §4): s0 = 10 → s1 = 1280, lognormal pairs (−1.1, 2.0), pseudo-Huber, 1/Δσ."""
-    return method("ict", s0=10, s1=1280, p_mean=-1.1, p_std=2.0, distance="pseudo_huber", weighting="ict")
-
-
 def openai_ts_sigma(index: int, steps: int) -> float:
     """σ of openai's `--ts` index on its Karras grid of `steps` points counted from σmax (the CM
     release's two-step samplers: `--ts 0,22,39 --steps 40` is σmax then index 22)."""
-    # Plain floats: a config must not start JAX's backend before jax.distributed.initialize().
     i = steps - 1 - index
     lo, hi = SIGMA_MIN ** (1 / RHO), SIGMA_MAX ** (1 / RHO)
     return (lo + i / (steps - 1) * (hi - lo)) ** RHO
 
 
-def recipe(chosen: set[str], *, data: str, model: ml_collections.ConfigDict, method: ml_collections.ConfigDict,
-           batch_size: int, total_steps: int, optimizer: str, learning_rate: float, ema_rates: tuple[float, ...],
-           warmup_steps: int = 0, random_flip: bool = False, two_step_sigma: float | None = None,
-           ckpt_every: int = 10_000) -> ml_collections.ConfigDict:
-    """configs/default.py with a recipe's published settings; `smoke` in `chosen` shrinks it (`smoke`)."""
-    config = default.get_config()
-    config.data.name = data
-    config.data.random_flip = random_flip
-    config.model = model
-    config.method = method
-    config.batch_size = batch_size
-    config.total_steps = total_steps  # also K of the CT and iCT curricula
-    config.optim.optimizer = optimizer
-    config.optim.learning_rate = learning_rate
-    config.optim.warmup_steps = warmup_steps
-    config.ema_rates = tuple(ema_rates)
-    if two_step_sigma is not None:
-        config.sample.two_step_sigma = two_step_sigma
-    config.log_every = 100
-    config.ckpt_every = ckpt_every
-    config.eval_every = 50_000
+def finish(config: ml_collections.ConfigDict, chosen: set[str]) -> ml_collections.ConfigDict:
+    """The recipe as written, or its `smoke` shrink when `smoke` is among the variants."""
     return smoke(config) if "smoke" in chosen else config
 
 

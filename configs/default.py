@@ -3,14 +3,15 @@
   python -m cmjax.main --config=configs/default.py --workdir=/tmp/cmjax_default
 
 The defaults train iCT on the embedded digits dataset (8×8, no download) with a small ADM UNet.
-`config.model` holds exactly the fields of the network `config.model.name` selects
-(`cmjax/models/`); `config.method` holds `name`, `teacher` and exactly the settings of the objective
-`name` selects (`cmjax.losses.objective_settings(name)` lists them with their defaults).
+`config.model` holds exactly the fields of the network `config.model.name` selects (`cmjax/models/`).
+`config.method.name` selects the objective; each objective's settings live in its own section
+`config.method.<name>` (`cmjax.losses.objective_settings(name)` lists them with the objective's defaults), so
+`--config.method.name=edm|cd|ct|ict|ect` switches any recipe to that method with these defaults. The teacher
+(CD, ECT) and the LPIPS weights are files, not objective settings: `config.teacher`, `config.distance_weights`.
+
+Configs import only ml_collections: parsing one starts neither JAX nor TensorFlow.
 """
 import ml_collections
-
-from cmjax import optim
-from cmjax.data import pipeline
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -18,8 +19,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0  # model init, noise and data order all derive from it
     config.batch_size = 128  # global, over all processes and devices
-    config.total_steps = 3000  # optimizer steps; also K of the curricula (iCT, CT) unless the method sets it
-    config.log_every = 50  # steps between metric writes (TensorBoard, stdout, metrics.jsonl)
+    config.total_steps = 3000  # optimizer steps; also K of the curricula (iCT, CT)
+    config.log_every = 50  # steps between metric writes (TensorBoard, metrics.jsonl) and progress lines
     config.ckpt_every = 500  # steps between asynchronous checkpoints
     config.keep_checkpoints = 3  # newest checkpoints kept
     config.eval_every = 1000  # steps between sample grids and quality metrics (0: only at the end)
@@ -27,60 +28,148 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.ema_rates = (0.999,)  # evaluation EMA rates of the parameters (iCT CIFAR-10: 0.99993)
 
     # Device mesh: batch over ("data", "fsdp"); parameters FSDP-sharded over "fsdp". -1 fills.
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1
+    config.mesh.fsdp = 1
 
-    config.data = pipeline.default_config()  # keys documented in cmjax/data/pipeline.py
+    # Input (cmjax/data/pipeline.py; its DEFAULTS hold the same values, tested).
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "digits"  # digits | cifar10 | imagenet64 | lsun_bedroom | lsun_cat (cmjax/data/datasets.py)
+    config.data.split = "train"  # TFDS split, slicing allowed ("train[:90%]")
+    config.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir; None: TFDS's default
+    config.data.shuffle_buffer = 10_000  # examples per process in the shuffle buffer; 0: file order
+    config.data.random_flip = True  # mirror each image left-right with probability 1/2
+    config.data.cache = False  # keep the decoded split in host memory (small datasets only)
+    config.data.prefetch = 2  # batches tf.data prepares ahead of the train step
+    config.data.ram_budget_gb = 4.0  # cap on tf.data's autotuned buffers, per process
 
-    config.model = ml_collections.ConfigDict({
-        "name": "unet",  # unet | ncsnpp | mlp
-        "image_size": 8,
-        "in_channels": 1,
-        "out_channels": 1,
-        "model_channels": 32,
-        "channel_mult": (1, 2),
-        "num_res_blocks": 1,
-        "attention_resolutions": (4,),  # image resolutions that get self-attention
-        "num_head_channels": 32,
-        "use_scale_shift_norm": True,
-        "resblock_updown": False,
-        "dropout": 0.1,
-        "num_classes": 0,  # 0: unconditional
-        "dtype": "float32",  # compute dtype; parameters stay float32 (bfloat16 on TPU)
-        "remat": False,  # rematerialise each block in the backward pass (saves memory, costs FLOPs)
-    })
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "unet"  # unet | ncsnpp | mlp
+    config.model.image_size = 8
+    config.model.in_channels = 1
+    config.model.out_channels = 1
+    config.model.model_channels = 32
+    config.model.channel_mult = (1, 2)
+    config.model.num_res_blocks = 1
+    config.model.attention_resolutions = (4,)  # image resolutions that get self-attention
+    config.model.num_head_channels = 32
+    config.model.use_scale_shift_norm = True
+    config.model.resblock_updown = False
+    config.model.dropout = 0.1
+    config.model.num_classes = 0  # 0: unconditional
+    config.model.dtype = "float32"  # compute dtype; parameters stay float32 (bfloat16 on TPU)
+    config.model.remat = False  # rematerialise each block in the backward pass (saves memory, costs FLOPs)
 
-    config.method = ml_collections.ConfigDict({
-        "name": "ict",  # edm | cd | ct | ict | ect (cmjax/losses.py)
-        "teacher": "",  # cd/ect: workdir of an EDM run (its newest checkpoint's first EMA rate)
-        "s0": 10,
-        "s1": 160,  # sized for a few thousand steps: N = 11, 21, 41, 81, 161
-        "p_mean": -1.1,
-        "p_std": 2.0,
-        "distance": "pseudo_huber",  # l2 | l1 | pseudo_huber | lpips | lpips_avgpool (docs/lpips.md)
-        # lpips*: the converted VGG16 weights (.npz); "" = ~/.cache/cmjax/lpips_vgg16.npz, written by
-        # `python -m cmjax.metrics.lpips --convert`. Not an objective setting: train.py reads it once.
-        "distance_weights": "",
-        "weighting": "ict",
-    })
+    config.method = ml_collections.ConfigDict()
+    config.method.name = "ict"  # edm | cd | ct | ict | ect (cmjax/methods.py, cmjax/losses.py)
+    # Shared by the sections below: σ range of the Karras grids, σ_data, ρ (DESIGN §4).
+    sigma_min, sigma_max, sigma_data, rho = 0.002, 80.0, 0.5, 7.0
 
-    config.optim = optim.default_config()  # keys documented in cmjax/optim.py
+    # EDM denoising score matching: ln σ ~ N(p_mean, p_std²) (EDM eq. 2, 8).
+    config.method.edm = ml_collections.ConfigDict()
+    config.method.edm.sigma_data = sigma_data
+    config.method.edm.p_mean = -1.2
+    config.method.edm.p_std = 1.2
 
-    config.sample = ml_collections.ConfigDict({
-        "num_images": 64,  # images in each sample grid
-        "two_step_sigma": 0.8,  # the second noise level of the 2-step sampler
-        "metric_samples": 512,  # samples per sampler for the digits quality metric (0: none)
-    })
+    # CD (CM 2023 eq. 7): one teacher ODE step from σ_{n+1} to σ_n on an N-point Karras grid.
+    config.method.cd = ml_collections.ConfigDict()
+    config.method.cd.teacher_solver = "heun"  # heun | euler
+    config.method.cd.curriculum = "fixed"  # fixed (N = num_scales, μ = target_ema) | cm_adaptive (s0, s1, μ0)
+    config.method.cd.num_scales = 18
+    config.method.cd.s0 = 2
+    config.method.cd.s1 = 150
+    config.method.cd.mu0 = 0.9
+    config.method.cd.target_ema = 0.0  # μ of the target network θ⁻ (CIFAR-10: 0; ImageNet-64/LSUN: 0.95)
+    config.method.cd.distance = "l2"  # l2 | l1 | pseudo_huber | lpips | lpips_avgpool (cmjax/distances.py)
+    config.method.cd.huber_c = ml_collections.config_dict.placeholder(float)  # None: iCT's 0.00054·√d
+    config.method.cd.weighting = "uniform"  # uniform | karras (1/σ² + 1/σd²) | ict (1/Δσ)
+    config.method.cd.sigma_min = sigma_min
+    config.method.cd.sigma_max = sigma_max
+    config.method.cd.sigma_data = sigma_data
+    config.method.cd.rho = rho
+
+    # CT (CM 2023 eq. 10): x̂_n = x + σ_n·z; adaptive curriculum N(k), μ(k) of the released code.
+    config.method.ct = ml_collections.ConfigDict()
+    config.method.ct.curriculum = "cm_adaptive"  # cm_adaptive | fixed
+    config.method.ct.num_scales = 18  # N of the fixed curriculum
+    config.method.ct.s0 = 2
+    config.method.ct.s1 = 150
+    config.method.ct.mu0 = 0.9
+    config.method.ct.target_ema = 0.0  # μ of the fixed curriculum
+    config.method.ct.distance = "l2"
+    config.method.ct.huber_c = ml_collections.config_dict.placeholder(float)
+    config.method.ct.weighting = "uniform"
+    config.method.ct.sigma_min = sigma_min
+    config.method.ct.sigma_max = sigma_max
+    config.method.ct.sigma_data = sigma_data
+    config.method.ct.rho = rho
+
+    # iCT (Song & Dhariwal 2023): doubling curriculum s0 → s1, lognormal pair indices, pseudo-Huber, 1/Δσ.
+    config.method.ict = ml_collections.ConfigDict()
+    config.method.ict.s0 = 10
+    config.method.ict.s1 = 160  # sized for a few thousand steps: N = 11, 21, 41, 81, 161 (CIFAR-10: 1280)
+    config.method.ict.p_mean = -1.1
+    config.method.ict.p_std = 2.0
+    config.method.ict.distance = "pseudo_huber"
+    config.method.ict.huber_c = ml_collections.config_dict.placeholder(float)  # None: 0.00054·√d
+    config.method.ict.weighting = "ict"
+    config.method.ict.sigma_min = sigma_min
+    config.method.ict.sigma_max = sigma_max
+    config.method.ict.sigma_data = sigma_data
+    config.method.ict.rho = rho
+
+    # ECT (Geng et al. 2024): t lognormal, r = ECT's r(t) at stage ⌊step/stage_steps⌋, w = 1/(t − r).
+    config.method.ect = ml_collections.ConfigDict()
+    config.method.ect.p_mean = -1.1
+    config.method.ect.p_std = 2.0
+    config.method.ect.q = 2.0
+    config.method.ect.k = 8.0
+    config.method.ect.b = 1.0
+    config.method.ect.stage_steps = 25_000  # iterations per halving of Δt (CIFAR-10: d = 25k)
+    config.method.ect.huber_c = 0.0  # pseudo-Huber c (CIFAR-10: 0, the L2 norm)
+    config.method.ect.parameterization_kind = "edm"  # edm (the EDM model ECT starts from) | consistency
+    config.method.ect.sigma_min = sigma_min
+    config.method.ect.sigma_data = sigma_data
+
+    # The teacher of CD and ECT: an EDM run's workdir (its config.json and newest checkpoint).
+    config.teacher = ml_collections.ConfigDict()
+    config.teacher.workdir = ""
+    config.teacher.ema_rate = ""  # the teacher's EMA copy: "" = the teacher run's first rate, or e.g. "0.9999"
+
+    # LPIPS distances: the converted VGG16 weights (.npz); "" = ~/.cache/cmjax/lpips_vgg16.npz, written by
+    # `python -m cmjax.metrics.lpips --convert` (docs/lpips.md).
+    config.distance_weights = ""
+
+    # Optimizer (cmjax/optim.py; its default_config() holds the same values, tested).
+    config.optim = ml_collections.ConfigDict()
+    config.optim.optimizer = "radam"  # adam | radam | adamw
+    config.optim.learning_rate = 1e-4  # peak learning rate, reached after warmup
+    config.optim.b1 = 0.9  # first-moment decay
+    config.optim.b2 = 0.999  # second-moment decay
+    config.optim.eps = 1e-8  # added to the root of the second moment
+    config.optim.weight_decay = 0.0  # decoupled weight decay, multiplied by the learning rate; adamw only
+    config.optim.warmup_steps = 0  # linear ramp of the learning rate from 0 to peak over this many updates
+    # constant | inverse_sqrt: peak / sqrt(max(step / decay_start_step, 1)) | cosine: from peak at the end of
+    # warmup to 0 at total_steps (short runs: the last, small steps sharpen 1-step samples; configs/digits.py)
+    config.optim.decay = "constant"
+    config.optim.decay_start_step = 0  # updates before inverse_sqrt decay starts (EDM2's ref_batches)
+    config.optim.grad_clip_norm = 0.0  # clip gradients to this global L2 norm before the moments; 0 = off
+
+    config.sample = ml_collections.ConfigDict()
+    config.sample.num_images = 64  # images in each sample grid
+    config.sample.two_step_sigma = 0.8  # the second noise level of the 2-step sampler
+    config.sample.metric_samples = 512  # samples per sampler for the digits quality metric (0: none)
 
     # Evaluation (cmjax/evaluate.py): --mode=eval, and FID during training.
-    config.eval = ml_collections.ConfigDict({
-        "num_samples": 50_000,  # samples per sampler and EMA rate for --mode=eval (published FIDs use 50k)
-        "batch_size": 512,  # global images per chunk (a multiple of the device count); the unit of resumption
-        "metric": "auto",  # auto (digits: the digit classifier; other datasets: inception) | inception | digits
-        "inception_weights": "~/.cache/cmjax/pt_inception-2015-12-05-6726825d.npz",  # python -m cmjax.metrics.inception
-        "inception_size": 299,  # Inception input size; pytorch-fid's 299 (smaller, >= 75, only for tests)
-        "reference": "train",  # TFDS split of config.data.name (statistics cached), or a .npz with mu and sigma
-        "fid_during_training": 0,  # samples per sampler for FID/IS/precision/recall at each eval_every (0: off)
-        "two_step_search": 0,  # samples per probe of the 2-step middle-time ternary search in --mode=eval (0: off)
-        "search_steps": 40,  # Karras grid (openai --steps) whose indices the 2-step search walks
-    })
+    config.eval = ml_collections.ConfigDict()
+    config.eval.num_samples = 50_000  # samples per sampler and EMA rate for --mode=eval (published FIDs: 50k)
+    config.eval.batch_size = 512  # global images per chunk (a multiple of the device count); unit of resumption
+    config.eval.metric = "auto"  # auto (digits: the digit classifier; others: inception) | inception | digits
+    # python -m cmjax.metrics.inception writes these weights
+    config.eval.inception_weights = "~/.cache/cmjax/pt_inception-2015-12-05-6726825d.npz"
+    config.eval.inception_size = 299  # Inception input size; pytorch-fid's 299 (smaller, >= 75, only for tests)
+    config.eval.reference = "train"  # TFDS split of config.data.name (statistics cached), or a .npz of mu, sigma
+    config.eval.fid_during_training = 0  # samples per sampler for FID/IS/precision/recall each eval_every (0: off)
+    config.eval.two_step_search = 0  # samples per probe of the 2-step middle-time ternary search (0: off)
+    config.eval.search_steps = 40  # Karras grid (openai --steps) whose indices the 2-step search walks
     return config

@@ -58,8 +58,8 @@ def get_config(arg: str | None = None):
     # σ_max sized to the data: E‖x‖²/(2σ_max²), a bound on the KL between N(0, σ_max²I) and the noised data
     # (the prior the sampler starts from), is 0.23 nats here at σ_max = 10; EDM's 80 gives CIFAR-10 ~0.06.
     # 80 left the 1-step samples worse (the digit 8 over-produced at 15.3 %, see above).
-    config.method.sigma_max = 10.0
-    config.method.s1 = 80  # N = 11, 21, 41, 81: four stages of 4,500 steps
+    config.method.ict.sigma_max = 10.0
+    config.method.ict.s1 = 80  # N = 11, 21, 41, 81: four stages of 4,500 steps
     config.model = ml_collections.ConfigDict({
         "name": "mlp",
         "hidden_dim": 256,

@@ -4,9 +4,9 @@ add `,smoke` for a CPU run.
 
   launch/tpu_vm.sh run --name=cm --zone=ZONE --config=configs/imagenet64_cd.py:lpips \
       --workdir=gs://BUCKET/runs/imagenet64_cd --data-dir=gs://BUCKET/tensorflow_datasets \
-      -- --config.method.teacher=gs://BUCKET/runs/imagenet64_edm
+      -- --config.teacher.workdir=gs://BUCKET/runs/imagenet64_edm
   python -m cmjax.main --config=configs/imagenet64_cd.py:l2,smoke --workdir=/tmp/in64_cd_smoke \
-      --config.method.teacher=/tmp/imagenet64_edm_smoke     # an imagenet64_edm.py:smoke workdir
+      --config.teacher.workdir=/tmp/imagenet64_edm_smoke     # an imagenet64_edm.py:smoke workdir
 
 Settings of the CM release (`scripts/launch.sh`, L_CD^N): ADM UNet as the teacher's (dropout 0), N = 40
 fixed, target EMA μ = 0.95, Heun teacher step, uniform weighting, LPIPS or L2, lr 8e-6, batch 2048,
@@ -19,13 +19,29 @@ Compute: 64 A100 GPUs (CM paper, Table 3).
 `:smoke`: a tiny class-conditional MLP on the embedded digits for a few steps; the teacher must be an
 imagenet64_edm.py:smoke run. `:lpips` needs the LPIPS VGG weights (cmjax.metrics.lpips).
 """
-from configs import common
+from configs import common, default
 
 
 def get_config(arg: str | None = None):
     chosen = common.variants(arg, ("lpips", "l2", "smoke"), "imagenet64_cd")
-    return common.recipe(
-        chosen, data="imagenet64", model=common.adm_unet(64, dropout=0.0, num_classes=1000),
-        method=common.cd_method_n40(common.lpips_or_l2(chosen, "imagenet64_cd")),
-        batch_size=2048, total_steps=600_000, optimizer="radam", learning_rate=8e-6,
-        ema_rates=common.CM_EMA_RATES_IMAGENET, two_step_sigma=common.openai_ts_sigma(22, 40), ckpt_every=5_000)
+    config = default.get_config()
+    config.data.name = "imagenet64"
+    config.data.random_flip = False
+    config.model = common.adm_unet(64, dropout=0.0, num_classes=1000)
+    config.method.name = "cd"
+    config.method.cd.teacher_solver = "heun"
+    config.method.cd.curriculum = "fixed"
+    config.method.cd.num_scales = 40
+    config.method.cd.target_ema = 0.95
+    config.method.cd.distance = common.lpips_or_l2(chosen, "imagenet64_cd")
+    config.method.cd.weighting = "uniform"
+    config.batch_size = 2048
+    config.total_steps = 600_000
+    config.optim.optimizer = "radam"
+    config.optim.learning_rate = 8e-6
+    config.ema_rates = common.CM_EMA_RATES_IMAGENET
+    config.sample.two_step_sigma = common.openai_ts_sigma(22, 40)
+    config.log_every = 100
+    config.ckpt_every = 5_000
+    config.eval_every = 50_000
+    return common.finish(config, chosen)

@@ -18,12 +18,24 @@ cmjax: not yet measured. Compute: not stated for the teacher.
 `:smoke`: a tiny class-conditional MLP (10 classes) on the embedded digits for a few steps; its workdir is the
 teacher for imagenet64_cd.py:smoke.
 """
-from configs import common
+from configs import common, default
 
 
 def get_config(arg: str | None = None):
-    return common.recipe(
-        common.variants(arg, ("smoke",), "imagenet64_edm"), data="imagenet64",  # ADM's loader does not flip
-        model=common.adm_unet(64, dropout=0.1, num_classes=1000), method=common.method("edm", p_mean=-1.2, p_std=1.2),
-        batch_size=4096, total_steps=600_000, optimizer="radam", learning_rate=1e-4,
-        ema_rates=common.CM_EMA_RATES_IMAGENET, ckpt_every=5_000)
+    chosen = common.variants(arg, ("smoke",), "imagenet64_edm")
+    config = default.get_config()
+    config.data.name = "imagenet64"
+    config.data.random_flip = False  # ADM's loader does not flip
+    config.model = common.adm_unet(64, dropout=0.1, num_classes=1000)
+    config.method.name = "edm"
+    config.method.edm.p_mean = -1.2
+    config.method.edm.p_std = 1.2
+    config.batch_size = 4096
+    config.total_steps = 600_000
+    config.optim.optimizer = "radam"
+    config.optim.learning_rate = 1e-4
+    config.ema_rates = common.CM_EMA_RATES_IMAGENET
+    config.log_every = 100
+    config.ckpt_every = 5_000
+    config.eval_every = 50_000
+    return common.finish(config, chosen)

@@ -16,12 +16,28 @@ cmjax: not yet measured. Compute: a cluster of A100 GPUs (the paper does not giv
 
 `:smoke`: a tiny class-conditional MLP on the embedded digits for a few steps (configs/common.py).
 """
-from configs import common
+from configs import common, default
 
 
 def get_config(arg: str | None = None):
-    return common.recipe(
-        common.variants(arg, ("smoke",), "imagenet64_ict"), data="imagenet64",
-        model=common.adm_unet(64, dropout=0.2, num_classes=1000), method=common.ict_method(),
-        batch_size=4096, total_steps=800_000, optimizer="radam", learning_rate=1e-4, ema_rates=(0.99997,),
-        ckpt_every=5_000)
+    chosen = common.variants(arg, ("smoke",), "imagenet64_ict")
+    config = default.get_config()
+    config.data.name = "imagenet64"
+    config.data.random_flip = False
+    config.model = common.adm_unet(64, dropout=0.2, num_classes=1000)
+    config.method.name = "ict"
+    config.method.ict.s0 = 10
+    config.method.ict.s1 = 1280
+    config.method.ict.p_mean = -1.1
+    config.method.ict.p_std = 2.0
+    config.method.ict.distance = "pseudo_huber"
+    config.method.ict.weighting = "ict"
+    config.batch_size = 4096
+    config.total_steps = 800_000
+    config.optim.optimizer = "radam"
+    config.optim.learning_rate = 1e-4
+    config.ema_rates = (0.99997,)
+    config.log_every = 100
+    config.ckpt_every = 5_000
+    config.eval_every = 50_000
+    return common.finish(config, chosen)

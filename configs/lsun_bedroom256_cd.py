@@ -3,9 +3,9 @@ Variants `:lpips` (the default, the published headline) and `:l2`; add `,smoke` 
 
   launch/tpu_vm.sh run --name=cm --zone=ZONE --config=configs/lsun_bedroom256_cd.py:lpips \
       --workdir=gs://BUCKET/runs/bedroom_cd --data-dir=gs://BUCKET/tensorflow_datasets \
-      -- --config.method.teacher=gs://BUCKET/runs/bedroom_edm
+      -- --config.teacher.workdir=gs://BUCKET/runs/bedroom_edm
   python -m cmjax.main --config=configs/lsun_bedroom256_cd.py:l2,smoke --workdir=/tmp/bedroom_cd_smoke \
-      --config.method.teacher=/tmp/bedroom_edm_smoke     # an lsun_bedroom256_edm.py:smoke workdir
+      --config.teacher.workdir=/tmp/bedroom_edm_smoke     # an lsun_bedroom256_edm.py:smoke workdir
 
 Settings of the CM release (`scripts/launch.sh`, L_CD^N on LSUN 256): ADM UNet as the teacher's (dropout 0),
 N = 40 fixed, target EMA μ = 0.95, Heun teacher step, uniform weighting, LPIPS or L2, lr 1e-5, batch 256
@@ -18,14 +18,29 @@ Compute: 64 A100 GPUs (CM paper, Table 3).
 `:smoke`: a tiny unconditional MLP on the embedded digits for a few steps; the teacher must be an
 lsun_bedroom256_edm.py:smoke run. `:lpips` needs the LPIPS VGG weights (cmjax.metrics.lpips).
 """
-from configs import common
+from configs import common, default
 
 
 def get_config(arg: str | None = None):
     chosen = common.variants(arg, ("lpips", "l2", "smoke"), "lsun_bedroom256_cd")
-    return common.recipe(
-        chosen, data="lsun_bedroom", model=common.adm_unet(256, dropout=0.0, num_classes=0),
-        method=common.cd_method_n40(common.lpips_or_l2(chosen, "lsun_bedroom256_cd")),
-        batch_size=256, total_steps=600_000, optimizer="radam", learning_rate=1e-5,
-        ema_rates=common.CM_EMA_RATES_LSUN, two_step_sigma=common.openai_ts_sigma(18 if "l2" in chosen else 17, 40),
-        ckpt_every=5_000)
+    config = default.get_config()
+    config.data.name = "lsun_bedroom"
+    config.data.random_flip = False
+    config.model = common.adm_unet(256, dropout=0.0, num_classes=0)
+    config.method.name = "cd"
+    config.method.cd.teacher_solver = "heun"
+    config.method.cd.curriculum = "fixed"
+    config.method.cd.num_scales = 40
+    config.method.cd.target_ema = 0.95
+    config.method.cd.distance = common.lpips_or_l2(chosen, "lsun_bedroom256_cd")
+    config.method.cd.weighting = "uniform"
+    config.batch_size = 256
+    config.total_steps = 600_000
+    config.optim.optimizer = "radam"
+    config.optim.learning_rate = 1e-5
+    config.ema_rates = common.CM_EMA_RATES_LSUN
+    config.sample.two_step_sigma = common.openai_ts_sigma(18 if "l2" in chosen else 17, 40)
+    config.log_every = 100
+    config.ckpt_every = 5_000
+    config.eval_every = 50_000
+    return common.finish(config, chosen)

@@ -13,16 +13,31 @@ Published FID (50k samples): 16.0 (1 step) / 7.85 (2 steps). cmjax: not yet meas
 Compute: 64 A100 GPUs (CM paper, Table 3).
 
 `:smoke`: a tiny unconditional MLP on the embedded digits for a few steps. The LPIPS distance needs the
-LPIPS VGG weights (cmjax.metrics.lpips); `--config.method.distance=l2` runs without them.
+LPIPS VGG weights (cmjax.metrics.lpips); `--config.method.ct.distance=l2` runs without them.
 """
-from configs import common
+from configs import common, default
 
 
 def get_config(arg: str | None = None):
-    return common.recipe(
-        common.variants(arg, ("smoke",), "lsun_bedroom256_ct"), data="lsun_bedroom",
-        model=common.adm_unet(256, dropout=0.0, num_classes=0),
-        method=common.method("ct", curriculum="cm_adaptive", s0=2, s1=150, mu0=0.95, distance="lpips",
-                             weighting="uniform"),
-        batch_size=256, total_steps=1_000_000, optimizer="radam", learning_rate=5e-5,
-        ema_rates=common.CM_EMA_RATES_LSUN, two_step_sigma=common.openai_ts_sigma(67, 151), ckpt_every=5_000)
+    chosen = common.variants(arg, ("smoke",), "lsun_bedroom256_ct")
+    config = default.get_config()
+    config.data.name = "lsun_bedroom"
+    config.data.random_flip = False
+    config.model = common.adm_unet(256, dropout=0.0, num_classes=0)
+    config.method.name = "ct"
+    config.method.ct.curriculum = "cm_adaptive"
+    config.method.ct.s0 = 2
+    config.method.ct.s1 = 150
+    config.method.ct.mu0 = 0.95
+    config.method.ct.distance = "lpips"
+    config.method.ct.weighting = "uniform"
+    config.batch_size = 256
+    config.total_steps = 1_000_000
+    config.optim.optimizer = "radam"
+    config.optim.learning_rate = 5e-5
+    config.ema_rates = common.CM_EMA_RATES_LSUN
+    config.sample.two_step_sigma = common.openai_ts_sigma(67, 151)
+    config.log_every = 100
+    config.ckpt_every = 5_000
+    config.eval_every = 50_000
+    return common.finish(config, chosen)

@@ -15,12 +15,24 @@ Published: no teacher FID in DESIGN §4. cmjax: not yet measured. Compute: not s
 `:smoke`: a tiny unconditional MLP on the embedded digits for a few steps; its workdir is the teacher for
 lsun_bedroom256_cd.py:smoke.
 """
-from configs import common
+from configs import common, default
 
 
 def get_config(arg: str | None = None):
-    return common.recipe(
-        common.variants(arg, ("smoke",), "lsun_bedroom256_edm"), data="lsun_bedroom",
-        model=common.adm_unet(256, dropout=0.1, num_classes=0), method=common.method("edm", p_mean=-1.2, p_std=1.2),
-        batch_size=256, total_steps=600_000, optimizer="radam", learning_rate=1e-4,
-        ema_rates=common.CM_EMA_RATES_IMAGENET, ckpt_every=5_000)
+    chosen = common.variants(arg, ("smoke",), "lsun_bedroom256_edm")
+    config = default.get_config()
+    config.data.name = "lsun_bedroom"
+    config.data.random_flip = False
+    config.model = common.adm_unet(256, dropout=0.1, num_classes=0)
+    config.method.name = "edm"
+    config.method.edm.p_mean = -1.2
+    config.method.edm.p_std = 1.2
+    config.batch_size = 256
+    config.total_steps = 600_000
+    config.optim.optimizer = "radam"
+    config.optim.learning_rate = 1e-4
+    config.ema_rates = common.CM_EMA_RATES_IMAGENET
+    config.log_every = 100
+    config.ckpt_every = 5_000
+    config.eval_every = 50_000
+    return common.finish(config, chosen)

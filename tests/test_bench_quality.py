@@ -92,8 +92,8 @@ def test_digits_method_configs():
     ict = quality.digits_method_config("ict", 100, teacher)
     assert (ict.method.name, ict.optim.decay) == ("ict", "cosine")  # configs/digits.py as `make demo` runs it
     cd = quality.digits_method_config("cd", 100, teacher)
-    assert (cd.method.teacher, cd.method.weighting, cd.optim.decay) == (teacher, "karras", "cosine")
-    assert quality.digits_method_config("ect", 100, teacher).method.teacher == teacher
+    assert (cd.teacher.workdir, cd.method.cd.weighting, cd.optim.decay) == (teacher, "karras", "cosine")
+    assert quality.digits_method_config("ect", 100, teacher).teacher.workdir == teacher
     with pytest.raises(ValueError, match="Unknown method"):
         quality.digits_method_config("lcm", 100, teacher)
 

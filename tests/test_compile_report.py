@@ -1,4 +1,4 @@
-"""`train.compile_report` (`--mode=compile`): the train step compiled from shapes alone, on the 8-device CPU mesh."""
+"""`aot.compile_report` (`--mode=compile`): the train step compiled from shapes alone, on the 8-device CPU mesh."""
 import os
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 import jax
 import pytest
 
-from cmjax import train
+from cmjax import aot
 from configs import digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +23,7 @@ def _mlp_config(hidden_dim=64, num_layers=1, batch_size=256):
 
 @pytest.fixture(scope="module")
 def small_report():
-    return train.compile_report(_mlp_config(), None)
+    return aot.compile_report(_mlp_config(), None)
 
 
 def test_report_has_mesh_parameters_memory_and_flops(small_report):
@@ -47,7 +47,7 @@ def test_report_has_mesh_parameters_memory_and_flops(small_report):
 
 def test_flops_grow_with_the_batch(small_report):
     """Forward and backward passes scale with the batch; the optimizer update does not."""
-    double = train.compile_report(_mlp_config(batch_size=512), None)
+    double = aot.compile_report(_mlp_config(batch_size=512), None)
     ratio = double["flops_per_step_per_device"] / small_report["flops_per_step_per_device"]
     assert 1.7 < ratio <= 2.0, ratio
 
@@ -57,7 +57,7 @@ def test_a_model_larger_than_host_memory_compiles_without_allocating():
     (on a machine with less RAM): initialising it would fail, the report only needs its shapes."""
     config = _mlp_config(hidden_dim=30_000, batch_size=8)
     before = sum(a.nbytes for a in jax.live_arrays())
-    r = train.compile_report(config, None)
+    r = aot.compile_report(config, None)
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert r["parameters"] > 2.7e9
     assert r["per_device_argument_size_in_bytes"] > physical

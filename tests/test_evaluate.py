@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from cmjax import evaluate, sharding, train
+from cmjax import workdir as workdir_lib
 from cmjax.metrics import inception
 from configs import digits
 
@@ -75,7 +76,7 @@ def evaluator(run):
     """(Evaluator, params) of the checkpoint: compiled samplers and the Inception shared by the tests below."""
     config = run["config"]
     mesh = sharding.make_mesh(config.mesh)
-    module, params, _, _ = train.load_params(run["workdir"], mesh, config=config)
+    module, params, _, _ = workdir_lib.load_params(run["workdir"], mesh, config=config)
     return evaluate.Evaluator(config, module, mesh), params
 
 

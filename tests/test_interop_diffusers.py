@@ -16,7 +16,8 @@ import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from cmjax import evaluate, interop, models, sampling, sharding, train
+from cmjax import evaluate, interop, models, sampling, sharding
+from cmjax import workdir as workdir_lib
 from cmjax.interop import runs
 from cmjax.models.unet import UNet
 from cmjax.interop import diffusers as interop_diffusers
@@ -126,10 +127,10 @@ def test_workdir_export_and_import(tmp_path, mesh):
     interop.import_checkpoint(bare, str(tmp_path / "run_b"), format="diffusers", input=str(tmp_path / "pipeline"))
     for run in ("run_a", "run_b"):
         for rate in (None, "online"):
-            _, restored, _, step = train.load_params(str(tmp_path / run), mesh, ema_rate=rate)
+            _, restored, _, step = workdir_lib.load_params(str(tmp_path / run), mesh, ema_rate=rate)
             assert step == 0
             assert_trees_equal(jax.device_get(restored), params)
-    run_b_unet = models.get(train.read_run_config(str(tmp_path / "run_b")).model)
+    run_b_unet = models.get(workdir_lib.read_run_config(str(tmp_path / "run_b")).model)
     assert interop_openai.openai_unet_kwargs(run_b_unet) == interop_openai.openai_unet_kwargs(unet)
 
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
@@ -206,7 +207,7 @@ def test_pipeline_samples_equal_cmjax_sampler(exported, pipeline_and_ours, times
 def test_unrepresentable_models_name_the_supported_one(tmp_path):
     config = default.get_config()
     config.model = ml_collections.ConfigDict(dict(name="mlp", hidden_dim=8))
-    train.write_config(config, str(tmp_path))
+    workdir_lib.write_config(config, str(tmp_path))
     for fmt in ("diffusers", "openai"):
         with pytest.raises(ValueError, match=r"supports config\.model\.name='unet'.*'mlp'"):
             interop.export_checkpoint(config, str(tmp_path), format=fmt, output=str(tmp_path / "out"))
@@ -217,7 +218,7 @@ def test_unrepresentable_models_name_the_supported_one(tmp_path):
 
 def test_edm_runs_do_not_export_as_consistency_pipeline(tmp_path):
     config = run_config(TINY["cond_scaleshift_resnet"], method="edm")
-    train.write_config(config, str(tmp_path))
+    workdir_lib.write_config(config, str(tmp_path))
     with pytest.raises(ValueError, match="EDM denoiser.*--format=openai"):
         interop.export_checkpoint(config, str(tmp_path), format="diffusers", output=str(tmp_path / "out"))
 

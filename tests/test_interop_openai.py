@@ -170,33 +170,35 @@ def test_numerical_parity_with_diffusers_unet2d(name):
 
 
 def test_imported_openai_checkpoint_is_a_cd_teacher_and_resumes(tmp_path):
-    """`--mode=import` of an openai state dict writes a run that `config.method.teacher` accepts (load_teacher
+    """`--mode=import` of an openai state dict writes a run that `config.teacher.workdir` accepts (load_teacher
     returns exactly the imported weights) and that training resumes from (step 0, data stream from its start)."""
-    from cmjax import checkpointing, sharding, train
+    from cmjax import checkpointing, sharding
+    from cmjax import workdir as workdir_lib
     from cmjax.data import pipeline
     from cmjax.interop import export_checkpoint, import_checkpoint
     from configs import default
 
     teacher_config = default.get_config()  # the default tiny UNet on the embedded digits
-    teacher_config.method = ml_collections.ConfigDict({"name": "edm", "teacher": ""})
+    teacher_config.method.name = "edm"
     unet = interop.unet_from_model_config(teacher_config.model, "test")
     params = _randomized(interop.unet_param_shapes(unet), seed=3)
     source = interop.save_state_dict(interop.to_openai_state_dict(params), str(tmp_path / "edm_digits_ema.pt"))
     import_checkpoint(teacher_config, str(tmp_path / "teacher"), format="openai", input=source)
 
     student = default.get_config()
-    student.method = ml_collections.ConfigDict({"name": "cd", "teacher": str(tmp_path / "teacher")})
-    train.check_teacher(student)
+    student.method.name = "cd"
+    student.teacher.workdir = str(tmp_path / "teacher")
+    workdir_lib.check_teacher(student)
     mesh = sharding.make_mesh(student.mesh)
-    module, teacher_params, config = train.load_teacher(student.method.teacher, mesh)
+    module, teacher_params, config = workdir_lib.load_teacher(student, mesh)
     assert config.method.name == "edm" and interop.openai_unet_kwargs(module) == interop.openai_unet_kwargs(unet)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(teacher_params), jax.tree.map(np.asarray, params))
 
     # What train_and_evaluate does on start: restore the newest checkpoint, data-iterator state included.
-    abstract, shardings = train.abstract_train_state(config, module, mesh)
+    abstract, shardings = workdir_lib.abstract_train_state(config, module, mesh)
     data_iter = pipeline.build(config.data, mesh, global_batch_size=config.batch_size, seed=config.seed)
     with checkpointing.Checkpointer(str(tmp_path / "teacher"), save_every=1, keep=1) as checkpointer:
-        state, step = checkpointer.restore(train._with_shardings(abstract, shardings), data_iter)
+        state, step = checkpointer.restore(workdir_lib.with_shardings(abstract, shardings), data_iter)
     assert step == 0 and int(state.step) == 0
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(teacher_params))
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmjax import losses, models, schedules, solvers, toy_problems
+from cmjax import distances, losses, models, schedules, solvers, toy_problems
 from cmjax import parameterization as pz
 
 MIXTURE = toy_problems.ring_of_gaussians(num_modes=6, radius=1.0, std=0.2)
@@ -122,19 +122,19 @@ def test_ict_pairs_follow_the_lognormal_and_weighting():
 def test_distances():
     a = jnp.zeros((2, 4, 4, 3))
     b = jnp.ones((2, 4, 4, 3)) * jnp.array([1.0, 2.0])[:, None, None, None]
-    np.testing.assert_allclose(losses.l2_distance(a, b), [1.0, 4.0])
-    np.testing.assert_allclose(losses.l1_distance(a, b), [1.0, 2.0])
-    c = losses.ict_huber_c((32, 32, 3))
+    np.testing.assert_allclose(distances.l2_distance(a, b), [1.0, 4.0])
+    np.testing.assert_allclose(distances.l1_distance(a, b), [1.0, 2.0])
+    c = distances.ict_huber_c((32, 32, 3))
     np.testing.assert_allclose(c, 0.00054 * math.sqrt(3072))
-    huber = losses.get_distance("pseudo_huber", (4, 4, 3))
+    huber = distances.get("pseudo_huber", (4, 4, 3))
     np.testing.assert_allclose(huber(a, b), [math.sqrt(48 + 0.00054**2 * 48) - 0.00054 * math.sqrt(48),
                                              math.sqrt(48 * 4 + 0.00054**2 * 48) - 0.00054 * math.sqrt(48)],
                                rtol=1e-6)
     # c = 0 is the L2 norm, with a finite gradient where a = b.
-    g = jax.grad(lambda y: jnp.sum(losses.pseudo_huber_distance(y, a, 0.0)))(a)
+    g = jax.grad(lambda y: jnp.sum(distances.pseudo_huber_distance(y, a, 0.0)))(a)
     assert np.all(np.isfinite(g))
     with pytest.raises(ValueError, match="Unknown distance"):
-        losses.get_distance("l3", (2,))
+        distances.get("l3", (2,))
 
 
 def test_config_errors_are_clear():

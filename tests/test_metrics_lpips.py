@@ -18,7 +18,8 @@ import pytest
 torch = pytest.importorskip("torch")
 lpips_package = pytest.importorskip("lpips")
 
-from cmjax import losses, models, optim, sharding, train  # noqa: E402
+from cmjax import distances, methods, models, optim, sharding, train, train_step  # noqa: E402
+from cmjax import workdir as workdir_lib  # noqa: E402
 from cmjax.metrics import lpips  # noqa: E402
 from configs import digits  # noqa: E402
 
@@ -102,11 +103,11 @@ def test_training_distance_upsamples_small_images_to_224_as_the_cm_release(refer
     up = lambda a: torch.nn.functional.interpolate(torch.from_numpy(a), size=224, mode="bilinear").numpy()  # noqa: E731
     np.testing.assert_allclose(lpips.resize_bilinear(_nhwc(x), 224), _nhwc(up(x)), rtol=0, atol=1e-6)
     expected = _torch_distance(model, up(x), up(y))
-    distance = losses.get_distance("lpips", (16, 16, 3), params=params)
+    distance = distances.get("lpips", (16, 16, 3), params=params)
     got = np.asarray(jax.jit(distance)(_nhwc(x), _nhwc(y)))
     np.testing.assert_allclose(got, expected, rtol=0, atol=PARITY_ATOL)
     with pytest.raises(ValueError, match="needs its network weights"):
-        losses.get_distance("lpips", (16, 16, 3))
+        distances.get("lpips", (16, 16, 3))
 
 
 def test_missing_or_foreign_weights_name_the_converter(tmp_path):
@@ -115,7 +116,7 @@ def test_missing_or_foreign_weights_name_the_converter(tmp_path):
     np.savez(tmp_path / "other.npz", w=np.zeros(3))
     with pytest.raises(ValueError, match=r"python -m cmjax.metrics.lpips --convert"):
         lpips.load_params(str(tmp_path / "other.npz"))
-    assert losses.load_distance_params("pseudo_huber", "ignored") is None
+    assert distances.load_params("pseudo_huber", "ignored") is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,8 +131,8 @@ def _ict_lpips_config(tmp_path_factory, distance, weights, **overrides):
     config.model = MLP
     config.log_every = 1
     config.optim.warmup_steps = 0
-    config.method.distance = distance
-    config.method.distance_weights = weights
+    config.method.ict.distance = distance
+    config.distance_weights = weights
     for key, value in overrides.items():
         config[key] = value
     return config
@@ -150,11 +151,11 @@ def test_step_takes_the_lpips_weights_as_arguments_not_constants(reference, tmp_
     mesh = sharding.make_mesh(config.mesh)
     module = models.get(config.model)
     optimizer, lr_fn = optim.make_optimizer(config.optim, config.total_steps)
-    abstract_state, state_shardings = train.abstract_train_state(config, module, mesh)
-    distance_params = train.distance_params_from_config(config, mesh)
+    abstract_state, state_shardings = workdir_lib.abstract_train_state(config, module, mesh)
+    distance_params = train_step.distance_params_from_config(config, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     assert all(a.sharding == replicated for a in jax.tree.leaves(distance_params))
-    step = jax.jit(train.make_train_step(config, module, train.objective_from_config(config), optimizer, lr_fn),
+    step = jax.jit(train_step.make_train_step(config, module, methods.objective_from_config(config), optimizer, lr_fn),
                    in_shardings=(state_shardings, sharding.batch_sharding(mesh), None, replicated))
     batch = {"image": jax.ShapeDtypeStruct((16, 8, 8, 1), jnp.uint8),
              "label": jax.ShapeDtypeStruct((16,), jnp.int32)}
@@ -168,10 +169,10 @@ def test_step_takes_the_lpips_weights_as_arguments_not_constants(reference, tmp_
 
 def test_lpips_distance_trains_inside_the_sharded_step(reference, tmp_path_factory):
     """iCT with an LPIPS distance through `train_and_evaluate` on 8 devices: weights read from
-    config.method.distance_weights, loss finite, gradients non-zero. The images are resized to 32 instead of
+    config.distance_weights, loss finite, gradients non-zero. The images are resized to 32 instead of
     224 (a distance registered here through the same registry) to fit the CPU budget."""
     _, npz = reference
-    losses.register_distance("lpips_at32", lpips.make_training_distance(resize=32), load_params=lpips.load_params)
+    distances.register("lpips_at32", lpips.make_training_distance(resize=32), load_params=lpips.load_params)
     # 4 steps over the digits recipe's 4 iCT stages (K′ = 1; fewer steps than stages would make K′ = 0).
     config = _ict_lpips_config(tmp_path_factory, "lpips_at32", npz, total_steps=4, ckpt_every=4)
     workdir = str(tmp_path_factory.mktemp("lpips_run"))
@@ -182,6 +183,6 @@ def test_lpips_distance_trains_inside_the_sharded_step(reference, tmp_path_facto
     assert all(np.isfinite(r["loss"]) and r["loss"] > 0 and r["grad_norm"] > 0 for r in rows), rows
     assert final["skipped_steps"] == 0 and final["train_step_compilations"] == 1
 
-    config.method.distance_weights = str(tmp_path_factory.mktemp("empty") / "missing.npz")
+    config.distance_weights = str(tmp_path_factory.mktemp("empty") / "missing.npz")
     with pytest.raises(FileNotFoundError, match=r"--convert"):
         train.train_and_evaluate(config, str(tmp_path_factory.mktemp("lpips_missing")))

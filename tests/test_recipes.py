@@ -2,7 +2,7 @@
 variant trained end to end in this process on the 8-device CPU mesh (embedded digits, no download).
 
 The smoke runs share one TFDS directory; CD and ECT smokes use the workdir of their teacher recipe's smoke run
-(`--config.method.teacher=...`), which runs first. Recipes whose published distance is LPIPS run their smoke
+(`--config.teacher.workdir=...`), which runs first. Recipes whose published distance is LPIPS run their smoke
 with `l2` unless the LPIPS VGG weights are present (they are a manual conversion, never downloaded here);
 `test_lpips_smoke` runs the LPIPS distance itself where the weights exist and is skipped, saying why, where not.
 """
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from cmjax import models, train
+from cmjax import methods, models, train
 from configs import common
 
 # recipe -> variant for the smoke run (besides "smoke"); teachers run before their students.
@@ -61,30 +61,30 @@ def test_every_recipe_file_has_a_smoke_run():
 PUBLISHED = {
     "cifar10_edm": (56_395_651, {"method.name": "edm", "batch_size": 512, "total_steps": 400_000,
                                  "optim.learning_rate": 1e-3, "model.dropout": 0.13}),
-    "cifar10_cd": (56_395_651, {"method.name": "cd", "method.num_scales": 18, "method.target_ema": 0.0,
-                                "method.teacher_solver": "heun", "method.distance": "lpips", "batch_size": 512,
+    "cifar10_cd": (56_395_651, {"method.name": "cd", "method.cd.num_scales": 18, "method.cd.target_ema": 0.0,
+                                "method.cd.teacher_solver": "heun", "method.cd.distance": "lpips", "batch_size": 512,
                                 "total_steps": 800_000, "optim.learning_rate": 4e-4, "optim.optimizer": "radam"}),
-    "cifar10_ct": (56_395_651, {"method.name": "ct", "method.curriculum": "cm_adaptive", "method.s0": 2,
-                                "method.s1": 150, "method.mu0": 0.9, "total_steps": 800_000,
-                                "method.distance": "lpips"}),
-    "cifar10_ict": (56_395_651, {"method.name": "ict", "method.s0": 10, "method.s1": 1280, "method.p_mean": -1.1,
-                           "method.p_std": 2.0, "model.dropout": 0.3, "model.fourier_scale": 0.02,
+    "cifar10_ct": (56_395_651, {"method.name": "ct", "method.ct.curriculum": "cm_adaptive", "method.ct.s0": 2,
+                                "method.ct.s1": 150, "method.ct.mu0": 0.9, "total_steps": 800_000,
+                                "method.ct.distance": "lpips"}),
+    "cifar10_ict": (56_395_651, {"method.name": "ict", "method.ict.s0": 10, "method.ict.s1": 1280, "method.ict.p_mean": -1.1,
+                           "method.ict.p_std": 2.0, "model.dropout": 0.3, "model.fourier_scale": 0.02,
                            "batch_size": 1024, "total_steps": 400_000, "ema_rates": (0.99993,),
-                           "method.distance": "pseudo_huber", "method.weighting": "ict"}),
-    "cifar10_ect": (56_395_651, {"method.name": "ect", "method.q": 2.0, "method.k": 8.0, "method.b": 1.0,
-                                 "method.stage_steps": 25_000, "method.huber_c": 0.0, "method.p_mean": -1.1,
-                                 "method.p_std": 2.0}),
+                           "method.ict.distance": "pseudo_huber", "method.ict.weighting": "ict"}),
+    "cifar10_ect": (56_395_651, {"method.name": "ect", "method.ect.q": 2.0, "method.ect.k": 8.0, "method.ect.b": 1.0,
+                                 "method.ect.stage_steps": 25_000, "method.ect.huber_c": 0.0, "method.ect.p_mean": -1.1,
+                                 "method.ect.p_std": 2.0}),
     "imagenet64_edm": (295_899_267, {"method.name": "edm", "batch_size": 4096, "model.dropout": 0.1}),
-    "imagenet64_cd": (295_899_267, {"method.name": "cd", "method.num_scales": 40, "method.target_ema": 0.95,
+    "imagenet64_cd": (295_899_267, {"method.name": "cd", "method.cd.num_scales": 40, "method.cd.target_ema": 0.95,
                                     "batch_size": 2048, "total_steps": 600_000, "optim.learning_rate": 8e-6}),
-    "imagenet64_ct": (295_899_267, {"method.name": "ct", "method.s0": 2, "method.s1": 200, "method.mu0": 0.95,
+    "imagenet64_ct": (295_899_267, {"method.name": "ct", "method.ct.s0": 2, "method.ct.s1": 200, "method.ct.mu0": 0.95,
                                     "total_steps": 800_000}),
-    "imagenet64_ict": (295_899_267, {"method.name": "ict", "method.s0": 10, "method.s1": 1280,
+    "imagenet64_ict": (295_899_267, {"method.name": "ict", "method.ict.s0": 10, "method.ict.s1": 1280,
                                      "model.dropout": 0.2, "ema_rates": (0.99997,)}),
     "lsun_bedroom256_edm": (526_304_771, {"method.name": "edm", "model.dropout": 0.1}),
-    "lsun_bedroom256_cd": (526_304_771, {"method.name": "cd", "method.num_scales": 40, "method.target_ema": 0.95,
+    "lsun_bedroom256_cd": (526_304_771, {"method.name": "cd", "method.cd.num_scales": 40, "method.cd.target_ema": 0.95,
                                          "total_steps": 600_000, "optim.learning_rate": 1e-5}),
-    "lsun_bedroom256_ct": (526_304_771, {"method.name": "ct", "method.s1": 150, "method.mu0": 0.95,
+    "lsun_bedroom256_ct": (526_304_771, {"method.name": "ct", "method.ct.s1": 150, "method.ct.mu0": 0.95,
                                          "total_steps": 1_000_000, "optim.learning_rate": 5e-5}),
 }
 
@@ -101,20 +101,19 @@ def test_published_settings_and_network_size(name):
     expected_params, settings = PUBLISHED[name]
     for key, value in settings.items():
         assert _get(config, key) == value, key
-    train.objective_from_config(config)  # every method key is a setting of the objective
+    methods.objective_from_config(config)  # every method key is a setting of the objective
     module = models.get(config.model)
-    x, t, labels = train.sample_inputs(config)
-    shapes = jax.eval_shape(lambda k: train.init_params(module, config, k), jax.random.key(0))
+    shapes = jax.eval_shape(lambda k: models.init_params(module, config, k), jax.random.key(0))
     count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
     if expected_params is not None:
         assert count == expected_params
-    assert train.image_shape(config)  # the network fits the dataset's images
+    assert models.image_shape(config)  # the network fits the dataset's images
     assert config.batch_size % 8 == 0
 
 
 def test_variants():
-    assert get_config("cifar10_cd", "l2").method.distance == "l2"
-    assert get_config("cifar10_cd").method.distance == "lpips"
+    assert get_config("cifar10_cd", "l2").method.cd.distance == "l2"
+    assert get_config("cifar10_cd").method.cd.distance == "lpips"
     deep = get_config("cifar10_ict", "deep")
     assert deep.model.num_res_blocks == 2 * get_config("cifar10_ict").model.num_res_blocks
     with pytest.raises(ValueError, match=r"Unknown variant.*'lpsip'.*'l2', 'lpips', 'smoke'"):
@@ -129,8 +128,15 @@ def test_variants():
 
 
 def test_method_typo_fails_when_the_config_loads():
-    with pytest.raises(ValueError, match=r"no setting\(s\) \['num_scale'\]"):
-        common.method("cd", num_scale=18)
+    """Configs are locked: a misspelt key fails in the recipe file itself (and on the command line)."""
+    config = get_config("cifar10_cd")
+    config.method.cd.num_scale = 18  # a recipe file adds the key (it is not locked yet) ...
+    with pytest.raises(ValueError, match=r"config.method.cd has key\(s\) \['num_scale'\]"):
+        methods.settings(config)  # ... which the method rejects before anything is built
+    config = get_config("cifar10_cd")
+    config.lock()  # the command line's config is locked (main.py): an override that misspells fails there
+    with pytest.raises(AttributeError, match=r"num_scale"):
+        config.method.cd.num_scale = 18
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,9 +157,10 @@ def smoke_runs(tmp_path_factory):
         config = get_config(name, variant)
         config.data.data_dir = data_dir
         if name in TEACHERS:
-            config.method.teacher = run(TEACHERS[name])[1]
-        if str(config.method.get("distance", "")).startswith("lpips") and lpips_weights_missing():
-            config.method.distance = "l2"
+            config.teacher.workdir = run(TEACHERS[name])[1]
+        section = config.method[config.method.name]
+        if str(section.get("distance", "")).startswith("lpips") and lpips_weights_missing():
+            section.distance = "l2"
         workdir = str(root / name)
         runs[name] = (config, workdir, train.train_and_evaluate(config, workdir))
         return runs[name]
@@ -182,12 +189,13 @@ def test_smoke(name, smoke_runs):
     assert bool(saved["model"]["num_classes"]) == bool(published.model.get("num_classes"))
     assert saved["model"]["dropout"] == published.model.dropout
     # The smoke keeps the recipe's objective settings (the distance only where LPIPS cannot run here).
-    for key, value in published.method.items():
-        if key not in ("teacher", "distance"):
-            assert saved["method"][key] == (list(value) if isinstance(value, tuple) else value), key
+    for key, value in published.method[published.method.name].items():
+        if key != "distance":
+            assert saved["method"][published.method.name][key] == (
+                list(value) if isinstance(value, tuple) else value), key
     assert saved["optim"]["optimizer"] == published.optim.optimizer
     if name in TEACHERS:
-        assert saved["method"]["teacher"] == smoke_runs(TEACHERS[name])[1]
+        assert saved["teacher"]["workdir"] == smoke_runs(TEACHERS[name])[1]
 
 
 def test_lpips_smoke(smoke_runs, tmp_path):
@@ -196,9 +204,9 @@ def test_lpips_smoke(smoke_runs, tmp_path):
         pytest.skip(f"LPIPS distance not runnable offline: {reason}")
     config = get_config("cifar10_cd", "lpips,smoke")
     config.data.data_dir = os.path.join(os.path.dirname(smoke_runs("cifar10_edm")[1]), "tfds")
-    config.method.teacher = smoke_runs("cifar10_edm")[1]
+    config.teacher.workdir = smoke_runs("cifar10_edm")[1]
     config.total_steps = config.ckpt_every = 1
     final = train.train_and_evaluate(config, str(tmp_path))
     assert np.isfinite(final["loss"])
     with open(os.path.join(tmp_path, "config.json")) as f:
-        assert json.load(f)["method"]["distance"] == "lpips"
+        assert json.load(f)["method"]["cd"]["distance"] == "lpips"

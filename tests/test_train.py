@@ -10,7 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cmjax import losses, models, optim, sharding, train, train_state
+from cmjax import losses, models, optim, sharding, train, train_state, train_step
+from cmjax import workdir as workdir_lib
 from configs import digits
 
 
@@ -35,7 +36,7 @@ def _read_jsonl(path):
 @pytest.fixture(scope="module")
 def ict_run(tmp_path_factory):
     """10 iCT steps whose curriculum passes N = 11, 21, 41, 81, 161 (K′ = 2 steps per stage)."""
-    config = _config(tmp_path_factory, total_steps=10, ckpt_every=5, **{"optim.warmup_steps": 0, "method.s1": 160})
+    config = _config(tmp_path_factory, total_steps=10, ckpt_every=5, **{"optim.warmup_steps": 0, "method.ict.s1": 160})
     workdir = str(tmp_path_factory.mktemp("ict_run"))
     final = train.train_and_evaluate(config, workdir)
     return config, workdir, final
@@ -70,24 +71,20 @@ def test_resume_drops_metrics_rows_logged_after_the_checkpoint(tmp_path):
     rows = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 9)]
     with open(path, "w") as f:
         f.writelines(rows + ['{"step": 9, "lo'])  # killed while writing step 9
-    train.truncate_metrics_log(path, 5)
+    workdir_lib.truncate_metrics_log(path, 5)
     assert [r["step"] for r in _read_jsonl(path)] == [1, 2, 3, 4, 5]
-    train.truncate_metrics_log(path, 5)  # idempotent
+    workdir_lib.truncate_metrics_log(path, 5)  # idempotent
     assert [r["step"] for r in _read_jsonl(path)] == [1, 2, 3, 4, 5]
 
 
 def test_edm_loss_falls(tmp_path_factory):
     config = _config(tmp_path_factory, total_steps=40, ckpt_every=40, batch_size=64, model=MLP,
-                     **{"method": _edm_method(), "optim.learning_rate": 2e-3, "optim.warmup_steps": 0,
+                     **{"method.name": "edm", "optim.learning_rate": 2e-3, "optim.warmup_steps": 0,
                         "optim.optimizer": "adam"})
     workdir = str(tmp_path_factory.mktemp("edm_run"))
     train.train_and_evaluate(config, workdir)
     loss = np.array([r["loss"] for r in _read_jsonl(os.path.join(workdir, "metrics.jsonl"))])
     assert loss[-10:].mean() < 0.7 * loss[:5].mean(), loss
-
-
-def _edm_method(**settings):
-    return ml_collections.ConfigDict({"name": "edm", "teacher": "", **settings})
 
 
 # A small MLP compiles in a fraction of the UNet's time; these tests are about the loop, not the network.
@@ -97,7 +94,7 @@ MLP = ml_collections.ConfigDict({"name": "mlp", "hidden_dim": 64, "num_layers": 
 def test_non_finite_steps_are_skipped_then_training_stops(tmp_path_factory):
     # σ_data = 0 makes the EDM weight (σ² + σd²)/(σ·σd)² infinite: every step is non-finite.
     config = _config(tmp_path_factory, total_steps=20, max_nonfinite_steps=3, ckpt_every=2, model=MLP,
-                     **{"method": _edm_method(sigma_data=0.0), "optim.warmup_steps": 0})
+                     **{"method.name": "edm", "method.edm.sigma_data": 0.0, "optim.warmup_steps": 0})
     workdir = str(tmp_path_factory.mktemp("nan_run"))
     with pytest.raises(train.TrainingStoppedError, match=r"non-finite for 3 consecutive steps \(since step 1, stopped at step 3\)"):
         train.train_and_evaluate(config, workdir)
@@ -111,10 +108,13 @@ def test_config_errors(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("bad"))
     with pytest.raises(ValueError, match=r"12.*8 devices"):
         train.train_and_evaluate(_config(tmp_path_factory, batch_size=12), workdir)
-    with pytest.raises(ValueError, match=r"config.method.teacher"):
-        train.train_and_evaluate(_config(tmp_path_factory, method=_edm_method(name="cd")), workdir)
-    with pytest.raises(ValueError, match=r"no setting\(s\) \['s0'\]"):
-        train.train_and_evaluate(_config(tmp_path_factory, method=_edm_method(s0=3)), workdir)
+    with pytest.raises(ValueError, match=r"config.teacher.workdir"):
+        train.train_and_evaluate(_config(tmp_path_factory, **{"method.name": "cd"}), workdir)
+    config = _config(tmp_path_factory, **{"method.name": "edm"})
+    with config.unlocked():
+        config.method.edm.s0 = 3
+    with pytest.raises(ValueError, match=r"config.method.edm has key\(s\) \['s0'\]"):
+        train.train_and_evaluate(config, workdir)
     with pytest.raises(ValueError, match=r"yields images \(8, 8, 1\).*\(16, 16, 1\)"):
         train.train_and_evaluate(_config(tmp_path_factory, **{"model.image_size": 16}), workdir)
 
@@ -122,14 +122,14 @@ def test_config_errors(tmp_path_factory):
 def test_compiled_cd_step_takes_teacher_as_argument_not_constant(tmp_path_factory):
     """The teacher's parameters must be sharded arguments: a closed-over teacher would be baked into the
     executable as constants (and replicated on every chip)."""
-    config = _config(tmp_path_factory, method=_edm_method(name="cd"), model=MLP)
+    config = _config(tmp_path_factory, model=MLP, **{"method.name": "cd"})
     mesh = sharding.make_mesh(config.mesh)
     module = models.get(config.model)
     objective = losses.make_objective("cd", num_scales=18)
     optimizer, lr_fn = optim.make_optimizer(config.optim, config.total_steps)
-    abstract_state, state_shardings = train.abstract_train_state(config, module, mesh)
-    teacher_params = jax.eval_shape(lambda k: train.init_params(module, config, k), jax.random.key(0))
-    step = jax.jit(train.make_train_step(config, module, objective, optimizer, lr_fn, teacher_module=module),
+    abstract_state, state_shardings = workdir_lib.abstract_train_state(config, module, mesh)
+    teacher_params = jax.eval_shape(lambda k: models.init_params(module, config, k), jax.random.key(0))
+    step = jax.jit(train_step.make_train_step(config, module, objective, optimizer, lr_fn, teacher_module=module),
                    in_shardings=(state_shardings, sharding.batch_sharding(mesh), None))
     batch = {"image": jax.ShapeDtypeStruct((16, 8, 8, 1), jnp.uint8),
              "label": jax.ShapeDtypeStruct((16,), jnp.int32)}
@@ -157,7 +157,7 @@ def _largest_constant(module_text):
 @pytest.fixture(scope="module")
 def edm_teacher(tmp_path_factory):
     config = _config(tmp_path_factory, total_steps=4, ckpt_every=4, model=MLP,
-                     **{"method": _edm_method(), "optim.warmup_steps": 0})
+                     **{"method.name": "edm", "optim.warmup_steps": 0})
     workdir = str(tmp_path_factory.mktemp("edm_teacher"))
     train.train_and_evaluate(config, workdir)
     return workdir
@@ -165,7 +165,7 @@ def edm_teacher(tmp_path_factory):
 
 def test_cd_distils_from_an_edm_run(edm_teacher, tmp_path_factory):
     config = _config(tmp_path_factory, total_steps=3, ckpt_every=3, model=MLP,
-                     **{"method": _edm_method(name="cd", teacher=edm_teacher, num_scales=18),
+                     **{"method.name": "cd", "teacher.workdir": edm_teacher, "method.cd.num_scales": 18,
                         "optim.warmup_steps": 0})
     final = train.train_and_evaluate(config, str(tmp_path_factory.mktemp("cd_run")))
     assert np.isfinite(final["loss"]) and final["num_scales"] == 18
@@ -173,18 +173,18 @@ def test_cd_distils_from_an_edm_run(edm_teacher, tmp_path_factory):
 
 def test_ect_starts_from_the_teacher_weights(edm_teacher, tmp_path_factory):
     config = _config(tmp_path_factory, total_steps=1, ckpt_every=1, model=MLP,
-                     **{"method": _edm_method(name="ect", teacher=edm_teacher), "optim.warmup_steps": 0,
+                     **{"method.name": "ect", "teacher.workdir": edm_teacher, "optim.warmup_steps": 0,
                         "optim.learning_rate": 1e-12})
     workdir = str(tmp_path_factory.mktemp("ect_run"))
     train.train_and_evaluate(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
-    _, teacher_params, _ = train.load_teacher(edm_teacher, mesh)
+    _, teacher_params, _ = workdir_lib.load_teacher(config, mesh)
     module = models.get(config.model)
-    abstract, shardings = train.abstract_train_state(config, module, mesh)
+    abstract, shardings = workdir_lib.abstract_train_state(config, module, mesh)
     from cmjax import checkpointing
 
     state, step = checkpointing.Checkpointer(workdir, save_every=1, keep=1, read_only=True).restore(
-        train._with_shardings(abstract, shardings))
+        workdir_lib.with_shardings(abstract, shardings))
     assert step == 1
     # One update at lr 1e-12 leaves the student equal to the teacher's EMA weights it started from.
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(teacher_params)):

@@ -325,7 +325,7 @@ ERROR_CASES = {
     "unknown_key": (["--config.not_a_key=1"], ["not_a_key"]),
     "misspelt_model_key": (["--config.model.model_chanels=32"], ["model_chanels"]),
     "batch_not_divisible": (["--config.batch_size=12"], ["12", "8 devices"]),
-    "cd_without_teacher": (["--config.method.name=cd"], ["config.method.teacher"]),
+    "cd_without_teacher": (["--config.method.name=cd"], ["config.teacher.workdir"]),
 }
 
 

@@ -24,8 +24,10 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from cmjax import errors
 
-class DatasetNotPreparedError(ValueError):
+
+class DatasetNotPreparedError(errors.UserError, ValueError):
     """The TFDS dataset is not in the data dir; the message says how to prepare it."""
 
 
@@ -99,7 +101,7 @@ SPECS: dict[str, DatasetSpec] = {
 def get_spec(name: str) -> DatasetSpec:
     """The spec for `config.data.name`; an unknown name lists the known ones."""
     if name not in SPECS:
-        raise ValueError(f"Unknown dataset {name!r}; config.data.name must be one of {sorted(SPECS)}.")
+        raise errors.ConfigError(f"Unknown dataset {name!r}; config.data.name must be one of {sorted(SPECS)}.")
     return SPECS[name]
 
 

@@ -36,7 +36,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
-from cmjax import sharding
+from cmjax import errors, sharding
 from cmjax.data import datasets, digits
 
 STATE_MAGIC = b"cmjax-tfdata-iterator-v1\n"
@@ -64,7 +64,7 @@ def resolve_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
     given = dict(data_config)
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
-        raise ValueError(f"Unknown config.data key(s) {unknown}; the keys are {sorted(DEFAULTS)}.")
+        raise errors.ConfigError(f"Unknown config.data key(s) {unknown}; the keys are {sorted(DEFAULTS)}.")
     return {**DEFAULTS, **given}
 
 
@@ -263,13 +263,13 @@ class GlobalBatchIterator:
     def set_state(self, state: bytes) -> None:
         """Continues from a `get_state()` of the same stream (same data config, seed, batch, process)."""
         if not state.startswith(STATE_MAGIC):
-            raise ValueError("Not a cmjax data iterator state (bad header).")
+            raise errors.ConfigError("Not a cmjax data iterator state (bad header).")
         header, payload = state[len(STATE_MAGIC) :].split(b"\n", 1)
         saved = json.loads(header)
         if saved != self._description:
             differ = {k: (saved.get(k), self._description.get(k)) for k in saved.keys() | self._description.keys()
                       if saved.get(k) != self._description.get(k)}
-            raise ValueError(
+            raise errors.ConfigError(
                 f"Data iterator state was saved for a different stream; (saved, now) differ in {differ}. "
                 "Restore with the same data config, seed, batch size and process count, or start the data "
                 "stream afresh."
@@ -322,7 +322,7 @@ def restore_state(iterator: GlobalBatchIterator, directory: str) -> None:
     path = os.path.join(directory, state_filename(jax.process_index(), jax.process_count()))
     if not tf.io.gfile.exists(path):
         found = sorted(tf.io.gfile.glob(os.path.join(directory, "data_process_*")))
-        raise FileNotFoundError(
+        raise errors.MissingFileError(
             f"No data iterator state {path!r} for process {jax.process_index()} of {jax.process_count()}; "
             f"the directory holds {[os.path.basename(f) for f in found]}. States are per process: resume "
             "with the process count that saved them, or start the data stream afresh."

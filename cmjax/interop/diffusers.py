@@ -22,6 +22,8 @@ import numpy as np
 
 from cmjax.interop import openai
 
+from cmjax import errors
+
 UNET_DIR, SCHEDULER_DIR = "unet", "scheduler"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # The version written into the JSON files when diffusers is not installed: ConsistencyModelPipeline's first release.
@@ -55,10 +57,10 @@ def _levels_with_attention(unet) -> list[bool]:
 def diffusers_unet2d_config(unet) -> dict[str, Any]:
     """The `UNet2DModel` config that builds the same network as `unet` (a `cmjax.models.unet.UNet`)."""
     if unet.num_head_channels == -1 and unet.num_heads != 1:
-        raise ValueError("diffusers' UNet2DModel has fixed-width heads or one head per block: set "
+        raise errors.ConfigError("diffusers' UNet2DModel has fixed-width heads or one head per block: set "
                          "num_head_channels (e.g. 64), or num_heads=1.")
     if not unet.conv_resample and not unet.resblock_updown:
-        raise ValueError("diffusers' UNet2DModel has no conv-free resampling: use conv_resample or resblock_updown.")
+        raise errors.ConfigError("diffusers' UNet2DModel has no conv-free resampling: use conv_resample or resblock_updown.")
     attn = _levels_with_attention(unet)
     plain_down, plain_up = ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if unet.resblock_updown else (
         "DownBlock2D",
@@ -135,7 +137,7 @@ def _diffusers_names(key: str, prefixes: Mapping[str, str]) -> tuple[str, ...]:
     # Longest module prefix that the map knows; the rest is the path inside that module.
     cut = next((i for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in prefixes), None)
     if cut is None:
-        raise ValueError(f"No diffusers name for openai key {key!r}.")
+        raise errors.ConfigError(f"No diffusers name for openai key {key!r}.")
     module, leaf, inner = prefixes[".".join(parts[:cut])], parts[-1], ".".join(parts[cut:-1])
     if inner in _RESBLOCK_NAMES:
         return (f"{module}.{_RESBLOCK_NAMES[inner]}.{leaf}",)
@@ -147,7 +149,7 @@ def _diffusers_names(key: str, prefixes: Mapping[str, str]) -> tuple[str, ...]:
         return (f"{module}.to_out.0.{leaf}",)
     if inner == "":
         return (f"{module}.{leaf}",)
-    raise ValueError(f"No diffusers name for openai key {key!r}.")
+    raise errors.ConfigError(f"No diffusers name for openai key {key!r}.")
 
 
 def _is_attention_linear(key: str) -> bool:
@@ -188,7 +190,7 @@ def diffusers_to_openai_state_dict(state_dict: Mapping[str, Any], unet) -> dict[
         out[key] = value.reshape(shape)
     unexpected = sorted(set(state_dict) - used)
     if missing or unexpected or wrong:
-        raise ValueError(
+        raise errors.ConfigError(
             "The UNet2DModel weights do not match the network its config describes. "
             f"Missing: {sorted(missing)[:8]}; unexpected: {unexpected[:8]}; wrong shapes: {wrong[:8]}.")
     return out
@@ -228,13 +230,13 @@ def unet_fields_from_diffusers_config(unet_config: Mapping[str, Any]) -> dict[st
     size = given.get("sample_size")
     if isinstance(size, (list, tuple)):
         if len(set(size)) != 1:
-            raise ValueError(f"cmjax's UNet is square; this UNet2DModel has sample_size={size}.")
+            raise errors.ConfigError(f"cmjax's UNet is square; this UNet2DModel has sample_size={size}.")
         size = size[0]
     if not size:
-        raise ValueError("The UNet2DModel config has no sample_size; cmjax needs the image size.")
+        raise errors.ConfigError("The UNet2DModel config has no sample_size; cmjax needs the image size.")
     widths = [int(w) for w in given["block_out_channels"]]
     if any(w % widths[0] for w in widths):
-        raise ValueError(f"block_out_channels={widths} are not multiples of the first (cmjax: model_channels × "
+        raise errors.ConfigError(f"block_out_channels={widths} are not multiples of the first (cmjax: model_channels × "
                          "channel_mult).")
     attention = [t.startswith("Attn") for t in given["down_block_types"]]
     head_dim = given["attention_head_dim"]
@@ -266,7 +268,7 @@ def unet_fields_from_diffusers_config(unet_config: Mapping[str, Any]) -> dict[st
     differing = [f"{key}={_plain(given[key])!r} (the ADM UNet needs {_plain(value)!r})"
                  for key, value in expected.items() if key != "dropout" and _plain(given[key]) != _plain(value)]
     if differing:
-        raise ValueError("This UNet2DModel is not an ADM UNet that cmjax can hold: " + "; ".join(differing) + ".")
+        raise errors.ConfigError("This UNet2DModel is not an ADM UNet that cmjax can hold: " + "; ".join(differing) + ".")
     return fields
 
 
@@ -340,11 +342,11 @@ def read_unet(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     config_path, weights_path = os.path.join(folder, "config.json"), os.path.join(folder, UNET_WEIGHTS)
     for needed in (config_path, weights_path):
         if not os.path.exists(needed):
-            raise FileNotFoundError(
+            raise errors.MissingFileError(
                 f"{needed!r} does not exist: --input must be a diffusers pipeline folder or its unet/ folder, "
                 f"holding config.json and {UNET_WEIGHTS}.")
     with open(config_path) as f:
         unet_config = json.load(f)
     if unet_config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise ValueError(f"{config_path!r} describes a {unet_config['_class_name']}; cmjax imports UNet2DModel.")
+        raise errors.ConfigError(f"{config_path!r} describes a {unet_config['_class_name']}; cmjax imports UNet2DModel.")
     return unet_fields_from_diffusers_config(unet_config), load_file(weights_path)

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cmjax import errors
+
 _INDEXED = re.compile(r"_(\d+)(?=_|$)")
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -98,7 +100,7 @@ def from_openai_state_dict(state_dict: Mapping[str, Any], params_template) -> di
         if name in state_dict and tuple(np.shape(state_dict[name])) != _torch_shape(path, tuple(flat[path].shape))
     ]
     if missing or unexpected or wrong:
-        raise ValueError(
+        raise errors.ConfigError(
             "The openai state dict does not match this UNet configuration "
             f"(check model_channels, channel_mult, num_res_blocks, attention_resolutions, num_classes). "
             f"Missing: {missing[:8]}{'…' if len(missing) > 8 else ''}; unexpected: {unexpected[:8]}"
@@ -134,13 +136,13 @@ def unet_from_model_config(model_config: Mapping[str, Any], target: str):
 
     name = model_config.get("name")
     if name != SUPPORTED_MODEL:
-        raise ValueError(
+        raise errors.ConfigError(
             f"{target} supports config.model.name={SUPPORTED_MODEL!r} (the ADM UNet of openai's cm/unet.py, "
             f"diffusers' UNet2DModel); this model is {name!r}, which {target} cannot represent.")
     unet = models.get(model_config)
     for field, plain in (("time_embedding", "positional"), ("emb_norm", "none")):
         if getattr(unet, field) != plain:
-            raise ValueError(f"{target} holds the ADM UNet with {field}={plain!r}; this one has "
+            raise errors.ConfigError(f"{target} holds the ADM UNet with {field}={plain!r}; this one has "
                              f"{field}={getattr(unet, field)!r}.")
     return unet
 
@@ -195,24 +197,35 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> str:
 
         torch.save({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, path)
     else:
-        raise ValueError(f"An openai state dict is written as .pt or .safetensors, not {path!r}.")
+        raise errors.ConfigError(f"An openai state dict is written as .pt or .safetensors, not {path!r}.")
     return path
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """Reads an openai state dict from `.pt` (needs torch; tensors only, never pickled code) or `.safetensors`."""
+    if not os.path.isfile(path):
+        raise errors.MissingFileError(f"--input={path!r}: no such file (an openai .pt or .safetensors state dict).")
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
 
-        return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+        try:
+            return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+        except Exception as err:  # safetensors raises its own SafetensorError for a damaged or foreign file
+            raise errors.UserError(f"{path!r} is not a readable safetensors state dict ({err}).") from err
     if path.endswith((".pt", ".pth")):
         try:
             import torch
         except ImportError:
             raise ImportError(f"Reading {path!r} needs torch; install it, or convert the file to .safetensors.") \
                 from None
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch's unpickling errors name neither the file nor what was expected
+            raise errors.UserError(
+                f"{path!r} is not a PyTorch state dict that torch.load(weights_only=True) can read "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); pass an openai cm "
+                "checkpoint (.pt) or a .safetensors file.") from err
         if "state_dict" in state and not hasattr(state["state_dict"], "shape"):
             state = state["state_dict"]
         return {k: v.detach().float().numpy() for k, v in state.items()}
-    raise ValueError(f"An openai state dict is a .pt or .safetensors file, not {path!r}.")
+    raise errors.ConfigError(f"An openai state dict is a .pt or .safetensors file, not {path!r}.")

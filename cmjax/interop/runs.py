@@ -1,10 +1,10 @@
 """`--mode=export` and `--mode=import`: a cmjax run (workdir) ↔ the PyTorch files of diffusers and openai's `cm`.
 
-Export reads one EMA copy of a checkpoint (`cmjax.train.load_params`) and writes either a diffusers
+Export reads one EMA copy of a checkpoint (`cmjax.workdir.load_params`) and writes either a diffusers
 `ConsistencyModelPipeline` folder (`cmjax.interop.diffusers`) or an openai `UNetModel` state dict
 (`cmjax.interop.openai`). Import writes a real run: `config.json` and an Orbax checkpoint at step 0 whose
 parameters, every EMA copy (and the CT/CD target) are the imported weights, so `--mode=sample`, fine-tuning
-(training resumes from step 0) and `config.method.teacher=<workdir>` (CD teachers, ECT starts) all work.
+(training resumes from step 0) and `config.teacher.workdir=<workdir>` (CD teachers, ECT starts) all work.
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from cmjax import parameterization, schedules
 from cmjax.interop import diffusers, openai
+
+from cmjax import errors
 
 FORMATS = ("diffusers", "openai")
 OPENAI_ARGS_FILE = "openai_unet.json"
@@ -25,47 +26,22 @@ OPENAI_ARGS_FILE = "openai_unet.json"
 
 def _check_format(format: str) -> None:
     if format not in FORMATS:
-        raise ValueError(f"Unknown interop format {format!r}; choose one of {list(FORMATS)}.")
-
-
-def _method_settings(config) -> dict[str, Any]:
-    """The run's objective settings with the objective's defaults filled in."""
-    from cmjax import losses
-
-    settings = dict(losses.objective_settings(config.method.name))
-    settings.update({k: v for k, v in config.method.items() if k not in ("name", "teacher")})
-    return settings
+        raise errors.ConfigError(f"Unknown interop format {format!r}; choose one of {list(FORMATS)}.")
 
 
 def consistency_parameterised(config) -> bool:
     """Whether the run's network is a consistency function f(x, σmin) = x (CM App. C scalings), as
     `CMStochasticIterativeScheduler` assumes; EDM runs and ECT in its default EDM form are denoisers."""
-    name = config.method.name
-    return name != "edm" and not (name == "ect" and _method_settings(config).get("parameterization_kind") == "edm")
+    from cmjax import methods
+
+    return methods.parameterization_kind(config) == "consistency"
 
 
 def sampler_settings(config) -> dict[str, Any]:
-    """σ range, σ_data, ρ and the Karras grid size the run trained on (the scheduler's `num_train_timesteps`).
+    """σ range, σ_data, ρ and the Karras grid size the run trained on (the scheduler's `num_train_timesteps`)."""
+    from cmjax import methods
 
-    cd/ct: their largest grid (`num_scales`, or s1 + 1 with a curriculum); ict: s1 + 1; otherwise 40,
-    openai's default `--steps` for sampling.
-    """
-    from cmjax import losses
-
-    s = _method_settings(config)
-    if config.method.name in ("cd", "ct"):
-        grid = losses.max_num_scales(curriculum=s["curriculum"], num_scales=s["num_scales"], s1=s["s1"])
-    elif config.method.name == "ict":
-        grid = s["s1"] + 1
-    else:
-        grid = 40
-    return {
-        "num_train_timesteps": int(grid),
-        "sigma_min": float(s.get("sigma_min", parameterization.SIGMA_MIN)),
-        "sigma_max": float(s.get("sigma_max", parameterization.SIGMA_MAX)),
-        "sigma_data": float(s.get("sigma_data", parameterization.SIGMA_DATA)),
-        "rho": float(s.get("rho", schedules.RHO)),
-    }
+    return {"num_train_timesteps": methods.training_grid_size(config), **methods.noise_range(config)}
 
 
 def _io_mesh(config):
@@ -99,22 +75,22 @@ def export_checkpoint(config, workdir: str, *, step: int | None = None, ema_rate
     The network is the one the run's own `workdir/config.json` describes; `config` (the command line's) is used
     only for a workdir without one. Returns what was written, by name.
     """
-    from cmjax import train
+    from cmjax import workdir as workdir_lib
 
     _check_format(format)
-    if os.path.exists(os.path.join(workdir, train.CONFIG_FILE)):
-        config = train.read_run_config(workdir)
+    if os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
+        config = workdir_lib.read_run_config(workdir)
     target = "diffusers' ConsistencyModelPipeline" if format == "diffusers" else "openai's cm UNetModel"
     unet = openai.unet_from_model_config(config.model, target)
     settings = sampler_settings(config)
     if format == "diffusers":
         diffusers.diffusers_unet2d_config(unet)  # fails here, before reading, on what UNet2DModel cannot hold
         if not consistency_parameterised(config):
-            raise ValueError(
+            raise errors.ConfigError(
                 f"This {config.method.name!r} run's network is an EDM denoiser, but CMStochasticIterativeScheduler "
                 "applies the consistency boundary scalings (CM App. C) to it; export it with --format=openai "
                 "(e.g. as a CD teacher for openai's cm code).")
-    _, params, _, restored_step = train.load_params(workdir, _io_mesh(config), step=step, ema_rate=ema_rate,
+    _, params, _, restored_step = workdir_lib.load_params(workdir, _io_mesh(config), step=step, ema_rate=ema_rate,
                                                     config=config)
     params = _host_tree(params)
     rate = "online" if ema_rate in ("online", "params") else _ema_key(config, ema_rate)
@@ -180,7 +156,7 @@ def model_config_for_folder(config, folder_fields: dict[str, Any]) -> ml_collect
     differing = _differences(config.model, dict(folder_fields))
     if differing:
         overrides = " ".join(f"--config.model.{d.split(':')[0]}=..." for d in differing)
-        raise ValueError("The diffusers UNet differs from config.model in: " + "; ".join(differing) +
+        raise errors.ConfigError("The diffusers UNet differs from config.model in: " + "; ".join(differing) +
                          f". Use a config that matches the folder ({overrides}).")
     config = config.copy_and_resolve_references()
     with config.unlocked():
@@ -198,7 +174,7 @@ def import_checkpoint(config, workdir: str, *, format: str = "openai", input: st
     (diffusers). The checkpoint holds no data-iterator state: training from it starts the data stream
     fresh (`Checkpointer.restore` allows exactly that at step 0), so import needs no prepared dataset.
     """
-    from cmjax import checkpointing, models, optim, train, train_state
+    from cmjax import checkpointing, methods, models, optim, train_state, workdir as workdir_lib
 
     _check_format(format)
     if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
@@ -213,12 +189,12 @@ def import_checkpoint(config, workdir: str, *, format: str = "openai", input: st
         params = openai.from_openai_state_dict(openai.load_state_dict(input), openai.unet_param_shapes(unet))
 
     module = models.get(config.model)
-    _, shardings = train.abstract_train_state(config, module, _io_mesh(config))
+    _, shardings = workdir_lib.abstract_train_state(config, module, _io_mesh(config))
     optimizer, _ = optim.make_optimizer(config.optim, config.total_steps)
-    keep_target = config.method.name in train.METHODS_WITH_TARGET
+    keep_target = methods.get(config.method.name).keeps_target
     state = jax.jit(lambda p: train_state.create(p, optimizer, config.ema_rates, keep_target),
                     out_shardings=shardings)(params)
-    train.write_config(config, workdir)
+    workdir_lib.write_config(config, workdir)
     checkpointer = checkpointing.Checkpointer(workdir, save_every=config.ckpt_every, keep=config.keep_checkpoints)
     checkpointer.save(0, state, force=True)
     checkpointer.wait()
@@ -226,7 +202,7 @@ def import_checkpoint(config, workdir: str, *, format: str = "openai", input: st
     return {
         "format": format,
         "input": input,
-        "config": os.path.join(workdir, train.CONFIG_FILE),
+        "config": os.path.join(workdir, workdir_lib.CONFIG_FILE),
         "checkpoint": os.path.join(workdir, "checkpoints", "0"),
         "parameters": int(sum(np.size(x) for x in jax.tree.leaves(params))),
         "ema_rates": [train_state.ema_key(r) for r in config.ema_rates],

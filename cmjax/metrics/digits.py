@@ -32,6 +32,8 @@ from cmjax.data import digits as digits_data
 from cmjax.data import pipeline
 from cmjax.metrics import frechet
 
+from cmjax import errors
+
 # Bump whenever the network, its training or the preprocessing changes: cached weights of another version
 # are retrained, never silently reused.
 VERSION = "digits_classifier_v1"
@@ -80,7 +82,7 @@ class DigitsClassifier:
         # Host numpy first: sharded sample arrays from the training mesh must not meet params on one device.
         images = np.asarray(images, dtype=np.float32)
         if images.ndim != 4 or images.shape[1:] != digits_data.IMAGE_SHAPE:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"The digits classifier takes images of shape [N, 8, 8, 1] in [-1, 1]; got {images.shape}."
             )
         logits, features = [], []
@@ -257,13 +259,13 @@ def sample_quality(classifier: DigitsClassifier, samples, reference_images) -> d
     minimum = 2 * FEATURE_DIM  # fewer images than this leave the 64x64 covariance badly underdetermined
     for name, images in (("samples", samples), ("reference_images", reference_images)):
         if images.ndim != 4 or len(images) < minimum:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"sample_quality needs at least {minimum} {name} (2 x the classifier's {FEATURE_DIM}-d "
                 f"features) of shape [N, 8, 8, 1]; got shape {images.shape}."
             )
     if not np.all(np.isfinite(samples)):
         bad = int(np.sum(~np.isfinite(samples).reshape(len(samples), -1).all(axis=1)))
-        raise ValueError(f"{bad} of {len(samples)} samples contain NaN or inf; the model has diverged.")
+        raise errors.ConfigError(f"{bad} of {len(samples)} samples contain NaN or inf; the model has diverged.")
 
     logits, sample_features = classifier._outputs(samples)
     probabilities = np.asarray(jax.nn.softmax(logits, axis=-1))

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cmjax import errors
+
 
 IS_SPLITS = 10
 PR_K = 3
@@ -39,7 +41,7 @@ class FeatureStatistics:
     def update(self, features) -> "FeatureStatistics":
         features = np.asarray(features, np.float64)
         if features.ndim != 2 or features.shape[1] != self.total.shape[0]:
-            raise ValueError(f"Expected features [N, {self.total.shape[0]}], got {features.shape}.")
+            raise errors.ConfigError(f"Expected features [N, {self.total.shape[0]}], got {features.shape}.")
         self.count += features.shape[0]
         self.total += features.sum(axis=0)
         self.outer += features.T @ features
@@ -56,7 +58,7 @@ class FeatureStatistics:
 
     def covariance(self) -> np.ndarray:
         if self.count < 2:
-            raise ValueError(f"A covariance needs at least 2 features; have {self.count}.")
+            raise errors.ConfigError(f"A covariance needs at least 2 features; have {self.count}.")
         mean = self.mean()
         return (self.outer - self.count * np.outer(mean, mean)) / (self.count - 1)
 
@@ -83,10 +85,10 @@ def frechet_distance_psd(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"FID needs means [F] and covariances [F, F] of one F; got {mu1.shape}, {sigma1.shape}, "
+        raise errors.ConfigError(f"FID needs means [F] and covariances [F, F] of one F; got {mu1.shape}, {sigma1.shape}, "
                          f"{mu2.shape}, {sigma2.shape}.")
     if not all(np.all(np.isfinite(a)) for a in (mu1, sigma1, mu2, sigma2)):
-        raise ValueError("FID got non-finite statistics (NaN or inf in a mean or covariance).")
+        raise errors.ConfigError("FID got non-finite statistics (NaN or inf in a mean or covariance).")
     root1 = _psd_sqrt((sigma1 + sigma1.T) / 2)
     middle = root1 @ sigma2 @ root1
     eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
@@ -188,11 +190,11 @@ def load_reference(path: str, features_fn: Callable[[np.ndarray], np.ndarray] | 
     """
     path = os.path.expanduser(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Reference statistics {path!r} not found; set config.eval.reference to a TFDS split "
+        raise errors.MissingFileError(f"Reference statistics {path!r} not found; set config.eval.reference to a TFDS split "
                                 "(e.g. 'train') or an existing .npz with mu and sigma.")
     with np.load(path, allow_pickle=False) as stored:
         if "mu" not in stored.files or "sigma" not in stored.files:
-            raise ValueError(f"{path!r} holds {stored.files}; reference statistics need 'mu' and 'sigma'.")
+            raise errors.ConfigError(f"{path!r} holds {stored.files}; reference statistics need 'mu' and 'sigma'.")
         reference = {"mu": np.asarray(stored["mu"], np.float64), "sigma": np.asarray(stored["sigma"], np.float64),
                      "features": None}
         if "features" in stored.files:

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cmjax import errors
+
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
 # torch.hub's convention: the file name ends in the first hex digits of the file's SHA-256.
@@ -187,7 +189,7 @@ class FIDInception(nn.Module):
     @nn.compact
     def __call__(self, images_bhwc):
         if self.input_size < MIN_INPUT_SIZE:
-            raise ValueError(f"Inception needs inputs of at least {MIN_INPUT_SIZE} pixels; got {self.input_size}.")
+            raise errors.ConfigError(f"Inception needs inputs of at least {MIN_INPUT_SIZE} pixels; got {self.input_size}.")
         x = preprocess(images_bhwc, self.input_size)
         x = BasicConv(32, (3, 3), strides=2, name="Conv2d_1a_3x3")(x)
         x = BasicConv(32, (3, 3), name="Conv2d_2a_3x3")(x)
@@ -262,7 +264,7 @@ def convert_file(pth_path: str, npz_path: str = DEFAULT_WEIGHTS, *, check_hash: 
     import torch  # only the converter needs torch
 
     if check_hash and not sha256_of(pth_path).startswith(WEIGHTS_SHA256_PREFIX):
-        raise ValueError(f"{pth_path!r} is not pytorch-fid's pt_inception-2015-12-05 file (SHA-256 does not start "
+        raise errors.ConfigError(f"{pth_path!r} is not pytorch-fid's pt_inception-2015-12-05 file (SHA-256 does not start "
                          f"with {WEIGHTS_SHA256_PREFIX}); download it from {WEIGHTS_URL}.")
     state_dict = torch.load(pth_path, map_location="cpu", weights_only=True)
     save_npz(convert_state_dict(state_dict), npz_path)
@@ -318,7 +320,7 @@ def load_variables(path: str = DEFAULT_WEIGHTS) -> dict[str, Any]:
     """{"params": ..., "batch_stats": ...} of `FIDInception` from a converted `.npz`; names and shapes checked."""
     path = os.path.expanduser(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(missing_weights_message(path))
+        raise errors.MissingFileError(missing_weights_message(path))
     template = _template()
     expected = {"/".join([collection, *(str(k.key) for k in keys)]): leaf
                 for collection in ("params", "batch_stats")
@@ -326,12 +328,12 @@ def load_variables(path: str = DEFAULT_WEIGHTS) -> dict[str, Any]:
     with np.load(path, allow_pickle=False) as stored:
         names = set(stored.files)
         if names != set(expected):
-            raise ValueError(f"{path!r} is not a converted FID Inception: missing {sorted(set(expected) - names)[:5]}, "
+            raise errors.ConfigError(f"{path!r} is not a converted FID Inception: missing {sorted(set(expected) - names)[:5]}, "
                              f"unexpected {sorted(names - set(expected))[:5]}.")
         flat = {}
         for name, leaf in expected.items():
             if stored[name].shape != leaf.shape:
-                raise ValueError(f"{path!r}: {name} has shape {stored[name].shape}, expected {leaf.shape}.")
+                raise errors.ConfigError(f"{path!r}: {name} has shape {stored[name].shape}, expected {leaf.shape}.")
             flat[name] = np.asarray(stored[name], np.float32)
     variables: dict[str, Any] = {}
     for name, value in flat.items():

@@ -12,11 +12,11 @@ Weights: torchvision's ImageNet VGG16 (`VGG16_URL`) and the linear heads shipped
 
 (torch is needed only there). `load_params()` reads `default_weights_path()` (~/.cache/cmjax/lpips_vgg16.npz).
 
-As a training distance (`config.method.distance = "lpips"`) the CM release setting applies: images narrower
+As a training distance (`config.method.<method>.distance = "lpips"`) the CM release setting applies: images narrower
 than 256 pixels are upsampled bilinearly to 224×224 first (openai `cm/karras_diffusion.py`). The release fed
 piq's LPIPS with `replace_pooling=True`, i.e. VGG with average pooling; `lpips` here keeps the `lpips`
 package's max pooling and `lpips_avgpool` is the release's variant. The network weights are an argument
-of the train step (`config.method.distance_weights`), never a constant of the compiled program.
+of the train step (`config.distance_weights`), never a constant of the compiled program.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cmjax import errors
 
 # torchvision's `VGG16_Weights.IMAGENET1K_V1` (what `lpips.pretrained_networks.vgg16` loads).
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -80,7 +82,7 @@ class VGG16Features(nn.Module):
     @nn.compact
     def __call__(self, x_bhwc: jax.Array) -> list[jax.Array]:
         if self.pooling not in ("max", "avg"):
-            raise ValueError(f"LPIPS pooling must be 'max' or 'avg'; got {self.pooling!r}.")
+            raise errors.ConfigError(f"LPIPS pooling must be 'max' or 'avg'; got {self.pooling!r}.")
         pool = nn.max_pool if self.pooling == "max" else nn.avg_pool
         taps = []
         for block, (features, convs) in enumerate(VGG16_BLOCKS, start=1):
@@ -136,7 +138,7 @@ def lpips_distance(params, x_bhwc, y_bhwc, *, pooling: str = "max", resize: int 
     `lpips.LPIPS(net="vgg")(x, y)` for `pooling="max"`. `resize`: first resize both to resize×resize
     bilinearly (the CM release used 224); `pooling="avg"` is piq's `replace_pooling=True`."""
     if x_bhwc.shape != y_bhwc.shape or x_bhwc.shape[-1] not in (1, 3):
-        raise ValueError(f"LPIPS needs two NHWC batches of one shape with 1 or 3 channels; got "
+        raise errors.ConfigError(f"LPIPS needs two NHWC batches of one shape with 1 or 3 channels; got "
                          f"{x_bhwc.shape} and {y_bhwc.shape}.")
     if x_bhwc.shape[-1] == 1:
         x_bhwc, y_bhwc = (jnp.repeat(a, 3, axis=-1) for a in (x_bhwc, y_bhwc))
@@ -194,7 +196,7 @@ def package_heads_path() -> str:
     package, relative = LPIPS_HEADS_PACKAGE_FILE
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("The `lpips` package is not installed (pip install lpips); its "
+        raise errors.MissingFileError("The `lpips` package is not installed (pip install lpips); its "
                                 f"{relative} holds the LPIPS linear heads. Or pass --heads PATH.")
     return os.path.join(list(spec.submodule_search_locations)[0], relative)
 
@@ -207,7 +209,7 @@ def convert(vgg_path: str | None, out_path: str, heads_path: str | None = None, 
     if download:
         vgg = torch.hub.load_state_dict_from_url(VGG16_URL, map_location="cpu", progress=True)
     elif vgg_path is None or not os.path.exists(vgg_path):
-        raise FileNotFoundError(f"No VGG16 checkpoint at {vgg_path!r}: download torchvision's {VGG16_URL} "
+        raise errors.MissingFileError(f"No VGG16 checkpoint at {vgg_path!r}: download torchvision's {VGG16_URL} "
                                 "and pass --vgg PATH, or pass --download.")
     else:
         vgg = torch.load(vgg_path, map_location="cpu", weights_only=True)
@@ -232,28 +234,23 @@ def load_params(path: str | None = None) -> dict[str, Any]:
     path = path or default_weights_path()
     command = "python -m cmjax.metrics.lpips --convert --download --out " + path
     if not os.path.exists(path):
-        raise FileNotFoundError(f"LPIPS weights not found at {path}. Convert them once (needs torch and the "
+        raise errors.MissingFileError(f"LPIPS weights not found at {path}. Convert them once (needs torch and the "
                                 f"lpips package) with: {command}")
     with np.load(path) as data:
         arrays = {k: data[k] for k in data.files}
     if str(arrays.pop("format", "")) != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} file; convert again with: {command}")
+        raise errors.ConfigError(f"{path} is not a {FORMAT} file; convert again with: {command}")
     expected = _expected_shapes()
     wrong = sorted(k for k in expected if k not in arrays or arrays[k].shape != expected[k])
     if wrong or set(arrays) != set(expected):
-        raise ValueError(f"{path} does not hold LPIPS VGG16 weights (mismatched: {wrong[:5]}); convert again "
+        raise errors.ConfigError(f"{path} does not hold LPIPS VGG16 weights (mismatched: {wrong[:5]}); convert again "
                          f"with: {command}")
     return traverse_util.unflatten_dict(arrays, sep="/")
 
 
-def _register_training_distances() -> None:
-    from cmjax import losses
-
-    losses.register_distance("lpips", make_training_distance(), load_params=load_params)
-    losses.register_distance("lpips_avgpool", make_training_distance(pooling="avg"), load_params=load_params)
-
-
-_register_training_distances()
+# The training distances `cmjax.distances` names ("lpips", "lpips_avgpool"): fn(params, a, b) -> [B].
+lpips_maxpool_training_distance = make_training_distance()
+lpips_avgpool_training_distance = make_training_distance(pooling="avg")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -11,6 +11,10 @@ import importlib
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cmjax import errors
 
 # name -> "module:Class"; imported lazily so that a heavy network costs nothing until selected.
 _REGISTRY = {
@@ -29,13 +33,51 @@ def get(model_config: Mapping[str, Any]) -> nn.Module:
     cfg = dict(model_config)
     name = cfg.pop("name", None)
     if name not in _REGISTRY:
-        raise ValueError(f"Unknown model name {name!r}; choose one of {names()}.")
+        raise errors.ConfigError(f"Unknown config.model.name {name!r}; choose one of {names()}.")
     module_path, cls_name = _REGISTRY[name].split(":")
     cls = getattr(importlib.import_module(module_path), cls_name)
     fields = set(getattr(cls, "__dataclass_fields__", {})) - {"parent", "name"}
     unknown = sorted(set(cfg) - fields)
     if unknown:
-        raise ValueError(
-            f"Model {name!r} has no setting(s) {unknown}; its settings are {sorted(fields)}."
+        raise errors.ConfigError(
+            f"Model {name!r} has no setting(s) {unknown} (config.model); its settings are {sorted(fields)}."
         )
     return cls(**cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Network inputs of a config: shapes for `init` and `eval_shape`.
+
+
+def image_shape(config) -> tuple[int, int, int]:
+    """(H, W, C) of the configured dataset's images; checked against the model's own fields, if it has them."""
+    from cmjax.data import datasets  # the dataset table; imported here so that networks load without TensorFlow
+
+    shape = tuple(datasets.get_spec(config.data.name).image_shape)
+    model = config.model
+    if "image_size" in model and (model.image_size, model.image_size) != shape[:2] or (
+            "in_channels" in model and model.in_channels != shape[2]):
+        raise errors.ConfigError(
+            f"Dataset {config.data.name!r} yields images {shape} but the model expects "
+            f"({model.get('image_size')}, {model.get('image_size')}, {model.get('in_channels')}); set "
+            "config.model.image_size / in_channels to match.")
+    return shape
+
+
+def sample_inputs(config, batch_size: int = 1):
+    """Dummy network inputs (x, time input, labels or None) of the configured shapes."""
+    x = jnp.zeros((batch_size, *image_shape(config)), jnp.float32)
+    labels = jnp.zeros((batch_size,), jnp.int32) if config.model.get("num_classes") else None
+    return x, jnp.zeros((batch_size,), jnp.float32), labels
+
+
+def init_params(module, config, key):
+    """Float32 parameters of `module`, logical-axis boxes removed (the rules in `sharding` read shapes)."""
+    x, t, labels = sample_inputs(config)
+    return nn.meta.unbox(module.init({"params": key}, x, t, labels)["params"])
+
+
+def boxed_param_shapes(module, config, key):
+    """Shapes of `module`'s parameters with their logical-axis boxes (what FSDP partition rules read)."""
+    x, t, labels = sample_inputs(config)
+    return jax.eval_shape(lambda k: module.init({"params": k}, x, t, labels)["params"], key)

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 
 from cmjax.models import ncsnpp_layers as L
 
+from cmjax import errors
+
 # cmjax's time input is 1000·c_noise (openai's ADM convention); the release's NCSN++ embeds c_noise itself.
 TIME_INPUT_PER_C_NOISE = 1000.0
 
@@ -53,18 +55,18 @@ class NCSNpp(nn.Module):
 
     def _check(self, x_bhwc, class_labels_b):
         if class_labels_b is not None:
-            raise ValueError(
+            raise errors.ConfigError(
                 "class_labels_b given to NCSNpp, which is unconditional (as in the CM CIFAR-10 release); "
                 "pass class_labels_b=None or use the 'unet' model with num_classes for class conditioning."
             )
         expected = (self.image_size, self.image_size, self.in_channels)
         if tuple(x_bhwc.shape[1:]) != expected:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"NCSNpp expects inputs [B, {expected[0]}, {expected[1]}, {expected[2]}] (image_size, in_channels), "
                 f"got {x_bhwc.shape}."
             )
         if self.image_size % 2 ** (len(self.ch_mult) - 1):
-            raise ValueError(f"image_size {self.image_size} does not halve {len(self.ch_mult) - 1} times.")
+            raise errors.ConfigError(f"image_size {self.image_size} does not halve {len(self.ch_mult) - 1} times.")
         for key, value, allowed in (
             ("resblock_type", self.resblock_type, ("biggan", "ddpm")),
             ("progressive", self.progressive, ("none", "output_skip", "residual")),
@@ -72,7 +74,7 @@ class NCSNpp(nn.Module):
             ("progressive_combine", self.progressive_combine, ("sum", "cat")),
         ):
             if value not in allowed:
-                raise ValueError(f"NCSNpp {key}={value!r} is not one of {allowed}.")
+                raise errors.ConfigError(f"NCSNpp {key}={value!r} is not one of {allowed}.")
 
     @nn.compact
     def __call__(self, x_bhwc, time_input_b, class_labels_b=None, train: bool = False):

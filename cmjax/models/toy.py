@@ -9,6 +9,8 @@ import jax.numpy as jnp
 
 from cmjax.models import layers
 
+from cmjax import errors
+
 
 def sinusoidal_embedding(time_input, dim: int, max_period: float = 10000.0):
     """openai `timestep_embedding`: [cos(t·f_j), sin(t·f_j)], f_j = max_period^(−j/(dim/2)), in float32."""
@@ -53,10 +55,10 @@ class MLP(nn.Module):
         emb = self._dense(self.hidden_dim, "time_embed_1")(emb)
         if self.num_classes:
             if class_labels is None:
-                raise ValueError("This MLP is class-conditional (num_classes > 0): pass class_labels.")
+                raise errors.ConfigError("This MLP is class-conditional (num_classes > 0): pass class_labels.")
             emb = emb + nn.Embed(self.num_classes, self.hidden_dim, name="label_emb")(class_labels)
         elif class_labels is not None:
-            raise ValueError("class_labels given to an unconditional MLP (num_classes = 0).")
+            raise errors.ConfigError("class_labels given to an unconditional MLP (num_classes = 0).")
         h = self._dense(self.hidden_dim, "input")(h)
         block = nn.remat(_ResidualBlock, static_argnums=(3,)) if self.remat else _ResidualBlock
         for i in range(self.num_layers):

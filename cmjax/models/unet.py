@@ -17,6 +17,8 @@ import jax.numpy as jnp
 
 from cmjax.models import layers
 
+from cmjax import errors
+
 
 class ResBlock(nn.Module):
     """openai `ResBlock`: GN→SiLU→conv, + time embedding (or AdaGN scale-shift), GN→SiLU→dropout→zero conv, + skip."""
@@ -136,7 +138,7 @@ class UNet(nn.Module):
         if self.num_head_channels == -1:
             return self.num_heads
         if channels % self.num_head_channels:
-            raise ValueError(f"Width {channels} is not divisible by num_head_channels={self.num_head_channels}.")
+            raise errors.ConfigError(f"Width {channels} is not divisible by num_head_channels={self.num_head_channels}.")
         return channels // self.num_head_channels
 
     @nn.compact
@@ -146,7 +148,7 @@ class UNet(nn.Module):
             ("emb_norm", self.emb_norm, layers.EMB_NORMS),
         ):
             if value not in choices:
-                raise ValueError(f"UNet {field}={value!r} is not one of {sorted(choices)}.")
+                raise errors.ConfigError(f"UNet {field}={value!r} is not one of {sorted(choices)}.")
         dtype = jnp.dtype(self.dtype)
         res_block = nn.remat(ResBlock) if self.remat else ResBlock
         attn_block = nn.remat(AttentionBlock) if self.remat else AttentionBlock
@@ -176,7 +178,7 @@ class UNet(nn.Module):
         emb = layers.dense(time_embed_dim, name="time_embed_2")(nn.silu(emb))
         if self.num_classes:
             if class_labels_b is None:
-                raise ValueError(
+                raise errors.ConfigError(
                     f"This UNet is class-conditional (num_classes={self.num_classes}); pass class_labels_b."
                 )
             label_emb = nn.Embed(

@@ -1,0 +1,135 @@
+"""The one table of method facts, and a run's method settings read from its config.
+
+`config.method.name` selects a method; its settings live in their own section `config.method.<name>`
+(`config.method.ict.s1`), so switching `--config.method.name=edm|cd|ct|ict|ect` on any recipe runs that
+method with its own defaults. What a method *is* — whether it needs a teacher, keeps a target network θ⁻,
+starts from the teacher's weights, which parameterisation its online network has, the Karras grid its
+sampler's scheduler knows — is written once here and read by train, evaluate, interop, bench and demo_2d.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+from cmjax import errors, losses, parameterization, schedules
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    needs_teacher: bool  # distils from, or tunes, an EDM run (config.teacher.workdir)
+    keeps_target: bool  # a target EMA network θ⁻ updated with the objective's μ(k) (CM 2023); else sg(θ)
+    starts_from_teacher: bool  # the online network begins as the teacher's weights
+    # "edm": D(x, σ) with f(x, 0) = x (EDM and ECT's default); "consistency": CM App. C boundary scalings;
+    # "setting": the objective's own `parameterization_kind` setting decides.
+    parameterization: str
+    summary: str
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("edm", needs_teacher=False, keeps_target=False, starts_from_teacher=False, parameterization="edm",
+           summary="EDM denoising score matching (the teacher of CD and ECT)"),
+    Method("cd", needs_teacher=True, keeps_target=True, starts_from_teacher=False,
+           parameterization="consistency", summary="consistency distillation (CM 2023)"),
+    Method("ct", needs_teacher=False, keeps_target=True, starts_from_teacher=False,
+           parameterization="consistency", summary="consistency training (CM 2023)"),
+    Method("ict", needs_teacher=False, keeps_target=False, starts_from_teacher=False,
+           parameterization="consistency", summary="improved consistency training (Song & Dhariwal 2023)"),
+    Method("ect", needs_teacher=True, keeps_target=False, starts_from_teacher=True, parameterization="setting",
+           summary="easy consistency tuning from an EDM model (Geng et al. 2024)"),
+)}
+# Settings a method takes from elsewhere in the config rather than from its own section.
+_FROM_CONFIG = {"total_steps"}
+
+
+def names() -> list[str]:
+    return sorted(METHODS)
+
+
+def get(name: str) -> Method:
+    if name not in METHODS:
+        raise errors.ConfigError(f"Unknown config.method.name {name!r}; choose one of {names()}.")
+    return METHODS[name]
+
+
+def _section(config) -> Mapping[str, Any]:
+    name = config.method.name
+    get(name)
+    section = config.method.get(name)
+    return {} if section is None else dict(section)
+
+
+def settings(config) -> dict[str, Any]:
+    """Every setting of the run's objective: the objective's defaults, updated by `config.method.<name>`;
+    `total_steps` (K of the curricula) is `config.total_steps`. A key the objective lacks is an error."""
+    name = config.method.name
+    section = _section(config)
+    accepted = losses.objective_settings(name)
+    unknown = sorted(set(section) - (set(accepted) - _FROM_CONFIG))
+    if unknown:
+        raise errors.ConfigError(
+            f"config.method.{name} has key(s) {unknown} that method {name!r} does not take; its settings are "
+            f"{sorted(set(accepted) - _FROM_CONFIG)}.")
+    result = {**accepted, **section}
+    if "total_steps" in accepted:
+        result["total_steps"] = int(config.total_steps)
+    return result
+
+
+def objective_from_config(config) -> Callable:
+    """The objective `config.method.name` with its settings bound."""
+    return losses.make_objective(config.method.name, **settings(config))
+
+
+def parameterization_of(name: str, method_settings: Mapping[str, Any]) -> str:
+    """"edm" or "consistency": how method `name`'s online network with these settings turns F into a
+    clean-image estimate (ECT: its `parameterization_kind` setting, EDM by default)."""
+    method = get(name)
+    if method.parameterization == "setting":
+        return method_settings.get("parameterization_kind",
+                                   losses.objective_settings(name)["parameterization_kind"])
+    return method.parameterization
+
+
+def parameterization_kind(config) -> str:
+    """The run's `parameterization_of` its method and settings (read by evaluate and interop alike)."""
+    return parameterization_of(config.method.name, settings(config))
+
+
+def noise_range(config) -> dict[str, float]:
+    """σ_min, σ_max, σ_data and ρ the run trained with (the objective's settings, else EDM's)."""
+    s = settings(config)
+    return {
+        "sigma_min": float(s.get("sigma_min", parameterization.SIGMA_MIN)),
+        "sigma_max": float(s.get("sigma_max", parameterization.SIGMA_MAX)),
+        "sigma_data": float(s.get("sigma_data", parameterization.SIGMA_DATA)),
+        "rho": float(s.get("rho", schedules.RHO)),
+    }
+
+
+def training_grid_size(config) -> int:
+    """The Karras grid the run trained on, as a scheduler's `num_train_timesteps`: cd/ct their largest grid
+    (`num_scales`, or s1 + 1 with a curriculum), ict s1 + 1; others 40, openai's default `--steps`."""
+    s = settings(config)
+    if config.method.name in ("cd", "ct"):
+        return losses.max_num_scales(curriculum=s["curriculum"], num_scales=s["num_scales"], s1=s["s1"])
+    if config.method.name == "ict":
+        return int(s["s1"]) + 1
+    return 40
+
+
+def distance_name(config) -> str | None:
+    """The run's distance (`config.method.<name>.distance`), or None for a method without one."""
+    return settings(config).get("distance")
+
+
+def select(config, name: str, **method_settings) -> None:
+    """Switches `config` (a ConfigDict from configs/) to method `name`, updating `config.method.<name>` with
+    `method_settings` (a key the section lacks is an error); for scripts and tests that build configs."""
+    get(name)
+    config.method.name = name
+    section = config.method[name]
+    unknown = sorted(set(method_settings) - set(section))
+    if unknown:
+        raise errors.ConfigError(f"config.method.{name} has no key(s) {unknown}; it has {sorted(section)}.")
+    section.update(method_settings)

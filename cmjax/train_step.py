@@ -1,0 +1,74 @@
+"""The pure train step of a config and its one compiled form (shared by the loop and the compile report).
+
+step(state, batch, teacher_params, distance_params) → (state, metrics): uint8 batch → [−1, 1] → the method's
+objective (loss, gradients) → optimizer, EMA and target updates (`train_state.apply_gradients`). The noise key
+is folded from (seed, step), so a resumed run draws the same noise as an uninterrupted one. Teacher and
+distance-network weights are arguments, never constants of the executable.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cmjax import distances, methods, sharding, train_state
+from cmjax.data import pipeline
+
+
+def make_train_step(config, module, objective, optimizer, learning_rate_fn, teacher_module=None):
+    """The pure step (state, batch, teacher_params, distance_params) → (state, metrics); jitted by the caller.
+    `distance_params` (the LPIPS network's weights, or None) are step arguments like the teacher's."""
+    conditional = bool(config.model.get("num_classes"))
+    base_key = jax.random.key(config.seed)
+
+    def step_fn(state: train_state.TrainState, batch, teacher_params, distance_params=None):
+        x = pipeline.to_model_range(batch["image"])
+        labels = batch["label"] if conditional else None
+        # (seed, step) → key: a resumed run draws the same noise as an uninterrupted one.
+        key = jax.random.fold_in(base_key, state.step)
+
+        def network(params, x_in, t_in, dropout_key):
+            return module.apply({"params": params}, x_in, t_in, labels, train=True,
+                                rngs={"dropout": dropout_key})
+
+        teacher_network = None
+        if teacher_module is not None:
+            teacher_network = lambda p, x_in, t_in: teacher_module.apply(  # noqa: E731
+                {"params": p}, x_in, t_in, labels, train=False)
+
+        def loss_fn(params):
+            return objective(network, params, x, key, state.step, target_params=state.target_params,
+                             teacher_params=teacher_params, teacher_network=teacher_network,
+                             distance_params=distance_params)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        new_state = train_state.apply_gradients(
+            state, grads, optimizer, target_ema=metrics.get("target_ema", jnp.float32(0.0)), loss=loss)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
+                       learning_rate=learning_rate_fn(train_state.updates_applied(state)),
+                       nonfinite_steps=new_state.nonfinite_steps, skipped_steps=new_state.skipped_steps)
+        return new_state, metrics
+
+    return step_fn
+
+
+def jit_train_step(step_fn, mesh, state_shardings, teacher_params, distance_params):
+    """The one compiled step of a run: state donated and laid out by `state_shardings`, the batch split over
+    the mesh's batch axes, teacher parameters (concrete or abstract) in their own shardings, distance
+    weights replicated; metrics come back replicated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    teacher_shardings = None if teacher_params is None else jax.tree.map(lambda a: a.sharding, teacher_params)
+    distance_shardings = None if distance_params is None else replicated
+    return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings,
+                                          distance_shardings),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def distance_params_from_config(config, mesh):
+    """The weights of the run's distance network (LPIPS: `config.distance_weights`, '' for its default file),
+    replicated over `mesh`; None for distances without a network (l2, pseudo_huber)."""
+    name = methods.distance_name(config)
+    if name is None or not distances.has_network(name):
+        return None
+    params = distances.load_params(name, config.distance_weights or None)
+    return jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

@@ -1,0 +1,121 @@
+"""A run directory: its `config.json`, `metrics.jsonl` and checkpoints, read back as parameters.
+
+`workdir/config.json` is the config the run trained with (a later run that uses it as teacher, `--mode=sample`
+or export read it back); `workdir/metrics.jsonl` one JSON object per log step; `workdir/checkpoints/<step>/`
+the Orbax checkpoints (`cmjax.checkpointing`). `load_params` restores one EMA copy of a checkpoint onto any
+mesh from the abstract train state the config builds.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+
+from cmjax import checkpointing, errors, methods, models, optim, sharding, train_state
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a cmjax run wrote to `workdir/config.json`."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise errors.MissingFileError(f"{workdir!r} is not a cmjax workdir: it has no {CONFIG_FILE}.")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def write_config(config, workdir: str) -> None:
+    """Saves the run's config as JSON (process 0): a later run that uses this one as teacher reads it back."""
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+
+def truncate_metrics_log(jsonl_path: str, last_step: int) -> None:
+    """Drops `metrics.jsonl` rows logged after `last_step`: a run killed after its last checkpoint logged
+    steps it will now repeat, and the log should hold each step once."""
+    if not os.path.exists(jsonl_path):
+        return
+    with open(jsonl_path) as f:
+        lines = f.readlines()
+
+    def logged_by_then(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= last_step
+        except (ValueError, KeyError):  # a row cut off when the process was killed mid-write
+            return False
+
+    kept = [line for line in lines if line.endswith("\n") and logged_by_then(line)]
+    if len(kept) != len(lines):
+        with open(jsonl_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(jsonl_path + ".tmp", jsonl_path)  # atomic: a crash here leaves the old or the new log
+
+
+def abstract_train_state(config, module, mesh):
+    """Shapes of the train state (nothing allocated) and the shardings it lives with on `mesh`."""
+    optimizer, _ = optim.make_optimizer(config.optim, config.total_steps)
+    keep_target = methods.get(config.method.name).keeps_target
+
+    def create(key):
+        return train_state.create(models.init_params(module, config, key), optimizer, config.ema_rates,
+                                  keep_target)
+
+    key = jax.random.key(config.seed)
+    abstract = jax.eval_shape(create, key)
+    param_specs = sharding.param_partition_specs(models.boxed_param_shapes(module, config, key), mesh)
+    return abstract, sharding.state_shardings(abstract, mesh, param_specs=param_specs)
+
+
+def with_shardings(abstract, shardings):
+    """The abstract tree with each leaf's sharding attached (what Orbax restores onto)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def load_params(workdir: str, mesh, *, step: int | None = None, ema_rate: float | str | None = None,
+                config: ml_collections.ConfigDict | None = None):
+    """(module, params, config, step) of a cmjax run: one EMA copy of a checkpoint, sharded for `mesh`.
+
+    `config` defaults to the run's own `config.json`; `step` to the newest checkpoint; `ema_rate` to the
+    config's first EMA rate (`"online"` gives the raw online parameters).
+    """
+    config = read_run_config(workdir) if config is None else config
+    module = models.get(config.model)
+    abstract_state, shardings = abstract_train_state(config, module, mesh)
+    with checkpointing.Checkpointer(workdir, save_every=1, keep=1, read_only=True) as reader:
+        restored = reader.restore(with_shardings(abstract_state, shardings), step=step)
+    if restored is None:
+        raise errors.MissingFileError(f"Workdir {workdir!r} holds no checkpoint.")
+    state, restored_step = restored
+    if ema_rate in ("online", "params"):
+        return module, state.params, config, restored_step
+    rate = train_state.ema_key(config.ema_rates[0] if ema_rate in (None, "") else float(ema_rate))
+    if rate not in state.ema:
+        raise errors.ConfigError(f"EMA rate {ema_rate!r} is not kept by the run in {workdir!r}; it keeps "
+                                 f"{sorted(state.ema)} or 'online'.")
+    return module, state.ema[rate], config, restored_step
+
+
+def check_teacher(config) -> None:
+    """Fails fast, before anything compiles, when a method that needs a teacher has none."""
+    if not methods.get(config.method.name).needs_teacher:
+        return
+    teacher = config.teacher.workdir
+    if not teacher or not os.path.exists(os.path.join(teacher, CONFIG_FILE)):
+        raise errors.ConfigError(
+            f"Method {config.method.name!r} needs a teacher, but config.teacher.workdir={teacher!r} is not a "
+            f"cmjax workdir (no {CONFIG_FILE}); train an EDM teacher first (--config.method.name=edm) and pass "
+            "--config.teacher.workdir=THAT_WORKDIR.")
+
+
+def load_teacher(config, mesh):
+    """(module, params, its config) of the run's teacher (`config.teacher`: its workdir's newest checkpoint,
+    EMA copy `config.teacher.ema_rate`, "" for the teacher run's first rate), sharded for `mesh`."""
+    module, params, teacher_config, _ = load_params(config.teacher.workdir, mesh,
+                                                    ema_rate=config.teacher.ema_rate or None)
+    return module, params, teacher_config
