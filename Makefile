@@ -31,9 +31,10 @@ demo-2d: $(STAMP)
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile -q
 
-# The checks marked slow (CLI round trips, 2-process evaluation, the 2-step search): minutes each on 2 cores.
+# The second tier (CI runs both): checks marked slow or multiprocess (CLI subprocesses, 2-process training and
+# evaluation, the 2-step search, the PyTorch equivalence): minutes each on 2 cores.
 test-slow: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile -q -m slow
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile -q -m "slow or multiprocess"
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -157,11 +157,14 @@ def _parse_flags(argv):
     except (AttributeError, KeyError) as err:  # an override of a key the (locked) config does not have
         if "--verbose" in argv:
             raise
-        key = str(err).strip("\"'").splitlines()[0].strip("\"'")
+        text = err
+        while isinstance(text, BaseException):  # AttributeError(KeyError("'key'\nDid you mean ...?"))
+            text = text.args[0] if text.args else ""
+        first, _, hint = str(text).partition("\n")
+        key = first.strip("\"'")
         given = [a for a in argv[1:] if re.match(rf"--config(\.\w+)*\.{re.escape(key)}(=|$)", a)]
-        hint = " ".join(line.strip() for line in str(err).strip("\"'").splitlines()[1:])
-        _exit_with_message(f"{given[0] if given else key!r}: the config has no key {key!r}. {hint} Every key is "
-                           "in configs/default.py (method settings in config.method.<name>).".replace("  ", " "))
+        _exit_with_message(f"{given[0] if given else key!r}: the config has no key {key!r}. {hint.strip()} "
+                           "Every key is in configs/default.py (method settings in config.method.<name>).")
     except Exception as err:  # the config file itself raised while loading: its message is the user's to act on
         if "--verbose" in argv:
             raise

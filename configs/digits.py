@@ -1,7 +1,8 @@
 """iCT on the embedded digits dataset (8×8 grayscale, 1,437 training images): the `make demo` job.
 
   python -m cmjax.main --config=configs/digits.py --workdir=workdirs/digits
-  python -m cmjax.main --config=configs/digits.py:smoke --workdir=/tmp/digits_smoke   # a few CPU steps
+  python -m cmjax.main --config=configs/digits.py:smoke --workdir=/tmp/digits_smoke   # a few CPU steps (tiny MLP)
+  python -m cmjax.main --config=configs/digits.py:smoke_unet --workdir=/tmp/digits_unet   # the same, a tiny UNet
 
 No published numbers exist for this dataset; quality is measured by a digit classifier trained in-repo
 (`cmjax/metrics/digits.py`): Fréchet distance in its feature space and the fraction of confidently
@@ -70,9 +71,15 @@ def get_config(arg: str | None = None):
         "dtype": "float32",
         "remat": False,
     })
-    if arg == "smoke":
-        # A tiny one: the default 32-channel UNet (tests override its UNet fields), batch 16, 6 steps.
-        config.model = default.get_config().model
+    if arg in ("smoke", "smoke_unet"):
+        # A tiny run: batch 16, 6 steps. `smoke`: the residual MLP at 64 wide, 2 blocks (compiles in seconds);
+        # `smoke_unet`: configs/default.py's 32-channel UNet, for checks of the conv net through the loop.
+        if arg == "smoke":
+            config.model.hidden_dim = 64
+            config.model.num_layers = 2
+            config.model.time_embed_dim = 64
+        else:
+            config.model = default.get_config().model
         config.total_steps = 6
         config.batch_size = 16
         config.optim.warmup_steps = 2
@@ -83,7 +90,6 @@ def get_config(arg: str | None = None):
         config.ema_rates = (0.999,)
         config.sample.num_images = 16
         config.sample.metric_samples = 0
-        config.model.model_channels = 32
     elif arg:
-        raise ValueError(f"Unknown variant {arg!r} of configs/digits.py; use '' or 'smoke'.")
+        raise ValueError(f"Unknown variant {arg!r} of configs/digits.py; use '', 'smoke' or 'smoke_unet'.")
     return config

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import vs_pytorch  # noqa: E402
 
 
+@pytest.mark.slow  # 1.5 minutes on 2 cores: a reduced ADM UNet step in both frameworks
 def test_pytorch_ict_step_matches_cmjax_objective():
     # The digits UNet cut to one level (attention at 8×8) so that the two compiles stay short.
     eq = vs_pytorch.equivalence("digits", batch=4, overrides={"channel_mult": (1,), "attention_resolutions": (8,)})

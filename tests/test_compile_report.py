@@ -64,6 +64,7 @@ def test_a_model_larger_than_host_memory_compiles_without_allocating():
     assert sum(a.nbytes for a in jax.live_arrays()) - before < 2**20
 
 
+@pytest.mark.multiprocess  # a CLI subprocess
 def test_cli_compile_mode_on_one_device_matches_the_sharded_flops(small_report, tmp_path):
     """`--mode=compile` through main.py on a 1-device process: the whole step's FLOPs equal the 8-device per-device
     FLOPs × 8 up to the optimizer update, which every device repeats on its replicated copy."""

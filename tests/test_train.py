@@ -77,6 +77,14 @@ def test_resume_drops_metrics_rows_logged_after_the_checkpoint(tmp_path):
     assert [r["step"] for r in _read_jsonl(path)] == [1, 2, 3, 4, 5]
 
 
+def test_progress_line_is_one_compact_line():
+    scalars = {"loss": 0.0312345, "steps_per_sec": 40.0, "images_per_sec": 5120.0, "skipped_steps": 0.0}
+    assert train.progress_line(1200, 18000, scalars) == (
+        "step 1200/18000 (6.7%)  loss 0.031234  40.0 steps/s  5,120 img/s  ETA 7m00s")
+    slow = dict(scalars, steps_per_sec=0.5, skipped_steps=2.0)
+    assert train.progress_line(10, 9000, slow).endswith("ETA 4h59m  skipped 2")
+
+
 def test_edm_loss_falls(tmp_path_factory):
     config = _config(tmp_path_factory, total_steps=40, ckpt_every=40, batch_size=64, model=MLP,
                      **{"method.name": "edm", "optim.learning_rate": 2e-3, "optim.warmup_steps": 0,
@@ -87,8 +95,9 @@ def test_edm_loss_falls(tmp_path_factory):
     assert loss[-10:].mean() < 0.7 * loss[:5].mean(), loss
 
 
-# A small MLP compiles in a fraction of the UNet's time; these tests are about the loop, not the network.
-MLP = ml_collections.ConfigDict({"name": "mlp", "hidden_dim": 64, "num_layers": 2})
+# configs/digits.py:smoke's MLP: these tests are about the loop, not the network (one network for the whole
+# module, so its programs compile once into the session's compilation cache).
+MLP = digits.get_config("smoke").model
 
 
 def test_non_finite_steps_are_skipped_then_training_stops(tmp_path_factory):

@@ -27,10 +27,8 @@ STEPS = 8
 PREEMPT_AFTER = 3  # SIGTERM once metrics.jsonl shows this step
 RUN_TIMEOUT = 600  # seconds for one training subprocess (20-370 s seen on 2 cores under load 5-7)
 ERROR_TIMEOUT = 180
-# configs/digits.py:smoke (batch 16, checkpoint every 3 steps, no periodic evaluation) with a one-resolution UNet
-# without attention.
-TRAIN_ARGS = [f"--config.total_steps={STEPS}", "--config.log_every=1",
-              "--config.ckpt_every=3", "--config.model.channel_mult=(1,)", "--config.model.attention_resolutions=()"]
+# configs/digits.py:smoke (the tiny MLP, batch 16, checkpoint every 3 steps, no periodic evaluation).
+TRAIN_ARGS = [f"--config.total_steps={STEPS}", "--config.log_every=1", "--config.ckpt_every=3"]
 # Fields of a metrics.jsonl row that are wall-clock measurements, not results.
 TIMING_KEYS = ("steps_per_sec", "images_per_sec", "images_per_sec_per_device")
 
@@ -146,13 +144,8 @@ def checkpoint_steps(workdir):
 
 
 def logged_scalars(log):
-    """{step: {name: value string}} from the clu logging writer's lines ("[3] grad_norm=34.07, loss=5.18")."""
-    steps = {}
-    for step, body in re.findall(r"logging_writer\.py:\d+\] \[(\d+)\] (.*)", log):
-        for pair in body.split(", "):
-            name, _, value = pair.partition("=")
-            steps.setdefault(int(step), {})[name] = value
-    return steps
+    """{step: {"loss": value string}} from the loop's progress lines ("step 3/8 (37.5%)  loss 5.1803  ...")."""
+    return {int(step): {"loss": loss} for step, loss in re.findall(r"\] step (\d+)/\d+ \S+  loss (\S+)  ", log)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -306,7 +299,7 @@ def test_two_processes_train_and_agree(two_processes, uninterrupted):
     logged = [logged_scalars(run.log) for run in runs]
     for step, row in enumerate(rows, start=1):
         assert logged[0][step]["loss"] == logged[1][step]["loss"], step  # both processes saw the same loss
-        assert float(logged[0][step]["loss"]) == pytest.approx(row["loss"], rel=1e-5)
+        assert float(logged[0][step]["loss"]) == pytest.approx(row["loss"], rel=1e-4)  # printed to 5 digits
     # Every process reads its own half of the split, so the batches, and hence the losses, differ from the
     # 1-process run's; the noise levels and curriculum depend only on (seed, step) and agree.
     reference = uninterrupted["rows"]
@@ -361,5 +354,5 @@ def test_config_error_exits_nonzero_naming_the_value_before_compiling(error_runs
     # Nothing of the model was compiled (state creation, train step) and no checkpoint was started.
     compiled = re.findall(r"Finished XLA compilation of (\S+)", stderr)
     assert not [c for c in compiled if "create_state" in c or "step_fn" in c], compiled
-    assert "Training ict/unet from step" not in stderr
+    assert "Training ict/" not in stderr
     assert not os.path.exists(os.path.join(run.log_path, "checkpoints"))  # the log path is the workdir's
