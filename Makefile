@@ -10,7 +10,7 @@ TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 $(COLLECTIVE_TIM
 # The demo: one CPU device, several times faster than 8 virtual ones on a 2-core machine.
 DEMO_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=1" JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2
 
-.PHONY: demo demo-2d test test-slow install clean
+.PHONY: demo demo-2d test test-slow lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,5 +36,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile -q -m "slow or multiprocess"
 
+# ruff: pyflakes, pycodestyle and import order (pyproject.toml); the import layering is tests/test_layering.py.
+lint: $(STAMP)
+	$(PY) -m ruff check cmjax configs tests bench
+
 clean:
-	rm -rf $(VENV) workdirs
+	rm -rf $(VENV) workdirs .jax_cache

@@ -99,26 +99,26 @@ def validate(optim_config: Mapping[str, Any], total_steps: int) -> dict[str, Any
 
 
 def learning_rate_schedule(optim_config: Mapping[str, Any], total_steps: int) -> Callable[[Any], jax.Array]:
-    """lr(k) = peak · min(k / warmup, 1) · decay(k), k = updates applied; decay(k) is 1 (constant),
-    1 / sqrt(max(k / decay_start, 1)) (inverse_sqrt, EDM2 eq. 69) or ½(1 + cos(π·min((k − warmup) /
-    (total − warmup), 1))) (cosine, Loshchilov & Hutter 2017 without restarts)."""
+    """lr(k), k = updates applied: a linear warm-up from 0 to peak over `warmup_steps`, then constant, or
+    cosine to 0 at `total_steps` (Loshchilov & Hutter 2017 without restarts; optax's own schedules), or
+    peak / sqrt(max(k / decay_start, 1)) (inverse_sqrt, EDM2 eq. 69: optax has no such schedule, so it is
+    written here), multiplied by the warm-up ramp."""
     cfg = validate(optim_config, total_steps)
     peak = float(cfg["learning_rate"])
     warmup_steps = int(cfg["warmup_steps"])
-    decay_start = float(cfg["decay_start_step"]) if cfg["decay"] == "inverse_sqrt" else None
-    cosine_steps = max(int(total_steps) - warmup_steps, 1) if cfg["decay"] == "cosine" else None
+    if cfg["decay"] == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, max(int(total_steps), warmup_steps + 1))
+    elif warmup_steps:  # linear_schedule holds its end value after `warmup_steps`
+        schedule = optax.linear_schedule(0.0, peak, warmup_steps)
+    else:
+        schedule = optax.constant_schedule(peak)
+    if cfg["decay"] == "inverse_sqrt":
+        decay_start = float(cfg["decay_start_step"])
+        warmed = schedule
+        schedule = lambda step: warmed(step) / jnp.sqrt(jnp.maximum(step / decay_start, 1.0))  # noqa: E731
 
     def learning_rate_fn(step) -> jax.Array:
-        step = jnp.asarray(step, jnp.float32)
-        lr = jnp.full((), peak, jnp.float32)
-        if decay_start is not None:
-            lr = lr / jnp.sqrt(jnp.maximum(step / decay_start, 1.0))
-        if cosine_steps is not None:
-            progress = jnp.clip((step - warmup_steps) / cosine_steps, 0.0, 1.0)
-            lr = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        if warmup_steps:
-            lr = lr * jnp.minimum(step / warmup_steps, 1.0)
-        return lr
+        return jnp.asarray(schedule(jnp.asarray(step, jnp.float32)), jnp.float32)
 
     return learning_rate_fn
 

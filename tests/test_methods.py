@@ -1,0 +1,68 @@
+"""The method table and a run's method settings (`cmjax/methods.py`), and that evaluation and export read the
+same facts."""
+import jax
+import pytest
+
+from cmjax import errors, evaluate, losses, methods, models, sharding
+from cmjax.interop import runs
+from configs import default, digits
+
+
+def test_every_objective_has_a_row_and_every_section_holds_exactly_its_settings():
+    config = default.get_config()
+    assert methods.names() == sorted(losses.OBJECTIVES)
+    for name in methods.names():
+        accepted = set(losses.objective_settings(name)) - {"total_steps"}  # K is config.total_steps
+        assert set(config.method[name]) == accepted, name
+
+
+def test_facts():
+    assert [m for m in methods.names() if methods.get(m).needs_teacher] == ["cd", "ect"]
+    assert [m for m in methods.names() if methods.get(m).keeps_target] == ["cd", "ct"]
+    assert [m for m in methods.names() if methods.get(m).starts_from_teacher] == ["ect"]
+    with pytest.raises(errors.ConfigError, match=r"'lcm'.*\['cd', 'ct', 'ect', 'edm', 'ict'\]"):
+        methods.get("lcm")
+
+
+def test_settings_come_from_the_methods_own_section_and_switch_with_the_name():
+    config = digits.get_config()
+    s = methods.settings(config)
+    assert (s["s1"], s["sigma_max"], s["total_steps"]) == (80, 10.0, 18000)  # the demo's iCT settings
+    config.method.name = "edm"
+    assert methods.settings(config) == {"sigma_data": 0.5, "p_mean": -1.2, "p_std": 1.2}
+    methods.select(config, "cd", num_scales=40)
+    assert methods.settings(config)["num_scales"] == 40 and methods.training_grid_size(config) == 40
+    with pytest.raises(errors.ConfigError, match=r"no key\(s\) \['num_scale'\]"):
+        methods.select(config, "cd", num_scale=40)
+
+
+def test_ect_parameterisation_is_read_alike_by_evaluation_and_export():
+    """The one fact, three readers: evaluate's sampler, export's scheduler check and the table agree for
+    both of ECT's parameterisations (evaluate used to sample every ECT run with the EDM denoiser)."""
+    config = digits.get_config("smoke")
+    config.method.name = "ect"
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+    module = models.get(config.model)
+    for kind in ("edm", "consistency"):
+        config.method.ect.parameterization_kind = kind
+        assert methods.parameterization_kind(config) == kind
+        assert evaluate.Evaluator(config, module, mesh).kind == kind
+        assert runs.consistency_parameterised(config) == (kind == "consistency")
+    config.method.name = "ict"
+    assert evaluate.Evaluator(config, module, mesh).kind == "consistency"
+    config.method.name = "edm"
+    assert evaluate.Evaluator(config, module, mesh).kind == "edm" and not runs.consistency_parameterised(config)
+
+
+def test_config_defaults_equal_the_library_defaults():
+    """configs/default.py writes every optimizer and data key out (configs import no cmjax); they must stay the
+    library's defaults, and the recipes' plain σ constants EDM's."""
+    from cmjax import optim, parameterization, schedules
+    from cmjax.data import pipeline
+    from configs import common
+
+    config = default.get_config()
+    assert config.optim.to_dict() == optim.default_config().to_dict()
+    assert config.data.to_dict() == pipeline.default_config().to_dict()
+    assert (common.SIGMA_MIN, common.SIGMA_MAX, common.RHO) == (
+        parameterization.SIGMA_MIN, parameterization.SIGMA_MAX, schedules.RHO)
