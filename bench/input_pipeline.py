@@ -46,7 +46,6 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cmjax import sharding  # noqa: E402
 from cmjax.data import pipeline  # noqa: E402
 

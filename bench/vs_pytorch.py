@@ -26,7 +26,6 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # diffusers and torch before anything imports tensorflow (cmjax.data): imported after it, diffusers segfaults.
 import diffusers  # noqa: E402

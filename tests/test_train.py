@@ -125,7 +125,7 @@ def test_config_errors(tmp_path_factory):
     with pytest.raises(ValueError, match=r"config.method.edm has key\(s\) \['s0'\]"):
         train.train_and_evaluate(config, workdir)
     with pytest.raises(ValueError, match=r"yields images \(8, 8, 1\).*\(16, 16, 1\)"):
-        train.train_and_evaluate(_config(tmp_path_factory, **{"model.image_size": 16}), workdir)
+        train.train_and_evaluate(_config(tmp_path_factory, **{"model.image_size": 16, "model.in_channels": 1}), workdir)
 
 
 def test_compiled_cd_step_takes_teacher_as_argument_not_constant(tmp_path_factory):
