@@ -163,8 +163,9 @@ def _parse_flags(argv):
         first, _, hint = str(text).partition("\n")
         key = first.strip("\"'")
         given = [a for a in argv[1:] if re.match(rf"--config(\.\w+)*\.{re.escape(key)}(=|$)", a)]
-        _exit_with_message(f"{given[0] if given else key!r}: the config has no key {key!r}. {hint.strip()} "
-                           "Every key is in configs/default.py (method settings in config.method.<name>).")
+        hint = f" {hint.strip()}" if hint.strip() else ""
+        _exit_with_message(f"{given[0] if given else key!r}: the config has no key {key!r}.{hint} Every key is "
+                           "in configs/default.py (method settings in config.method.<name>).")
     except Exception as err:  # the config file itself raised while loading: its message is the user's to act on
         if "--verbose" in argv:
             raise

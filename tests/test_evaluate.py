@@ -208,10 +208,13 @@ def test_two_step_search_scores_middle_times_and_picks_the_best(evaluator):
     scores = {int(i): v for i, v in search["evaluated"].items()}
     assert sorted(scores) == [1, 2, 3]
     assert search["best_index"] == min(scores, key=scores.get) and search["best_fid"] == min(scores.values())
-    assert search["best_sigma"] == pytest.approx(float(sampling.openai_ts_sigmas([0, search["best_index"], 4], 5)[1]))
+    # The grid spans the run's own σ range (configs/digits.py: σ_max = 10).
+    assert evaluator.sigma_max == 10.0
+    assert search["best_sigma"] == pytest.approx(float(sampling.openai_ts_sigmas(
+        [0, search["best_index"], 4], 5, evaluator.sigma_min, evaluator.sigma_max)[1]))
     # Each probe is the FID of the 2-step sampler at that middle time on the search's own samples.
     i = search["best_index"]
-    again = evaluator.score(params, [80.0, search["best_sigma"]], 16,
+    again = evaluator.score(params, [evaluator.sigma_max, search["best_sigma"]], 16,
                             evaluate.eval_key(evaluator.config.seed, evaluate.SEARCH_STREAM), metric)
     assert again["fid"] == pytest.approx(scores[i], rel=1e-9)
 

@@ -66,7 +66,6 @@ def test_local_two_processes_train_and_checkpoint(tmp_path):
         ["bash", os.path.join(LAUNCH, "local_multiprocess.sh"), "--processes=2", "--devices=4",
          "--config=configs/digits.py:smoke", f"--workdir={workdir}", f"--python={sys.executable}", "--",
          "--config.total_steps=4", "--config.ckpt_every=2", "--config.log_every=1",
-         "--config.model.channel_mult=(1,)", "--config.model.attention_resolutions=()",
          f"--config.data.data_dir={data_dir}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     logs = "".join((workdir / "logs" / f"process_{i}.log").read_text(errors="replace")[-2000:] for i in range(2)
