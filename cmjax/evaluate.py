@@ -36,9 +36,11 @@ def denoiser_for(module, params, class_labels, kind: str, *, sigma_data, sigma_m
 
 def generate(module, params, key, *, mesh: Mesh, num_images: int, image_shape: Sequence[int],
              sigmas: Sequence[float], num_classes: int = 0, sigma_data=parameterization.SIGMA_DATA,
-             sigma_min=parameterization.SIGMA_MIN, sigma_max=parameterization.SIGMA_MAX, parameterization_kind="consistency"):
+             sigma_min=parameterization.SIGMA_MIN, sigma_max=parameterization.SIGMA_MAX, parameterization_kind="consistency",
+             renoise="cm", clip=True):
     """`num_images` samples in [−1, 1] from the multistep sampler at `sigmas` ([σmax] = one step), sharded
-    over the mesh's batch axes. Returns (images [N, H, W, C] float32 global array, labels or None)."""
+    over the mesh's batch axes (`renoise`, `clip`: as `sampling.multistep_sample`; a run's own are
+    `methods.sampler_settings(config)`). Returns (images [N, H, W, C] float32 global array, labels or None)."""
     devices = sharding.batch_device_count(mesh)
     if num_images % devices:
         raise errors.ConfigError(f"num_images={num_images} must divide over the {devices} devices of the mesh.")
@@ -50,11 +52,23 @@ def generate(module, params, key, *, mesh: Mesh, num_images: int, image_shape: S
         label_key, noise_key = jax.random.split(key)
         labels = jax.random.randint(label_key, (num_images,), 0, num_classes) if num_classes else None
         fn = denoiser_for(module, params, labels, parameterization_kind, sigma_data=sigma_data, sigma_min=sigma_min)
-        images = sampling.multistep_sample(fn, noise_key, shape, sigmas, sigma_min, sigma_max, clip=True)
+        images = sampling.multistep_sample(fn, noise_key, shape, sigmas, sigma_min, sigma_max, clip=clip,
+                                           renoise_kind=renoise)
         images = jax.lax.with_sharding_constraint(images, out_sharding)
         return images, labels
 
     return _generate(params, key)
+
+
+QUANTIZE = ("round", "floor")  # config.sample.quantize
+
+
+def quantize(images, how: str = "round"):
+    """[−1, 1] floats → uint8: round((x + 1)·127.5) or, as the CM releases, its truncation (floor); clipped."""
+    if how not in QUANTIZE:
+        raise errors.ConfigError(f"config.sample.quantize={how!r}; choose one of {list(QUANTIZE)}.")
+    scaled = (images + 1.0) * 127.5
+    return jnp.clip(jnp.floor(scaled) if how == "floor" else jnp.round(scaled), 0, 255).astype(jnp.uint8)
 
 
 def to_uint8(images) -> np.ndarray:
@@ -169,7 +183,8 @@ def ternary_search(score, low: int, high: int) -> tuple[int, dict[int, float]]:
 
 
 class InceptionMetric:
-    """FID, IS (10 splits) and precision/recall (k = 3) from the FID Inception (`cmjax.metrics.inception`)."""
+    """FID, IS (10 splits, unbiased logits) and precision/recall (k = 3) from the FID Inception
+    (`cmjax.metrics.inception`), its input path set by config.eval.fid_protocol (named in the eval report)."""
 
     name, primary = "inception", "fid"
 
@@ -179,7 +194,9 @@ class InceptionMetric:
         self.config, self.mesh = config, mesh
         variables = inception.load_variables(os.path.expanduser(config.eval.inception_weights))
         self.variables = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        net = inception.FIDInception(int(config.eval.inception_size))
+        self.protocol = str(config.eval.fid_protocol)
+        inception.preprocess(jnp.zeros((1, 1, 1, 3)), 1, self.protocol)  # a bad protocol fails here
+        net = inception.FIDInception(int(config.eval.inception_size), self.protocol)
         self._apply = jax.jit(lambda v, x: net.apply(v, x.astype(jnp.float32) / 255.0),
                               out_shardings=sharding.batch_sharding(mesh))
         self._reference, self._ready = None, False
@@ -204,8 +221,10 @@ class InceptionMetric:
                 self._reference = fid.load_reference(source, features_fn=self._local_features)
             return self._reference
         data = self.config.data
+        # Statistics of one protocol never stand in for another's (pytorch_fid keeps the earlier file name).
+        network = "inception" if self.protocol == "pytorch_fid" else f"inception-{self.protocol}"
         path = fid.reference_cache_path(digits_metric.default_cache_dir(data.data_dir), data.name, source,
-                                        int(self.config.eval.inception_size), "inception")
+                                        int(self.config.eval.inception_size), network)
         if bool(_from_process_0(np.bool_(jax.process_index() == 0 and os.path.exists(path)))):
             self._reference = fid.load_reference(path) if jax.process_index() == 0 else None
             return self._reference
@@ -229,7 +248,7 @@ class InceptionMetric:
 
         device = jax.local_devices()[0]
         variables = jax.device_put(self.variables, device)
-        net = inception.FIDInception(int(self.config.eval.inception_size))
+        net = inception.FIDInception(int(self.config.eval.inception_size), self.protocol)
         apply = jax.jit(lambda v, x: net.apply(v, x.astype(jnp.float32) / 255.0)["pool"])
         return np.concatenate([np.asarray(apply(variables, jax.device_put(images_uint8[i:i + 100], device)))
                                for i in range(0, len(images_uint8), 100)])
@@ -312,10 +331,14 @@ class Evaluator:
         self.config, self.module, self.mesh = config, module, mesh
         self.image_shape = models.image_shape(config)
         self.num_classes = int(config.model.get("num_classes") or 0)
-        # The run's own parameterisation (ECT: its `parameterization_kind`), as export reads it too.
-        self.kind = methods.parameterization_kind(config)
-        noise = methods.noise_range(config)
-        self.sigma_data, self.sigma_min, self.sigma_max = noise["sigma_data"], noise["sigma_min"], noise["sigma_max"]
+        # How the run's method samples (methods.sampler_settings, which export reads too): its parameterisation
+        # and σ range, or its release's (ECT: boundary scalings at σ_min 0.003, x + τ·z, no clipping).
+        sampler = methods.sampler_settings(config)
+        self.kind, self.renoise, self.clip = sampler["parameterization"], sampler["renoise"], sampler["clip"]
+        self.sigma_data, self.sigma_min, self.sigma_max = (sampler["sigma_data"], sampler["sigma_min"],
+                                                           sampler["sigma_max"])
+        self.quantize = str(config.sample.quantize)
+        quantize(jnp.zeros(()), self.quantize)  # a bad value fails here, before anything compiles
         self._samplers: dict[Any, Any] = {}
         self._metrics: dict[str, Any] = {}
 
@@ -340,7 +363,7 @@ class Evaluator:
             fn = denoiser_for(self.module, params, label, self.kind, sigma_data=self.sigma_data,
                               sigma_min=self.sigma_min)
             x = sampling.multistep_sample(fn, noise_key, shape, cache_key[0], self.sigma_min, self.sigma_max,
-                                          clip=True)
+                                          clip=self.clip, renoise_kind=self.renoise)
             return x[0], label[0] if num_classes else jnp.int32(0)
 
         @jax.jit
@@ -348,7 +371,7 @@ class Evaluator:
             indices = jax.lax.with_sharding_constraint(start + jnp.arange(batch), out)
             keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
             images, labels = jax.vmap(one, in_axes=(None, 0))(params, keys)
-            images = jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+            images = quantize(images, self.quantize)
             return jax.lax.with_sharding_constraint(images, out), jax.lax.with_sharding_constraint(labels, out)
 
         self._samplers[cache_key] = run
@@ -478,7 +501,9 @@ def evaluate_checkpoint(config, workdir: str, *, step: int | None = None, ema_ra
             grid = evaluator.samples(params, sigmas, int(config.sample.num_images), eval_key(config.seed))["image"]
             if jax.process_index() == 0:
                 save_png(os.path.join(output, f"{tag}_{step_used:08d}.png"), image_grid(grid), scale=4)
-    results = {"step": step_used, "num_samples": num_samples, "metric": metric.name, **results}
+    protocol = {"fid_protocol": metric.protocol} if hasattr(metric, "protocol") else {}
+    results = {"step": step_used, "num_samples": num_samples, "metric": metric.name, **protocol,
+               "quantize": evaluator.quantize, **results}
     _write_json(os.path.join(output, f"metrics_{step_used:08d}.json"), results)
     if jax.process_index() == 0:  # the metrics are written: the per-chunk features are no longer needed
         shutil.rmtree(os.path.join(output, f"chunks_{step_used:08d}"), ignore_errors=True)

@@ -15,28 +15,50 @@ from cmjax import errors, losses, parameterization, schedules
 
 
 @dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How a method's release samples its few-step models (docs/fidelity.md): CM Algorithm 1 unless it says
+    otherwise. `parameterization`/`sigma_min` (None: as trained) apply to a network trained in EDM form."""
+    parameterization: str | None = None  # the form f is evaluated in; None: the training parameterisation
+    sigma_min: float | None = None  # σ_min of that form's boundary scalings; None: the training σ_min
+    # "cm": x0 + √(τ² − σmin²)·z, τ clipped to [σmin, σmax] (CM Alg. 1) | "plain": x0 + τ·z (ECT)
+    renoise: str = "cm"
+    clip: bool = True  # clip each denoised estimate to [−1, 1] (CM); False: only the uint8 quantisation clips
+
+
+# ECT's release evaluates its EDM-trained network with the boundary scalings at its own σ_min = 0.003
+# (locuslab/ect training/networks.py:684,709-711, eval mode) and renoises with x + t·z, unclipped
+# (training/ct_training_loop.py:79-97).
+ECT_SAMPLING = Sampling(parameterization="consistency", sigma_min=0.003, renoise="plain", clip=False)
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
     name: str
-    needs_teacher: bool  # distils from, or tunes, an EDM run (config.teacher.workdir)
+    needs_teacher: bool  # distils from, or tunes, an EDM run (config.teacher.workdir) in every step
     keeps_target: bool  # a target EMA network θ⁻ updated with the objective's μ(k) (CM 2023); else sg(θ)
-    starts_from_teacher: bool  # the online network begins as the teacher's weights
+    # The student (its target and EMAs) begins as the teacher's weights unless config.teacher.init_student
+    # says otherwise (`starts_from_teacher(config)`): CD in both CM releases, ECT.
+    starts_from_teacher: bool
     # "edm": D(x, σ) with f(x, 0) = x (EDM and ECT's default); "consistency": CM App. C boundary scalings;
     # "setting": the objective's own `parameterization_kind` setting decides.
     parameterization: str
     summary: str
+    sampling: Sampling = Sampling()
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("edm", needs_teacher=False, keeps_target=False, starts_from_teacher=False, parameterization="edm",
            summary="EDM denoising score matching (the teacher of CD and ECT)"),
-    Method("cd", needs_teacher=True, keeps_target=True, starts_from_teacher=False,
+    # CD: openai/consistency_models scripts/cm_train.py:75-115 copies the teacher into the student, target and
+    # EMAs; the CIFAR-10 JAX release's finetune=True (jcm/losses.py:136-142) does the same.
+    Method("cd", needs_teacher=True, keeps_target=True, starts_from_teacher=True,
            parameterization="consistency", summary="consistency distillation (CM 2023)"),
     Method("ct", needs_teacher=False, keeps_target=True, starts_from_teacher=False,
            parameterization="consistency", summary="consistency training (CM 2023)"),
     Method("ict", needs_teacher=False, keeps_target=False, starts_from_teacher=False,
            parameterization="consistency", summary="improved consistency training (Song & Dhariwal 2023)"),
     Method("ect", needs_teacher=True, keeps_target=False, starts_from_teacher=True, parameterization="setting",
-           summary="easy consistency tuning from an EDM model (Geng et al. 2024)"),
+           summary="easy consistency tuning from an EDM model (Geng et al. 2024)", sampling=ECT_SAMPLING),
 )}
 # Settings a method takes from elsewhere in the config rather than from its own section.
 _FROM_CONFIG = {"total_steps"}
@@ -94,6 +116,35 @@ def parameterization_of(name: str, method_settings: Mapping[str, Any]) -> str:
 def parameterization_kind(config) -> str:
     """The run's `parameterization_of` its method and settings (read by evaluate and interop alike)."""
     return parameterization_of(config.method.name, settings(config))
+
+
+def starts_from_teacher(config) -> bool:
+    """Whether the run's student (online network, target and EMAs) starts from the teacher's weights:
+    `config.teacher.init_student` when set (True/False), else the method's fact (CD, ECT: yes)."""
+    chosen = config.teacher.get("init_student")
+    return get(config.method.name).starts_from_teacher if chosen is None else bool(chosen)
+
+
+def uses_teacher(config) -> bool:
+    """Whether the run reads a teacher workdir: to distil from it (CD, ECT) or to start from it (e.g. CT
+    with `config.teacher.init_student=True`, the CM release's ImageNet-64/LSUN CT command)."""
+    return get(config.method.name).needs_teacher or starts_from_teacher(config)
+
+
+def sampler_settings(config) -> dict[str, Any]:
+    """How the run's few-step samples are drawn (evaluate, interop): {"parameterization", "sigma_min",
+    "sigma_max", "sigma_data", "renoise", "clip"}. The run's own parameterisation and σ range, except that a
+    network trained in EDM form by a method whose release evaluates it otherwise is sampled as that release
+    does (ECT: the boundary scalings at σ_min = 0.003, x + τ·z, no clipping between steps)."""
+    sampling = get(config.method.name).sampling
+    kind, noise = parameterization_kind(config), noise_range(config)
+    result = {"parameterization": kind, "sigma_min": noise["sigma_min"], "sigma_max": noise["sigma_max"],
+              "sigma_data": noise["sigma_data"], "renoise": sampling.renoise, "clip": sampling.clip}
+    if kind == "edm" and sampling.parameterization is not None:
+        result["parameterization"] = sampling.parameterization
+        if sampling.sigma_min is not None:
+            result["sigma_min"] = float(sampling.sigma_min)
+    return result
 
 
 def noise_range(config) -> dict[str, float]:

@@ -29,8 +29,16 @@ def one_step_sample(consistency_fn: ConsistencyFn, key, shape, sigma_max=SIGMA_M
     return _denoised(consistency_fn, sigma_max * z, sigma_max, clip)
 
 
-def renoise(x0, next_sigma, noise, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX):
-    """x_τ = x0 + √(τ² − σmin²)·z, with τ clipped to [σmin, σmax] (CM Alg. 1 line 5; openai, diffusers)."""
+RENOISE = ("cm", "plain")
+
+
+def renoise(x0, next_sigma, noise, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, kind: str = "cm"):
+    """kind "cm": x_τ = x0 + √(τ² − σmin²)·z, with τ clipped to [σmin, σmax] (CM Alg. 1 line 5; openai,
+    diffusers); "plain": x0 + τ·z (ECT's sampler, locuslab/ect training/ct_training_loop.py:79-97)."""
+    if kind == "plain":
+        return x0 + jnp.asarray(next_sigma, jnp.float32) * noise
+    if kind != "cm":
+        raise ValueError(f"Unknown renoise kind {kind!r}; choose one of {list(RENOISE)}.")
     tau = jnp.clip(jnp.asarray(next_sigma, jnp.float32), sigma_min, sigma_max)
     return x0 + jnp.sqrt(tau**2 - sigma_min**2) * noise
 
@@ -44,12 +52,15 @@ def multistep_sample(
     sigma_max=SIGMA_MAX,
     clip=True,
     noise: Sequence[jnp.ndarray] | None = None,
+    renoise_kind: str = "cm",
 ):
     """CM Algorithm 1: x = f(σ0·z, σ0); for each later τ: x = f(x + √(τ² − σmin²)·z, τ).
 
     `sigmas` is decreasing and starts at the first noise level (usually σmax); len(sigmas) network
     evaluations. The noise for step j is drawn from `jax.random.fold_in(key, j)`, or is `noise[j]` when
     standard-normal arrays are given (e.g. the latents and generator draws of a PyTorch pipeline).
+    `clip` clips each denoised estimate to [−1, 1]; `renoise_kind` "plain" renoises with x + τ·z (ECT's
+    release sampler, with clip=False) instead of CM's √(τ² − σmin²).
     """
     sigmas = [float(s) for s in sigmas]
     if not sigmas or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
@@ -57,7 +68,7 @@ def multistep_sample(
     x = sigmas[0] * _noise(noise, key, 0, shape)
     x = _denoised(consistency_fn, x, sigmas[0], clip)
     for j, tau in enumerate(sigmas[1:], start=1):
-        x_tau = renoise(x, tau, _noise(noise, key, j, shape), sigma_min, sigma_max)
+        x_tau = renoise(x, tau, _noise(noise, key, j, shape), sigma_min, sigma_max, renoise_kind)
         x = _denoised(consistency_fn, x_tau, tau, clip)
     return x
 

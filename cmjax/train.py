@@ -78,9 +78,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             workdir_lib.truncate_metrics_log(jsonl_path, start_step)
     else:
         start_step = 0
-        if method.starts_from_teacher:  # ECT tunes the EDM teacher: start from its weights
-            state = jax.jit(lambda p: train_state.create(p, optimizer, config.ema_rates, keep_target),
-                            out_shardings=state_shardings)(teacher_params)
+        if methods.starts_from_teacher(config):  # CD, ECT (config.teacher.init_student): the teacher's weights
+            online, ema = workdir_lib.student_start(config, mesh, module)
+            state = jax.jit(lambda p, e: train_state.create(p, optimizer, config.ema_rates, keep_target, e),
+                            out_shardings=state_shardings)(online, ema)
         else:
             state = create_state(jax.random.key(config.seed))
 

@@ -51,10 +51,13 @@ def _copy(tree: Any) -> Any:
     return jax.tree.map(jnp.copy, tree)
 
 
-def create(params: Any, optimizer: optax.GradientTransformation, ema_rates: Sequence[float], keep_target: bool
-           ) -> TrainState:
-    """A fresh state at step 0; EMA copies and the target start equal to θ. Accepts boxed or plain params."""
+def create(params: Any, optimizer: optax.GradientTransformation, ema_rates: Sequence[float], keep_target: bool,
+           ema_start: Any = None) -> TrainState:
+    """A fresh state at step 0; the target starts equal to θ, every EMA copy equal to θ or, when given, to
+    `ema_start` (a student starting from a teacher: θ = its online weights, EMAs = its EMA). Accepts boxed or
+    plain params."""
     params = nn.meta.unbox(params)  # `module.init` returns nn.Partitioned boxes; the state holds plain arrays
+    ema_start = params if ema_start is None else nn.meta.unbox(ema_start)
     keys = [ema_key(rate) for rate in ema_rates]
     if len(set(keys)) != len(keys):
         raise ValueError(f"EMA rates {list(ema_rates)} repeat a rate; list each rate once.")
@@ -63,7 +66,7 @@ def create(params: Any, optimizer: optax.GradientTransformation, ema_rates: Sequ
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=optimizer.init(params),
-        ema={key: _copy(params) for key in keys},
+        ema={key: _copy(ema_start) for key in keys},
         target_params=_copy(params) if keep_target else None,
         nonfinite_steps=jnp.zeros((), jnp.int32),
         skipped_steps=jnp.zeros((), jnp.int32),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+import flax.linen as nn
 import jax
 import ml_collections
 
@@ -17,6 +18,7 @@ from cmjax import checkpointing, errors, methods, models, optim, sharding, train
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+INIT_ONLINE_FROM = ("ema", "online")  # config.teacher.init_online_from
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -86,29 +88,43 @@ def load_params(workdir: str, mesh, *, step: int | None = None, ema_rate: float 
     """
     config = read_run_config(workdir) if config is None else config
     module = models.get(config.model)
+    state, restored_step = _restore_state(workdir, config, module, mesh, step)
+    return module, _copy_of(state, config, ema_rate, workdir), config, restored_step
+
+
+def _restore_state(workdir: str, config, module, mesh, step: int | None):
     abstract_state, shardings = abstract_train_state(config, module, mesh)
     with checkpointing.Checkpointer(workdir, save_every=1, keep=1, read_only=True) as reader:
         restored = reader.restore(with_shardings(abstract_state, shardings), step=step)
     if restored is None:
         raise errors.MissingFileError(f"Workdir {workdir!r} holds no checkpoint.")
-    state, restored_step = restored
+    return restored
+
+
+def _copy_of(state, config, ema_rate, workdir: str):
+    """The online parameters ("online") or the EMA copy `ema_rate` (None/"": the config's first rate)."""
     if ema_rate in ("online", "params"):
-        return module, state.params, config, restored_step
+        return state.params
     rate = train_state.ema_key(config.ema_rates[0] if ema_rate in (None, "") else float(ema_rate))
     if rate not in state.ema:
         raise errors.ConfigError(f"EMA rate {ema_rate!r} is not kept by the run in {workdir!r}; it keeps "
                                  f"{sorted(state.ema)} or 'online'.")
-    return module, state.ema[rate], config, restored_step
+    return state.ema[rate]
 
 
 def check_teacher(config) -> None:
     """Fails fast, before anything compiles, when a method that needs a teacher has none."""
-    if not methods.get(config.method.name).needs_teacher:
+    if not methods.uses_teacher(config):
         return
+    if config.teacher.init_online_from not in INIT_ONLINE_FROM:
+        raise errors.ConfigError(f"config.teacher.init_online_from={config.teacher.init_online_from!r}; choose "
+                                 f"one of {list(INIT_ONLINE_FROM)}.")
     teacher = config.teacher.workdir
     if not teacher or not os.path.exists(os.path.join(teacher, CONFIG_FILE)):
+        needs = ("needs a teacher" if methods.get(config.method.name).needs_teacher else
+                 "starts from a teacher (config.teacher.init_student=True)")
         raise errors.ConfigError(
-            f"Method {config.method.name!r} needs a teacher, but config.teacher.workdir={teacher!r} is not a "
+            f"Method {config.method.name!r} {needs}, but config.teacher.workdir={teacher!r} is not a "
             f"cmjax workdir (no {CONFIG_FILE}); train an EDM teacher first (--config.method.name=edm) and pass "
             "--config.teacher.workdir=THAT_WORKDIR.")
 
@@ -119,3 +135,24 @@ def load_teacher(config, mesh):
     module, params, teacher_config, _ = load_params(config.teacher.workdir, mesh,
                                                     ema_rate=config.teacher.ema_rate or None)
     return module, params, teacher_config
+
+
+def student_start(config, mesh, student_module):
+    """(online, ema) the student starts from when `methods.starts_from_teacher(config)`: the teacher's EMA copy
+    `config.teacher.ema_rate` for the EMAs, and for the online network (and target) that copy or, with
+    `config.teacher.init_online_from="online"`, the teacher's online parameters (one restore of the teacher's
+    newest checkpoint). A student network whose parameters differ in shape from the teacher's is an error."""
+    teacher_config = read_run_config(config.teacher.workdir)
+    module = models.get(teacher_config.model)
+    state, _ = _restore_state(config.teacher.workdir, teacher_config, module, mesh, None)
+    ema = _copy_of(state, teacher_config, config.teacher.ema_rate or None, config.teacher.workdir)
+    online = state.params if config.teacher.init_online_from == "online" else ema
+    expected = jax.eval_shape(lambda k: models.init_params(student_module, config, k), jax.random.key(0))
+    shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), nn.meta.unbox(tree))  # noqa: E731
+    if shapes(expected) != shapes(online):
+        raise errors.ConfigError(
+            f"The student starts from the teacher's weights (config.teacher.init_student), but its network "
+            f"(config.model.name={config.model.name!r}) has other parameters than the teacher's in "
+            f"{config.teacher.workdir!r} ({teacher_config.model.name!r}); use the teacher's network or set "
+            "--config.teacher.init_student=False.")
+    return online, ema

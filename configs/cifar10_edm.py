@@ -6,11 +6,14 @@
 
 Settings of the CM CIFAR-10 release's teacher (`configs/cifar10_k_ve.py` of openai/consistency_models_cifar10):
 NCSN++ (56,395,651 parameters, Fourier scale 16, dropout 0.13), EDM denoising score matching with
-ln σ ~ N(−1.2, 1.2²), Adam lr 1e-3 with a 10M-image warmup (19,531 steps), no clipping, batch 512,
-400k steps, EMA half-life 0.5M images (rate 0.99929 at batch 512), random flips.
+ln σ ~ N(−1.2, 1.2²), Adam lr 1e-3 with a 10M-image linear warm-up (19,531 steps; the release's Adam branch
+uses it), then constant, no clipping, batch 512, 400k steps, EMA half-life 0.5M images (rate 0.99929 at
+batch 512), random flips, float32. Samples are quantised by truncation, as the release's evaluate.py.
+Difference: the release sums the loss over pixels, cmjax takes the mean (equal under Adam up to eps).
+Every setting with its source line: docs/fidelity.md.
 
-Published: FID 2.04 with the 35-evaluation EDM sampler (Heun, 18 steps; DESIGN §4). cmjax: not yet measured.
-Compute: the release does not state it for the teacher.
+Published: FID 2.04 with the 35-evaluation EDM sampler (the CM paper's EDM row, DESIGN §4; the release itself
+states no number). cmjax: not yet measured. Compute: the release does not state it for the teacher.
 
 `:smoke` keeps the method and optimizer but trains a tiny MLP on the embedded digits dataset for a few steps
 (configs/common.py); its workdir is the teacher for the CD/ECT smoke runs.
@@ -33,6 +36,7 @@ def get_config(arg: str | None = None):
     config.optim.learning_rate = 1e-3
     config.optim.warmup_steps = 19_531  # 10M images
     config.ema_rates = (common.ema_rate_from_half_life(0.5e6, 512),)
+    config.sample.quantize = "floor"
     config.log_every = 100
     config.ckpt_every = 10_000
     config.eval_every = 50_000

@@ -37,13 +37,19 @@ def variants(arg: str | None, allowed: tuple[str, ...], recipe: str) -> set[str]
 # and the LSUN-256 consistency models.
 CM_EMA_RATES_IMAGENET = (0.999, 0.9999, 0.9999432189950708)
 CM_EMA_RATES_LSUN = (0.9999, 0.99994, 0.9999432189950708)
+# The teacher EMA copy the ImageNet-64/LSUN CD (and CT `:init_teacher`) students use. openai's file
+# `edm_imagenet64_ema.pt` does not name its rate; 0.9999432189950708 = 0.5^(4096/50e6), EDM's 50-Mimg half-life
+# at the teacher's batch 4096, is the likely one: an inference, not confirmed (docs/fidelity.md).
+CM_TEACHER_EMA_RATE = "0.9999432189950708"
 
 
-def lpips_or_l2(chosen: set[str], recipe: str) -> str:
-    """The distance of a recipe with variants `lpips` (the default) and `l2`."""
+def lpips_or_l2(chosen: set[str], recipe: str, lpips: str = "lpips") -> str:
+    """The distance of a recipe with variants `lpips` (the default) and `l2`. `lpips` names the LPIPS flavour:
+    "lpips" (VGG max pooling, the CIFAR-10 JAX release) or "lpips_avgpool" (piq's replace_pooling=True, the
+    ImageNet-64/LSUN PyTorch release)."""
     if {"lpips", "l2"} <= chosen:
         raise ValueError(f"configs/{recipe}.py: choose one of the variants lpips and l2.")
-    return "l2" if "l2" in chosen else "lpips"
+    return "l2" if "l2" in chosen else lpips
 
 
 def openai_ts_sigma(index: int, steps: int) -> float:
@@ -144,6 +150,7 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.ckpt_every = SMOKE_STEPS
     config.eval_every = 0
     config.ema_rates = config.ema_rates[:1]
+    config.teacher.ema_rate = ""  # a smoke teacher keeps only its first EMA rate
     config.sample.num_images = SMOKE_GRID_IMAGES
     config.sample.metric_samples = 0
     return config

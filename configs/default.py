@@ -135,6 +135,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.teacher = ml_collections.ConfigDict()
     config.teacher.workdir = ""
     config.teacher.ema_rate = ""  # the teacher's EMA copy: "" = the teacher run's first rate, or e.g. "0.9999"
+    # Start the student (online network, target θ⁻ and every EMA copy) from the teacher's weights. None: the
+    # method's fact (cmjax/methods.py: CD and ECT do, as their releases; others start fresh); True also makes
+    # CT start from config.teacher.workdir (the CM release's ImageNet-64/LSUN CT command); False: fresh init.
+    config.teacher.init_student = ml_collections.config_dict.placeholder(bool)
+    # What the student's online network (and target) starts as: "ema" = the teacher's EMA copy above (openai's
+    # ImageNet-64/LSUN release, which has only that file; ECT) | "online" = the teacher's online parameters (the
+    # CIFAR-10 JAX release's finetune). The student's EMA copies always start from the teacher's EMA copy.
+    config.teacher.init_online_from = "ema"
 
     # LPIPS distances: the converted VGG16 weights (.npz); "" = ~/.cache/cmjax/lpips_vgg16.npz, written by
     # `python -m cmjax.metrics.lpips --convert` (docs/lpips.md).
@@ -158,6 +166,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sample = ml_collections.ConfigDict()
     config.sample.num_images = 64  # images in each sample grid
     config.sample.two_step_sigma = 0.8  # the second noise level of the 2-step sampler
+    # Samples in [−1, 1] → uint8 (grids, .npz, FID): round | floor (the CM releases truncate: openai's
+    # image_sample.py, the CIFAR-10 JAX evaluate.py; ECT rounds half up).
+    config.sample.quantize = "round"
     config.sample.metric_samples = 512  # samples per sampler for the digits quality metric (0: none)
 
     # Evaluation (cmjax/evaluate.py): --mode=eval, and FID during training.
@@ -168,6 +179,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # python -m cmjax.metrics.inception writes these weights
     config.eval.inception_weights = "~/.cache/cmjax/pt_inception-2015-12-05-6726825d.npz"
     config.eval.inception_size = 299  # Inception input size; pytorch-fid's 299 (smaller, >= 75, only for tests)
+    # How images reach the Inception (docs/evaluation.md): tf_legacy = the 2015 TF graph's own ResizeBilinear
+    # (TF1, no half-pixel offset) and (x − 128)/128, as the ADM evaluator (CM ImageNet-64/LSUN) and clean-fid's
+    # legacy_tensorflow (CM CIFAR-10, ECT) feed it: the published tables' protocol | pytorch_fid =
+    # F.interpolate(align_corners=False) half-pixel resize and 2x − 1 (pytorch-fid).
+    config.eval.fid_protocol = "tf_legacy"
     config.eval.reference = "train"  # TFDS split of config.data.name (statistics cached), or a .npz of mu, sigma
     config.eval.fid_during_training = 0  # samples per sampler for FID/IS/precision/recall each eval_every (0: off)
     config.eval.two_step_search = 0  # samples per probe of the 2-step middle-time ternary search (0: off)

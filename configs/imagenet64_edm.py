@@ -7,10 +7,12 @@
 Settings of the CM release's teacher command (`scripts/launch.sh` of openai/consistency_models,
 `edm_train.py`): ADM UNet (192 ch, mult 1,2,3,4, 3 res blocks, attention at 32/16/8 with 64-channel heads,
 scale-shift norm, resblock up/down, 1000 classes: 295,899,267 parameters), dropout 0.1, EDM loss with
-lognormal σ and Karras weighting, lr 1e-4, batch 4096, EMA rates 0.999 / 0.9999 / 0.9999432, fp16 (bfloat16
-here). The release's command runs until stopped; 600k steps here (EDM trained its ImageNet-64 model for
-2.5G images, about 610k steps at 4096). Data: ILSVRC2012 train reduced to 64×64 by ADM's center_crop_arr
-(cmjax/data/datasets.py; a manual download).
+lognormal σ and Karras weighting, RAdam lr 1e-4 constant (no warm-up, no clipping), batch 4096, EMA rates
+0.999 / 0.9999 / 0.9999432, fp16 (bfloat16 here), random flips (the release's loader flips by default). The
+release's command runs until stopped; 600k steps here (EDM trained its ImageNet-64 model for 2.5G images, about
+610k steps at 4096): a placeholder, not a release value. Data: ILSVRC2012 train reduced to 64×64 by ADM's
+center_crop_arr (cmjax/data/datasets.py; a manual download). Samples are quantised by truncation, as openai's
+image_sample.py. Every setting with its source line: docs/fidelity.md.
 
 Published: FID 2.44 with 79 network evaluations (the EDM row of the CM paper's ImageNet-64 table).
 cmjax: not yet measured. Compute: not stated for the teacher.
@@ -25,7 +27,7 @@ def get_config(arg: str | None = None):
     chosen = common.variants(arg, ("smoke",), "imagenet64_edm")
     config = default.get_config()
     config.data.name = "imagenet64"
-    config.data.random_flip = False  # ADM's loader does not flip
+    config.data.random_flip = True  # the release's load_data(random_flip=True) default (cm/image_datasets.py)
     config.model = common.adm_unet(64, dropout=0.1, num_classes=1000)
     config.method.name = "edm"
     config.method.edm.p_mean = -1.2
@@ -35,6 +37,7 @@ def get_config(arg: str | None = None):
     config.optim.optimizer = "radam"
     config.optim.learning_rate = 1e-4
     config.ema_rates = common.CM_EMA_RATES_IMAGENET
+    config.sample.quantize = "floor"
     config.log_every = 100
     config.ckpt_every = 5_000
     config.eval_every = 50_000

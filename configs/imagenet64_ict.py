@@ -5,11 +5,14 @@
   python -m cmjax.main --config=configs/imagenet64_ict.py --workdir=/tmp/x --mode=compile   # memory, FLOPs
   python -m cmjax.main --config=configs/imagenet64_ict.py:smoke --workdir=/tmp/in64_ict_smoke   # CPU
 
-Settings: ADM UNet (the CM ImageNet-64 network, 295,899,267 parameters) with dropout 0.2; iCT's objective
-as on CIFAR-10 (target sg(θ), doubling curriculum s0 = 10 → s1 = 1280, lognormal pair indices Pm = −1.1,
-Ps = 2.0, λ = 1/(σ_{i+1} − σ_i), pseudo-Huber c = 0.00054·√12288 = 0.06); evaluation EMA 0.99997;
-800k steps at batch 4096; bfloat16 compute. The learning rate (1e-4, RAdam) is carried over from CIFAR-10
-and not checked against the paper.
+Settings (not confirmed against a release: iCT has no code release and its appendix was not checked here):
+ADM UNet (the CM ImageNet-64 network, 295,899,267 parameters) with dropout 0.2; iCT's objective as on CIFAR-10
+(target sg(θ), doubling curriculum s0 = 10 → s1 = 1280, lognormal pair indices Pm = −1.1, Ps = 2.0,
+λ = 1/(σ_{i+1} − σ_i), pseudo-Huber c = 0.00054·√12288 = 0.06); evaluation EMA 0.99997; 800k steps at batch
+4096; bfloat16 compute; no x-flip (not confirmed). The learning rate (1e-4, RAdam, no warm-up) is carried over
+from CIFAR-10 and not checked against the paper. Two-step samples at σ = 1.526, iCT's value as the ECT
+ImageNet-64 release uses it (`run_imgnet_ecm.sh:5`). Every setting with its source (or "not confirmed"):
+docs/fidelity.md.
 
 Published FID (50k samples): iCT 4.02 (1 step) / 3.20 (2 steps); iCT-deep 3.25 / 2.77.
 cmjax: not yet measured. Compute: a cluster of A100 GPUs (the paper does not give the count).
@@ -37,6 +40,7 @@ def get_config(arg: str | None = None):
     config.optim.optimizer = "radam"
     config.optim.learning_rate = 1e-4
     config.ema_rates = (0.99997,)
+    config.sample.two_step_sigma = 1.526
     config.log_every = 100
     config.ckpt_every = 5_000
     config.eval_every = 50_000

@@ -7,10 +7,16 @@ Variants `:lpips` (the default, the published headline) and `:l2`; add `,smoke` 
   python -m cmjax.main --config=configs/lsun_bedroom256_cd.py:l2,smoke --workdir=/tmp/bedroom_cd_smoke \
       --config.teacher.workdir=/tmp/bedroom_edm_smoke     # an lsun_bedroom256_edm.py:smoke workdir
 
-Settings of the CM release (`scripts/launch.sh`, L_CD^N on LSUN 256): ADM UNet as the teacher's (dropout 0),
-N = 40 fixed, target EMA μ = 0.95, Heun teacher step, uniform weighting, LPIPS or L2, lr 1e-5, batch 256
-(the release's command; the paper's table lists 2048), 600k steps, EMA rates 0.9999 / 0.99994 / 0.9999432,
-fp16 (bfloat16 here). Two-step samples: `--ts 0,17,39 --steps 40` (LPIPS; `0,18,39` for L2).
+Settings of the CM release (`scripts/launch.sh`, L_CD^N on LSUN 256): the student, its target and EMAs start
+from the teacher's EMA copy (`cm_train.py:75-115`; `--config.teacher.init_student=False` starts fresh), the
+EMA copy 0.9999432 (the likely rate of `edm_bedroom256_ema.pt`: an inference, not confirmed); ADM UNet as the
+teacher's (dropout 0), N = 40 fixed, target EMA μ = 0.95, Heun teacher step, uniform weighting, LPIPS with VGG
+average pooling at the native 256 px (no resize) or L2, RAdam lr 1e-5 constant (no warm-up), batch 256 (the
+release's command; the paper's table lists 2048), 600k steps, EMA rates 0.9999 / 0.99994 / 0.9999432, random
+flips, fp16 (bfloat16 here). Two-step samples: `--ts 0,17,39 --steps 40` (LPIPS; `0,18,39` for L2). Samples
+are quantised by truncation and scored with the TF1 Inception resize (the ADM evaluator). The released `:l2`
+command trains with LPIPS (its `--loss_norm` is never passed on); cmjax's `:l2` is the intended L2. Every
+setting with its source line: docs/fidelity.md.
 
 Published FID (50k samples), CD-LPIPS: 7.80 (1 step) / 5.22 (2 steps). cmjax: not yet measured.
 Compute: 64 A100 GPUs (CM paper, Table 3).
@@ -25,14 +31,15 @@ def get_config(arg: str | None = None):
     chosen = common.variants(arg, ("lpips", "l2", "smoke"), "lsun_bedroom256_cd")
     config = default.get_config()
     config.data.name = "lsun_bedroom"
-    config.data.random_flip = False
+    config.data.random_flip = True  # the release's loader flips by default
     config.model = common.adm_unet(256, dropout=0.0, num_classes=0)
     config.method.name = "cd"
     config.method.cd.teacher_solver = "heun"
     config.method.cd.curriculum = "fixed"
     config.method.cd.num_scales = 40
     config.method.cd.target_ema = 0.95
-    config.method.cd.distance = common.lpips_or_l2(chosen, "lsun_bedroom256_cd")
+    config.method.cd.distance = common.lpips_or_l2(chosen, "lsun_bedroom256_cd", lpips="lpips_avgpool")
+    config.teacher.ema_rate = common.CM_TEACHER_EMA_RATE
     config.method.cd.weighting = "uniform"
     config.batch_size = 256
     config.total_steps = 600_000
@@ -40,6 +47,7 @@ def get_config(arg: str | None = None):
     config.optim.learning_rate = 1e-5
     config.ema_rates = common.CM_EMA_RATES_LSUN
     config.sample.two_step_sigma = common.openai_ts_sigma(18 if "l2" in chosen else 17, 40)
+    config.sample.quantize = "floor"
     config.log_every = 100
     config.ckpt_every = 5_000
     config.eval_every = 50_000

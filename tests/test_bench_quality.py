@@ -93,6 +93,7 @@ def test_digits_method_configs():
     assert (ict.method.name, ict.optim.decay) == ("ict", "cosine")  # configs/digits.py as `make demo` runs it
     cd = quality.digits_method_config("cd", 100, teacher)
     assert (cd.teacher.workdir, cd.method.cd.weighting, cd.optim.decay) == (teacher, "karras", "cosine")
+    assert cd.teacher.init_student is False  # measured from a fresh init (docs/quality.md)
     assert quality.digits_method_config("ect", 100, teacher).teacher.workdir == teacher
     with pytest.raises(ValueError, match="Unknown method"):
         quality.digits_method_config("lcm", 100, teacher)

@@ -151,6 +151,7 @@ def test_samples_depend_only_on_seed_and_index(run, evaluator):
 def test_eval_writes_metrics_and_grids(run, one_process):
     metrics, output = one_process["metrics"], one_process["output"]
     assert metrics["step"] == 2 and metrics["num_samples"] == NUM_SAMPLES and metrics["metric"] == "inception"
+    assert metrics["fid_protocol"] == "tf_legacy" and metrics["quantize"] == "round"  # the report names them
     for sampler in ("1step", "2step"):
         tag = f"ema0.999_{sampler}"
         assert metrics[f"{tag}/fid"] > 0 and np.isfinite(metrics[f"{tag}/fid"])
@@ -246,3 +247,47 @@ def test_two_processes_give_the_one_process_numbers(run, one_process, two_proces
         with np.load(results[0]["samples"][f"{sampler}_samples"]) as two, \
                 np.load(one_process["samples"][f"{sampler}_samples"]) as one:
             np.testing.assert_array_equal(two["images"], one["images"])
+
+
+def test_ect_is_sampled_as_its_release_samples():
+    """ECT's release evaluates its EDM-trained network with the boundary scalings at σmin = 0.003 and renoises
+    with x + τ·z without clipping between steps (cmjax/methods.py): the Evaluator's samples are that, computed
+    here directly from the network, sample i from fold_in(key, i), then rounded to uint8."""
+    from cmjax import methods, models, parameterization
+    from configs import cifar10_ect
+
+    config = cifar10_ect.get_config("smoke")  # a tiny MLP on digits; no training needed for the sampler
+    mesh = sharding.make_mesh(config.mesh)
+    module = models.get(config.model)
+    params = models.init_params(module, config, jax.random.key(1))
+    evaluator = evaluate.Evaluator(config, module, mesh)
+    assert (evaluator.kind, evaluator.sigma_min, evaluator.renoise, evaluator.clip) == (
+        "consistency", 0.003, "plain", False)
+    key, sigmas = jax.random.key(3), [80.0, 0.821]
+    images, _ = evaluator.sampler(sigmas, 8)(params, key, 0)
+
+    apply_fn = lambda p, x, t: module.apply({"params": p}, x, t, None, train=False)  # noqa: E731
+    f = lambda x, s: parameterization.consistency_denoise(apply_fn, params, x, jnp.full((1,), s),  # noqa: E731
+                                                          sigma_min=0.003)
+    expected = []
+    for i in range(8):
+        _, noise_key = jax.random.split(jax.random.fold_in(key, i))
+        z = [jax.random.normal(jax.random.fold_in(noise_key, j), (1, 8, 8, 1)) for j in range(2)]
+        x = f(f(80.0 * z[0], 80.0) + 0.821 * z[1], 0.821)
+        expected.append(np.clip(np.round((np.asarray(x[0]) + 1.0) * 127.5), 0, 255))
+    np.testing.assert_allclose(np.asarray(images, np.float64), np.stack(expected), atol=1.0)
+    assert np.mean(np.asarray(images, np.float64) == np.stack(expected)) > 0.99
+    # Other methods keep CM Algorithm 1 (boundary scalings at the training σmin, √(τ² − σmin²), clipped).
+    config.method.name = "ict"
+    assert methods.sampler_settings(config) == {"parameterization": "consistency", "sigma_min": 0.002,
+                                                "sigma_max": 80.0, "sigma_data": 0.5, "renoise": "cm",
+                                                "clip": True}
+
+
+def test_quantisation_is_a_protocol_choice():
+    """round((x+1)·127.5) (ECT's (x·127.5 + 128) truncated, up to halves) or the CM releases' truncation."""
+    x = jnp.asarray([-1.5, -1.0, -0.999, 0.0, 0.4999, 0.999, 1.0, 1.2])
+    np.testing.assert_array_equal(evaluate.quantize(x, "round"), [0, 0, 0, 128, 191, 255, 255, 255])
+    np.testing.assert_array_equal(evaluate.quantize(x, "floor"), [0, 0, 0, 127, 191, 254, 255, 255])
+    with pytest.raises(ValueError, match="config.sample.quantize"):
+        evaluate.quantize(x, "nearest")

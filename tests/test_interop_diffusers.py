@@ -223,6 +223,19 @@ def test_edm_runs_do_not_export_as_consistency_pipeline(tmp_path):
         interop.export_checkpoint(config, str(tmp_path), format="diffusers", output=str(tmp_path / "out"))
 
 
+def test_ect_exports_with_the_sampler_its_release_evaluates():
+    """ECT trains in EDM form but its release samples the boundary scalings at σmin = 0.003: export reads the
+    same facts as evaluate (cmjax.methods.sampler_settings), so the scheduler gets σmin 0.003."""
+    from cmjax.interop import runs
+
+    config = run_config(TINY["cond_scaleshift_resnet"], method="ect")
+    assert runs.consistency_parameterised(config)
+    settings = runs.sampler_settings(config)
+    assert settings["sigma_min"] == 0.003 and settings["sigma_max"] == 80.0 and settings["rho"] == 7.0
+    config.method.ect.parameterization_kind = "consistency"  # trained with the boundary scalings: as trained
+    assert runs.consistency_parameterised(config) and runs.sampler_settings(config)["sigma_min"] == 0.002
+
+
 def test_unet2d_config_inverse():
     """A UNet2DModel config maps back to the same UNet fields; a config the ADM UNet cannot hold is refused."""
     for fields in TINY.values():

@@ -1,4 +1,5 @@
-"""The Flax FID Inception equals pytorch-fid's on the same random weights, through the user's converter and loader."""
+"""The Flax FID Inception equals pytorch-fid's on the same random weights, through the user's converter and loader;
+its logits are the unbiased ones of the Inception Score; its two input protocols equal TF1's and PyTorch's resizes."""
 import os
 
 import jax
@@ -68,7 +69,8 @@ def weights_file(torch_net, tmp_path_factory):
 
 
 def pytorch_fid_outputs(net, images_nchw):
-    """pytorch-fid `InceptionV3(output_blocks=[3])` forward (resize 299, 2x-1) plus the fc logits."""
+    """pytorch-fid `InceptionV3(output_blocks=[3])` forward (resize 299, 2x-1) plus the IS logits: pool3 @ Wᵀ
+    without the fc bias (the ADM evaluator's `softmax/logits/MatMul`, its torch port's `linear(x, weight)`)."""
     wrapper = pytorch_fid_inception.InceptionV3.__new__(pytorch_fid_inception.InceptionV3)
     torch.nn.Module.__init__(wrapper)
     # InceptionV3.__init__ builds the blocks from fid_inception_v3() (a download); build them from `net` instead.
@@ -84,7 +86,7 @@ def pytorch_fid_outputs(net, images_nchw):
     ])
     with torch.no_grad():
         pool = wrapper(torch.from_numpy(images_nchw))[0].flatten(1)
-        logits = net.fc(pool)
+        logits = pool @ net.fc.weight.T
     return pool.numpy(), logits.numpy()
 
 
@@ -100,6 +102,7 @@ def test_flax_inception_equals_pytorch_fid(torch_net, weights_file):
     pool, logits = np.asarray(out["pool"]), np.asarray(out["logits"])
     assert pool.shape == (2, 2048) and logits.shape == (2, 1008)
     assert np.std(pool_ref) > 0.05 and np.std(logits_ref) > 0.05  # random weights that do not wash out
+    assert float(torch_net.fc.bias.detach().abs().max()) > 0.01  # a bias that would show if it were added
     pool_diff, logits_diff = np.abs(pool - pool_ref).max(), np.abs(logits - logits_ref).max()
     print(f"max |pool diff| {pool_diff:.2e} (pool scale {np.abs(pool_ref).max():.2f}); "
           f"max |logit diff| {logits_diff:.2e} (scale {np.abs(logits_ref).max():.2f})")
@@ -141,3 +144,52 @@ def test_official_weights_location_is_kept():
     assert inception.WEIGHTS_URL == pytorch_fid_inception.FID_WEIGHTS_URL
     assert inception.WEIGHTS_URL.endswith(f"-{inception.WEIGHTS_SHA256_PREFIX}.pth")
     assert os.path.basename(inception.DEFAULT_WEIGHTS).startswith("pt_inception-2015-12-05")
+
+
+def test_inception_score_uses_the_logits_without_bias():
+    """IS = exp E KL(p(y|x) ‖ p(y)) with p = softmax(pool3 @ W), no bias (ADM evaluator
+    evaluations/evaluator.py:185-202,627-638; ECT metrics/inception_score.py:18-36, 10 equal splits), computed
+    here in numpy from the same features and weights as the network's logits head."""
+    from cmjax.metrics import fid
+
+    rng = np.random.default_rng(3)
+    pool = np.abs(rng.normal(size=(1000, inception.FEATURE_DIM))).astype(np.float32)  # pool3 is post-ReLU
+    kernel = (rng.normal(size=(inception.FEATURE_DIM, inception.NUM_LOGITS)) * 0.05).astype(np.float32)
+    bias = (rng.normal(size=inception.NUM_LOGITS) * 2.0).astype(np.float32)
+    with jax.default_matmul_precision("highest"):
+        logits = np.asarray(inception.UnbiasedLogits().apply({"params": {"kernel": kernel, "bias": bias}}, pool))
+
+    def numpy_is(z):
+        z = z.astype(np.float64)
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        scores = [np.exp(np.mean(np.sum(part * (np.log(part) - np.log(part.mean(0))), axis=1)))
+                  for part in np.split(p, 10)]
+        return np.mean(scores), np.std(scores)
+
+    expected = numpy_is(pool.astype(np.float64) @ kernel.astype(np.float64))
+    assert fid.inception_score(logits) == pytest.approx(expected, rel=1e-5)
+    with_bias = numpy_is(pool.astype(np.float64) @ kernel + bias)
+    assert abs(with_bias[0] - expected[0]) > 0.05 * expected[0]  # the bias would change the score
+
+
+def test_tf_legacy_resize_equals_tf1_resize_bilinear():
+    """The "tf_legacy" protocol is the 2015 graph's own ResizeBilinear (TF1: align_corners=False,
+    half_pixel_centers=False) and (x − 128)/128, as the ADM evaluator and clean-fid legacy_tensorflow feed it."""
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(4)
+    for shape in ((2, 32, 32, 3), (1, 8, 11, 3), (1, 320, 310, 3)):  # CIFAR, odd sizes, downsizing
+        uint8 = rng.integers(0, 256, size=shape).astype(np.float32)
+        expected = tf.compat.v1.image.resize_bilinear(uint8, [299, 299], align_corners=False,
+                                                      half_pixel_centers=False).numpy()
+        got = np.asarray(inception.preprocess(uint8 / 255.0, protocol="tf_legacy"))
+        np.testing.assert_allclose(got * 128.0 + 128.0, expected, atol=2e-4)  # pixel units (0–255)
+        half_pixel = np.asarray(inception.preprocess(uint8 / 255.0, protocol="pytorch_fid")) * 127.5 + 127.5
+        assert np.abs(half_pixel - expected).max() > 1.0  # the half-pixel resize is another protocol
+    # At 299 no resize: uint8 v → (v − 128)/128 (the graph's Sub and Mul), not pytorch-fid's (v − 127.5)/127.5.
+    values = np.arange(256, dtype=np.float32)
+    image = np.broadcast_to(np.resize(values, 299 * 299).reshape(1, 299, 299, 1), (1, 299, 299, 3))
+    np.testing.assert_allclose(np.asarray(inception.preprocess(image / 255.0, protocol="tf_legacy"))[0, 0, :256, 0],
+                               (values - 128.0) / 128.0, atol=1e-6)
+    with pytest.raises(ValueError, match="fid_protocol"):
+        inception.preprocess(image, protocol="clean")

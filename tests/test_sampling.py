@@ -85,3 +85,21 @@ def test_multistep_sample_equals_its_definition():
                                rtol=1e-6)
     with pytest.raises(ValueError, match="decreasing"):
         sampling.multistep_sample(_consistency_fn, key, shape, [1.0, 2.0])
+
+
+def test_ect_sampler_renoises_with_tau_and_does_not_clip():
+    """ECT's release sampler (locuslab/ect training/ct_training_loop.py:79-97): x = f(80·z, 80), then
+    x = f(x + τ·z, τ), no clipping between steps, f the boundary-scaled network at σmin = 0.003."""
+    key, shape, sigma_min = jax.random.key(7), (3, 4, 4, 3), 0.003
+    f = lambda x, s: pz.consistency_denoise(_raw_network, None, x, s, sigma_min=sigma_min)  # noqa: E731
+    got = sampling.multistep_sample(f, key, shape, [80.0, 0.821], sigma_min, clip=False, renoise_kind="plain")
+    x = f(80.0 * jax.random.normal(jax.random.fold_in(key, 0), shape), jnp.full((3,), 80.0))
+    x = f(x + 0.821 * jax.random.normal(jax.random.fold_in(key, 1), shape), jnp.full((3,), 0.821))
+    np.testing.assert_allclose(got, x, rtol=1e-6, atol=1e-6)
+    assert float(jnp.max(jnp.abs(got))) > 1.0  # not clipped (the raw network reaches ±1.5)
+    z = jnp.ones(shape)
+    np.testing.assert_allclose(sampling.renoise(x, 0.01, z, sigma_min, kind="plain"), x + 0.01, rtol=1e-6)
+    np.testing.assert_allclose(sampling.renoise(x, 0.01, z, sigma_min), x + np.sqrt(0.01**2 - 0.003**2),
+                               rtol=1e-6)  # CM Algorithm 1's √(τ² − σmin²), the default
+    with pytest.raises(ValueError, match="renoise"):
+        sampling.renoise(x, 0.5, x, kind="ect")

@@ -172,12 +172,80 @@ def edm_teacher(tmp_path_factory):
     return workdir
 
 
-def test_cd_distils_from_an_edm_run(edm_teacher, tmp_path_factory):
+def _restored_state(config, workdir):
+    from cmjax import checkpointing
+
+    mesh = sharding.make_mesh(config.mesh)
+    abstract, shardings = workdir_lib.abstract_train_state(config, models.get(config.model), mesh)
+    with checkpointing.Checkpointer(workdir, save_every=1, keep=1, read_only=True) as reader:
+        return reader.restore(workdir_lib.with_shardings(abstract, shardings))
+
+
+def _assert_trees_close(a, b, atol=1e-6):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, atol=atol)
+
+
+def _max_difference(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a),
+                                                                                    jax.tree.leaves(b)))
+
+
+def test_cd_distils_from_an_edm_run_starting_from_the_teacher(edm_teacher, tmp_path_factory):
+    """CD starts from the teacher (both CM releases): here as the CIFAR-10 JAX release's finetune, the online
+    network and target from the teacher's online parameters and the EMA from the teacher's EMA."""
     config = _config(tmp_path_factory, total_steps=3, ckpt_every=3, model=MLP,
                      **{"method.name": "cd", "teacher.workdir": edm_teacher, "method.cd.num_scales": 18,
-                        "optim.warmup_steps": 0})
-    final = train.train_and_evaluate(config, str(tmp_path_factory.mktemp("cd_run")))
+                        "optim.warmup_steps": 0, "optim.learning_rate": 1e-12,
+                        "teacher.init_online_from": "online"})
+    workdir = str(tmp_path_factory.mktemp("cd_run"))
+    final = train.train_and_evaluate(config, workdir)
     assert np.isfinite(final["loss"]) and final["num_scales"] == 18
+    mesh = sharding.make_mesh(config.mesh)
+    _, teacher_online, _, _ = workdir_lib.load_params(edm_teacher, mesh, ema_rate="online")
+    _, teacher_params, _ = workdir_lib.load_teacher(config, mesh)  # the teacher's EMA copy
+    assert _max_difference(teacher_online, teacher_params) > 1e-5  # the two copies are distinguishable
+    state, step = _restored_state(config, workdir)
+    assert step == 3
+    # Three updates at lr 1e-12 leave θ and θ⁻ where they started; the EMA moved 0.3 % towards θ.
+    _assert_trees_close(state.params, teacher_online)
+    _assert_trees_close(state.target_params, teacher_online)
+    (ema,) = state.ema.values()
+    assert _max_difference(ema, teacher_params) < 0.01 * _max_difference(teacher_online, teacher_params)
+
+
+def test_init_student_decides_where_the_student_starts(edm_teacher, tmp_path_factory):
+    """The methods table decides (CD, ECT: from the teacher); config.teacher.init_student overrides it, also
+    for CT (the CM release's ImageNet-64 CT command), which then needs the teacher's workdir."""
+    from cmjax import methods
+
+    cd = _config(tmp_path_factory, model=MLP, **{"method.name": "cd", "teacher.workdir": edm_teacher})
+    assert methods.starts_from_teacher(cd) and methods.uses_teacher(cd)
+    cd.teacher.init_student = False
+    assert not methods.starts_from_teacher(cd)
+    ct = _config(tmp_path_factory, model=MLP, **{"method.name": "ct"})
+    assert not methods.starts_from_teacher(ct) and not methods.uses_teacher(ct)
+    ct.teacher.init_student = True
+    assert methods.uses_teacher(ct) and not methods.get("ct").needs_teacher
+    with pytest.raises(ValueError, match=r"starts from a teacher.*config.teacher.workdir"):
+        workdir_lib.check_teacher(ct)
+    ct.teacher.workdir = edm_teacher
+    workdir_lib.check_teacher(ct)
+    mesh = sharding.make_mesh(ct.mesh)
+    online, ema = workdir_lib.student_start(ct, mesh, models.get(ct.model))
+    _, teacher_ema, _ = workdir_lib.load_teacher(ct, mesh)
+    _assert_trees_close(online, teacher_ema, atol=0)  # init_online_from="ema": every copy is the EMA
+    _assert_trees_close(ema, teacher_ema, atol=0)
+    # A student network unlike the teacher's cannot start from it: say so, and how to start fresh.
+    other = _config(tmp_path_factory, model=ml_collections.ConfigDict({"name": "mlp", "hidden_dim": 32,
+                                                                        "num_layers": 1}),
+                    **{"method.name": "cd", "teacher.workdir": edm_teacher})
+    with pytest.raises(ValueError, match=r"init_student=False"):
+        workdir_lib.student_start(other, mesh, models.get(other.model))
+    bad = _config(tmp_path_factory, model=MLP, **{"method.name": "cd", "teacher.workdir": edm_teacher,
+                                                  "teacher.init_online_from": "latest"})
+    with pytest.raises(ValueError, match=r"init_online_from='latest'"):
+        workdir_lib.check_teacher(bad)
 
 
 def test_ect_starts_from_the_teacher_weights(edm_teacher, tmp_path_factory):
@@ -188,13 +256,7 @@ def test_ect_starts_from_the_teacher_weights(edm_teacher, tmp_path_factory):
     train.train_and_evaluate(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
     _, teacher_params, _ = workdir_lib.load_teacher(config, mesh)
-    module = models.get(config.model)
-    abstract, shardings = workdir_lib.abstract_train_state(config, module, mesh)
-    from cmjax import checkpointing
-
-    state, step = checkpointing.Checkpointer(workdir, save_every=1, keep=1, read_only=True).restore(
-        workdir_lib.with_shardings(abstract, shardings))
+    state, step = _restored_state(config, workdir)
     assert step == 1
     # One update at lr 1e-12 leaves the student equal to the teacher's EMA weights it started from.
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(teacher_params)):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    _assert_trees_close(state.params, teacher_params)

@@ -30,18 +30,24 @@ def _check_format(format: str) -> None:
 
 
 def consistency_parameterised(config) -> bool:
-    """Whether the run's network is a consistency function f(x, σmin) = x (CM App. C scalings), as
-    `CMStochasticIterativeScheduler` assumes; EDM runs and ECT in its default EDM form are denoisers."""
+    """Whether the run's network is sampled as a consistency function f(x, σmin) = x (CM App. C scalings), as
+    `CMStochasticIterativeScheduler` assumes (`methods.sampler_settings`, which evaluate reads too): CM and iCT
+    runs, and ECT, whose release evaluates its EDM-trained network with the boundary scalings at σmin = 0.003;
+    EDM runs are denoisers."""
     from cmjax import methods
 
-    return methods.parameterization_kind(config) == "consistency"
+    return methods.sampler_settings(config)["parameterization"] == "consistency"
 
 
 def sampler_settings(config) -> dict[str, Any]:
-    """σ range, σ_data, ρ and the Karras grid size the run trained on (the scheduler's `num_train_timesteps`)."""
+    """σ range, σ_data, ρ the run is sampled with (`methods.sampler_settings`: ECT's σmin is its release's 0.003)
+    and the Karras grid size it trained on (the scheduler's `num_train_timesteps`)."""
     from cmjax import methods
 
-    return {"num_train_timesteps": methods.training_grid_size(config), **methods.noise_range(config)}
+    sampler = methods.sampler_settings(config)
+    return {"num_train_timesteps": methods.training_grid_size(config),
+            **{k: sampler[k] for k in ("sigma_min", "sigma_max", "sigma_data")},
+            "rho": methods.noise_range(config)["rho"]}
 
 
 def _io_mesh(config):

@@ -3,9 +3,21 @@
 FID (Heusel et al. 2017) and IS (Salimans et al. 2016) are defined by TensorFlow's 2015-12-05 Inception graph.
 pytorch-fid ports that graph as torchvision's Inception-v3 with 1008 classes and patched blocks
 (`pytorch_fid.inception.FIDInceptionA/C/E_1/E_2`): average pools that ignore the zero padding, and a max pool in
-the last block. `FIDInception` below is that network, parameter for parameter, with pytorch-fid's input handling:
-images in [0, 1], bilinearly resized to 299×299 (`F.interpolate(..., align_corners=False)`, no antialiasing),
-then scaled to [-1, 1]. It returns the 2048-d pool3 features (FID, precision/recall) and the 1008 logits (IS).
+the last block. `FIDInception` below is that network, parameter for parameter. It takes images in [0, 1] and
+feeds them to the network by one of two protocols (`PROTOCOLS`, `config.eval.fid_protocol`):
+
+- "tf_legacy": what the 2015 graph itself does to the uint8 image it is given at `ExpandDims:0`: TF1's
+  `ResizeBilinear` to 299×299 (align_corners=False, *no* half-pixel offset: source = dst·in/out, edge-clamped,
+  no antialias), then (x − 128)/128. This is the protocol of the published tables: openai's ADM evaluator
+  (CM ImageNet-64/LSUN; its torch port emulates the same resize, evaluations/inception_v3.py:312-327) and
+  clean-fid's `legacy_tensorflow` (the CM CIFAR-10 JAX release, jcm/metrics.py:117-148; ECT uses the same
+  detector and resize).
+- "pytorch_fid": pytorch-fid's input path: `F.interpolate(..., align_corners=False)` (half-pixel centres, no
+  antialias) to 299×299, then 2x − 1.
+
+It returns the 2048-d pool3 features (FID, precision/recall) and the 1008 logits of the IS: pool3 @ W of the
+graph's `softmax/logits` layer *without its bias*, as the ADM evaluator (evaluations/evaluator.py:627-638) and
+ECT (`no_output_bias=True`) compute the Inception Score.
 
 Weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (URL and checksum prefix below) converted once to
 `.npz` by `convert_state_dict` / `convert_file`; torch is needed only for that step:
@@ -34,7 +46,8 @@ WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_we
 WEIGHTS_SHA256_PREFIX = "6726825d"
 DEFAULT_WEIGHTS = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cmjax",
                                "pt_inception-2015-12-05-6726825d.npz")
-INPUT_SIZE = 299  # pytorch-fid resizes every image to 299×299
+INPUT_SIZE = 299  # the 2015 graph (and pytorch-fid) resizes every image to 299×299
+PROTOCOLS = ("tf_legacy", "pytorch_fid")
 MIN_INPUT_SIZE = 75  # the smallest input the strided, unpadded stem accepts
 FEATURE_DIM = 2048
 NUM_LOGITS = 1008
@@ -168,29 +181,65 @@ def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix.astype(np.float32)
 
 
-def preprocess(images_bhwc, size: int = INPUT_SIZE):
-    """pytorch-fid's input path: [0, 1] RGB → bilinear resize to size×size → [-1, 1]. Grey images are repeated."""
+def resize_matrix_tf_legacy(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] weights of TF1's `ResizeBilinear` (align_corners=False, half_pixel_centers=False) along one axis:
+    source coordinate dst·(in/out), lower = ⌊src⌋, upper = min(⌈src⌉, in − 1), no antialias."""
+    # In float32, as TensorFlow's kernel (LegacyScaler) computes the source coordinates.
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.arange(out_size, dtype=np.float32) * scale
+    low = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    high = np.minimum(np.ceil(src).astype(np.int64), in_size - 1)
+    frac = (src - np.floor(src)).astype(np.float64)
+    matrix = np.zeros((out_size, in_size), np.float64)
+    np.add.at(matrix, (np.arange(out_size), low), 1.0 - frac)
+    np.add.at(matrix, (np.arange(out_size), high), frac)
+    return matrix.astype(np.float32)
+
+
+def preprocess(images_bhwc, size: int = INPUT_SIZE, protocol: str = "pytorch_fid"):
+    """[0, 1] RGB → the network's input at size×size by `protocol` (module docstring): "pytorch_fid" half-pixel
+    bilinear resize then 2x − 1; "tf_legacy" the 2015 graph's TF1 resize then (255x − 128)/128. Grey images are
+    repeated to RGB."""
+    if protocol not in PROTOCOLS:
+        raise errors.ConfigError(f"Unknown FID protocol {protocol!r} (config.eval.fid_protocol); choose one of "
+                                 f"{list(PROTOCOLS)}.")
+    matrix = resize_matrix_tf_legacy if protocol == "tf_legacy" else resize_matrix
     x = jnp.asarray(images_bhwc, jnp.float32)
     if x.shape[-1] == 1:
         x = jnp.repeat(x, 3, axis=-1)
     if x.shape[1:3] != (size, size):
-        rows, cols = resize_matrix(x.shape[1], size), resize_matrix(x.shape[2], size)
+        rows, cols = matrix(x.shape[1], size), matrix(x.shape[2], size)
         x = jnp.einsum("ph,bhwc->bpwc", rows, x, precision=jax.lax.Precision.HIGHEST)
         x = jnp.einsum("qw,bpwc->bpqc", cols, x, precision=jax.lax.Precision.HIGHEST)
+    if protocol == "tf_legacy":
+        return (255.0 * x - 128.0) / 128.0
     return 2.0 * x - 1.0
+
+
+class UnbiasedLogits(nn.Module):
+    """The graph's `softmax/logits` layer as the Inception Score uses it: pool3 @ W. The bias is kept in the
+    weights (the converted file has it) but not added, as the ADM evaluator and ECT compute IS."""
+
+    @nn.compact
+    def __call__(self, pool):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (pool.shape[-1], NUM_LOGITS))
+        self.param("bias", nn.initializers.zeros_init(), (NUM_LOGITS,))  # loaded, deliberately unused
+        return jnp.dot(pool, kernel)
 
 
 class FIDInception(nn.Module):
     """pytorch-fid's `InceptionV3([3])` + the 1008-way `fc`: images [B, H, W, 3|1] in [0, 1] →
-    {"pool": [B, 2048], "logits": [B, 1008]} (logits = fc(pool), with bias)."""
+    {"pool": [B, 2048], "logits": [B, 1008]} (logits = pool @ fc.kernel, no bias: `UnbiasedLogits`), with the
+    input path of `protocol` (pytorch-fid's by default here; evaluation passes config.eval.fid_protocol)."""
 
     input_size: int = INPUT_SIZE
+    protocol: str = "pytorch_fid"
 
     @nn.compact
     def __call__(self, images_bhwc):
         if self.input_size < MIN_INPUT_SIZE:
             raise errors.ConfigError(f"Inception needs inputs of at least {MIN_INPUT_SIZE} pixels; got {self.input_size}.")
-        x = preprocess(images_bhwc, self.input_size)
+        x = preprocess(images_bhwc, self.input_size, self.protocol)
         x = BasicConv(32, (3, 3), strides=2, name="Conv2d_1a_3x3")(x)
         x = BasicConv(32, (3, 3), name="Conv2d_2a_3x3")(x)
         x = BasicConv(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)
@@ -210,7 +259,7 @@ class FIDInception(nn.Module):
         x = InceptionE(max_pool=False, name="Mixed_7b")(x)
         x = InceptionE(max_pool=True, name="Mixed_7c")(x)
         pool = jnp.mean(x, axis=(1, 2))
-        logits = nn.Dense(NUM_LOGITS, name="fc")(pool)
+        logits = UnbiasedLogits(name="fc")(pool)
         return {"pool": pool, "logits": logits}
 
 
