@@ -19,7 +19,7 @@ def test_every_objective_has_a_row_and_every_section_holds_exactly_its_settings(
 def test_facts():
     assert [m for m in methods.names() if methods.get(m).needs_teacher] == ["cd", "ect"]
     assert [m for m in methods.names() if methods.get(m).keeps_target] == ["cd", "ct"]
-    assert [m for m in methods.names() if methods.get(m).starts_from_teacher] == ["ect"]
+    assert [m for m in methods.names() if methods.get(m).starts_from_teacher] == ["cd", "ect"]  # as the releases
     with pytest.raises(errors.ConfigError, match=r"'lcm'.*\['cd', 'ct', 'ect', 'edm', 'ict'\]"):
         methods.get("lcm")
 
@@ -37,17 +37,22 @@ def test_settings_come_from_the_methods_own_section_and_switch_with_the_name():
 
 
 def test_ect_parameterisation_is_read_alike_by_evaluation_and_export():
-    """The one fact, three readers: evaluate's sampler, export's scheduler check and the table agree for
-    both of ECT's parameterisations (evaluate used to sample every ECT run with the EDM denoiser)."""
+    """The one fact, three readers: evaluate's sampler, export's scheduler check and the table agree (evaluate
+    used to sample every ECT run with the EDM denoiser while export honoured `parameterization_kind`). ECT
+    trains in EDM form and is sampled as its release evaluates it: the boundary scalings at σ_min = 0.003."""
     config = digits.get_config("smoke")
     config.method.name = "ect"
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
     module = models.get(config.model)
-    for kind in ("edm", "consistency"):
-        config.method.ect.parameterization_kind = kind
-        assert methods.parameterization_kind(config) == kind
-        assert evaluate.Evaluator(config, module, mesh).kind == kind
-        assert runs.consistency_parameterised(config) == (kind == "consistency")
+    for trained in ("edm", "consistency"):
+        config.method.ect.parameterization_kind = trained
+        assert methods.parameterization_kind(config) == trained
+        sampler = methods.sampler_settings(config)
+        assert (sampler["parameterization"], sampler["sigma_min"]) == (
+            ("consistency", 0.003) if trained == "edm" else ("consistency", 0.002))
+        evaluator = evaluate.Evaluator(config, module, mesh)
+        assert (evaluator.kind, evaluator.sigma_min) == (sampler["parameterization"], sampler["sigma_min"])
+        assert runs.consistency_parameterised(config)
     config.method.name = "ict"
     assert evaluate.Evaluator(config, module, mesh).kind == "consistency"
     config.method.name = "edm"
