@@ -22,7 +22,8 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from cmjax import checkpointing, evaluate, losses, models, optim, parameterization, sharding, train_state
+from cmjax import (checkpointing, evaluate, losses, models, optim, parameterization, sharding, train_state,
+                   workdir_lock)
 from cmjax.data import datasets, pipeline
 
 CONFIG_FILE = "config.json"
@@ -151,8 +152,9 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{workdir!r} is not a cmjax workdir: it has no {CONFIG_FILE}.")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(checkpointing.read_json(path, fix=(
+        "It is the config that run trained with, written whenever its training starts: rerun its training command "
+        "to write it again (a finished run resumes, evaluates and exits), or restore the file from a copy.")))
 
 
 def load_params(workdir: str, mesh, *, step: int | None = None, ema_rate: float | str | None = None,
@@ -228,14 +230,17 @@ def write_config(config, workdir: str) -> None:
     """Saves the run's config as JSON (process 0): a later run that uses this one as teacher reads it back."""
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        path = os.path.join(workdir, CONFIG_FILE)
+        with open(path + ".tmp", "w") as f:  # then renamed: a full disk cannot leave a truncated config.json
             f.write(config.to_json_best_effort(indent=2))
+        os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------------------------
 # The loop.
 
 
+@workdir_lock.hold  # one run per workdir; a workdir that cannot be written fails here, before anything else
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains per `config`, resuming from the newest checkpoint in `workdir`. Returns the last metrics."""
     # ---- Logging -------------------------------------------------------------------------------
@@ -271,12 +276,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---- Restore or initialise -------------------------------------------------------------------
     checkpointer = checkpointing.Checkpointer(workdir, save_every=config.ckpt_every, keep=config.keep_checkpoints)
-    restored = checkpointer.restore(_with_shardings(abstract_state, state_shardings), data_iter)
+    restored = checkpointer.resume(_with_shardings(abstract_state, state_shardings), data_iter,
+                                   restore_step=config.restore_step, fallback=config.restore_fallback)
     if restored is not None:
         state, start_step = restored
         logging.info("Resumed from step %d in %s.", start_step, workdir)
         if jax.process_index() == 0:
             truncate_metrics_log(jsonl_path, start_step)
+            checkpointer.log_skipped(jsonl_path)  # a row per checkpoint passed over (restore_fallback)
     else:
         start_step = 0
         if config.method.name == "ect":  # ECT tunes the EDM teacher: start from its weights

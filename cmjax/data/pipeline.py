@@ -37,6 +37,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
 from cmjax import sharding
+from cmjax.errors import ConfigError
 from cmjax.data import datasets, digits
 
 STATE_MAGIC = b"cmjax-tfdata-iterator-v1\n"
@@ -269,7 +270,7 @@ class GlobalBatchIterator:
         if saved != self._description:
             differ = {k: (saved.get(k), self._description.get(k)) for k in saved.keys() | self._description.keys()
                       if saved.get(k) != self._description.get(k)}
-            raise ValueError(
+            raise ConfigError(
                 f"Data iterator state was saved for a different stream; (saved, now) differ in {differ}. "
                 "Restore with the same data config, seed, batch size and process count, or start the data "
                 "stream afresh."
