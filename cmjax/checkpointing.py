@@ -33,18 +33,13 @@ Storage faults (docs/troubleshooting.md):
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import logging
 import os
-import re
-import shlex
 import signal
-import sys
 import threading
-import time
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -54,14 +49,15 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from cmjax.errors import MissingFileError, UserError
+# The error types and the set-aside names are part of this module's API too (callers catch them from here).
+from cmjax.storage_faults import (  # noqa: F401
+    SET_ASIDE_DIR, SET_ASIDE_LOG, CheckpointReadError, CheckpointWriteError, Unreadable, UnreadableCheckpoint,
+    describe_read_error, garbled_json_file, log_set_aside, one_line, read_json, restore_step_applied,
+    resume_command, steps_text, write_fix)
 
 STATE_ITEM, DATA_ITEM = "state", "data"
 # How many mismatched or non-finite leaves an error message lists before "... and N more".
 _LISTED = 5
-# Checkpoints a resume passed over (unreadable, or newer than `restore_step`) move here, beside checkpoints/;
-# SET_ASIDE_LOG (JSON lines) says why, when, and which step the run resumed from instead.
-SET_ASIDE_DIR = "checkpoints_set_aside"
-SET_ASIDE_LOG = "set_aside.jsonl"
 # Orbax writes a step into `<step>.orbax-checkpoint-tmp-<timestamp>` and renames it when complete.
 _UNFINISHED_MARK = ".orbax-checkpoint-tmp"
 
@@ -72,15 +68,6 @@ class CheckpointMismatchError(ValueError):
 
 class NonFiniteStateError(FloatingPointError):
     """The train state holds NaN or Inf, so it must not become the checkpoint a restart resumes from."""
-
-
-class CheckpointReadError(UserError, OSError):
-    """A checkpoint's files cannot be read back (truncated, missing, garbled); the message names the step, the
-    file, the newest checkpoint that does read back, and how to resume from it."""
-
-
-class CheckpointWriteError(UserError, OSError):
-    """Writing a checkpoint failed (disk full, read-only, permissions); the checkpoints before it are intact."""
 
 
 class ResumableIterator(Protocol):
@@ -102,6 +89,35 @@ def data_state_filename(process_index: int, process_count: int) -> str:
 # The per-process data item.
 
 
+class ReadFailure:
+    """What a handler's `restore` hands back instead of raising: see `StateHandler`."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class StateHandler(ocp.StandardCheckpointHandler):
+    """Orbax's handler for the train state, except that a failed read is handed back (`ReadFailure`) instead of
+    raised. Orbax's restore then still ends in its barrier on every process, whichever of them could not read
+    its shards, and all of them can decide together what to resume from (`Checkpointer._read_newest`)."""
+
+    def restore(self, directory: epath.Path, args: Optional[ocp.args.StandardRestore] = None) -> Any:
+        try:
+            return super().restore(directory, args=args)
+        except Exception as error:
+            return ReadFailure(error)
+
+
+@ocp.args.register_with_handler(StateHandler, for_save=True)
+class StateSave(ocp.args.StandardSave):
+    """`StandardSave` of the train state, for `StateHandler`."""
+
+
+@ocp.args.register_with_handler(StateHandler, for_restore=True)
+class StateRestore(ocp.args.StandardRestore):
+    """`StandardRestore` of the train state, for `StateHandler`."""
+
+
 class DataIteratorHandler(ocp.CheckpointHandler):
     """Orbax handler for per-process iterator states: every process writes and reads only its own file."""
 
@@ -110,7 +126,14 @@ class DataIteratorHandler(ocp.CheckpointHandler):
         name = data_state_filename(jax.process_index(), jax.process_count())
         (directory / name).write_bytes(args.state)
 
-    def restore(self, directory: epath.Path, args: Optional["DataIteratorRestore"] = None) -> bytes:
+    def restore(self, directory: epath.Path, args: Optional["DataIteratorRestore"] = None) -> Any:
+        """This process's state bytes (a `ReadFailure` if they cannot be read, see `StateHandler`)."""
+        try:
+            return self._read(directory)
+        except Exception as error:
+            return ReadFailure(error)
+
+    def _read(self, directory: epath.Path) -> bytes:
         """This process's state bytes; a clear error when the checkpoint came from another process count."""
         path = directory / data_state_filename(jax.process_index(), jax.process_count())
         if not path.exists():
@@ -209,106 +232,6 @@ def non_finite_leaves(tree: Any) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Describing storage faults.
-
-
-@dataclasses.dataclass(frozen=True)
-class Unreadable:
-    """A checkpoint that did not read back: its step, the file that failed, and what the reader said."""
-
-    step: int
-    file: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"checkpoint {self.step}: cannot read {self.file}: {self.reason.rstrip('.')}"
-
-
-class _UnreadableCheckpoint(Exception):
-    def __init__(self, unreadable: Unreadable):
-        super().__init__(str(unreadable))
-        self.unreadable = unreadable
-
-
-def _one_line(text: Any, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    """`exc` and the exceptions it was raised from, outermost first."""
-    chain: list[BaseException] = []
-    while exc is not None and all(exc is not seen for seen in chain) and len(chain) < 10:
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return chain
-
-
-# TensorStore: `... in OCDBT database at local file "/w/checkpoints/12/state/": Error reading Byte range [0, 9) of
-# local file "/w/checkpoints/12/state/d/3f...": Requested byte range [0, 9) is not valid for value of size 5`.
-_STORE_FILE = re.compile(r'(?:local file|database at|file) "([^"]+)"')
-_STORE_ENTRY = re.compile(r'(?:Error reading|Metadata at) "([^"]+)"')
-_STORE_SPEC = re.compile(r"\s*\[tensorstore_spec=.*", re.S)
-# The JSON files of a checkpoint step, relative to its directory (Orbax's step and item metadata).
-_JSON_FILES = ("_CHECKPOINT_METADATA", f"{STATE_ITEM}/_METADATA", f"{STATE_ITEM}/_sharding",
-               f"{STATE_ITEM}/array_metadatas/*")
-
-
-def describe_read_error(exc: BaseException, default_file: str) -> tuple[str, str]:
-    """(file, reason) of a failed read: the file an OSError or a TensorStore message names, else `default_file`."""
-    chain = _chain(exc)
-    for error in chain:
-        if isinstance(error, OSError) and error.filename:
-            return str(error.filename), _one_line(error.strerror or error)
-        text = _STORE_SPEC.sub("", str(error))
-        files = list(_STORE_FILE.finditer(text))
-        if files:
-            entry = _STORE_ENTRY.search(text)
-            rest = text[files[-1].end():].lstrip(' :"').strip()
-            file = files[-1].group(1) + (f" (entry {entry.group(1)})" if entry else "")
-            return file, _one_line(rest if len(rest) > 20 else text)
-    return default_file, _one_line(f"{type(chain[-1]).__name__}: {chain[-1]}")
-
-
-def garbled_json_file(step_directory: epath.Path) -> Optional[tuple[str, str]]:
-    """(file, reason) for the first metadata file of a checkpoint step that is not valid JSON, if any: what
-    Orbax's own error (often a bare StopIteration or KeyError) does not say."""
-    for pattern in _JSON_FILES:
-        for path in sorted(step_directory.glob(pattern)):
-            try:
-                json.loads(path.read_text())
-            except (OSError, ValueError) as error:
-                return str(path), _one_line(f"not valid JSON ({error})")
-    return None
-
-
-def _write_fix(exc: BaseException) -> str:
-    """What to do about a failed write, from the errno or message of its cause."""
-    chain = _chain(exc)
-    codes = {getattr(error, "errno", None) for error in chain}
-    text = " ".join(str(error) for error in chain).lower()
-    if errno.ENOSPC in codes or errno.EDQUOT in codes or "no space left" in text or "quota" in text:
-        return "Free space on that disk (or point --workdir at one with room)"
-    if codes & {errno.EROFS, errno.EACCES, errno.EPERM} or "read-only" in text or "permission denied" in text:
-        return "Make that directory writable (or point --workdir at a writable disk)"
-    return "Fix the cause above"
-
-
-def resume_command(flag: str) -> str:
-    """This process's command line with `flag` (`--name=value`) set, when it is the cmjax CLI; else `flag`."""
-    argv = sys.argv
-    if not argv or not argv[0].endswith(os.path.join("cmjax", "main.py")):
-        return flag
-    name = flag.split("=", 1)[0]
-    kept = [arg for arg in argv[1:] if arg.split("=", 1)[0] != name]
-    return shlex.join(["python", "-m", "cmjax.main", *kept, flag])
-
-
-def _steps_text(steps: Sequence[int]) -> str:
-    return ", ".join(str(step) for step in steps) or "none"
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The checkpointer.
 
 
@@ -364,7 +287,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=options,
-            item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: DataIteratorHandler()},
+            item_handlers={STATE_ITEM: StateHandler(), DATA_ITEM: DataIteratorHandler()},
         )
         self._sigterm_received = threading.Event()
         self._previous_sigterm_handler = None
@@ -448,7 +371,7 @@ class Checkpointer:
             )
         if self._saving is not None:
             self.wait()  # Orbax would wait for it too; this way its failure is reported as its own
-        items = {STATE_ITEM: ocp.args.StandardSave(state)}
+        items = {STATE_ITEM: StateSave(state)}
         if data_iterator is not None:
             items[DATA_ITEM] = DataIteratorSave(data_iterator.get_state())
         try:
@@ -467,12 +390,12 @@ class Checkpointer:
         except Exception:  # noqa: BLE001 - the message must not fail too
             kept = []
         what = f"checkpoint {step} to {self.directory / str(step)}" if step is not None else f"to {self.directory}"
-        kept_text = (f"the earlier checkpoints ({_steps_text(kept)}) are untouched" if kept else
+        kept_text = (f"the earlier checkpoints ({steps_text(kept)}) are untouched" if kept else
                      "there is no earlier checkpoint")
         resume = f"it resumes from step {kept[-1]}" if kept else "it starts from step 0"
         return CheckpointWriteError(
-            f"Saving {what} failed: {_one_line(f'{type(error).__name__}: {error}')}. Training stopped so that no "
-            f"more steps go unsaved; {kept_text}. {_write_fix(error)}, then rerun the same command: {resume}.")
+            f"Saving {what} failed: {one_line(f'{type(error).__name__}: {error}')}. Training stopped so that no "
+            f"more steps go unsaved; {kept_text}. {write_fix(error)}, then rerun the same command: {resume}.")
 
     # -- restore -----------------------------------------------------------------------------------------
 
@@ -525,12 +448,12 @@ class Checkpointer:
         if restore_step >= 0 and restore_step not in steps:
             raise MissingFileError(
                 f"config.restore_step={restore_step}, but {self.directory} holds no complete checkpoint "
-                f"{restore_step}; it holds: {_steps_text(steps)}. Pick one of those, or -1 for the newest.")
+                f"{restore_step}; it holds: {steps_text(steps)}. Pick one of those, or -1 for the newest.")
         if not steps:
             return None
         target, requested = steps[-1], None
         if 0 <= restore_step < steps[-1]:
-            applied = self._restore_step_applied(restore_step)
+            applied = restore_step_applied(self.workdir, restore_step)
             if applied:
                 logging.warning("config.restore_step=%d was already applied (%s); resuming from the newest "
                                 "checkpoint, %d. Drop --config.restore_step from the command to silence this.",
@@ -557,7 +480,7 @@ class Checkpointer:
                 step + 1, newer[-1], ", ".join(moved.values()))
         elif newer:
             logging.warning("Resuming from checkpoint %d (config.restore_step=%d); the newer checkpoint(s) %s "
-                            "were moved to %s.", step, step, _steps_text(newer), self.workdir / SET_ASIDE_DIR)
+                            "were moved to %s.", step, step, steps_text(newer), self.workdir / SET_ASIDE_DIR)
         return state, step
 
     def log_skipped(self, metrics_path: str) -> None:
@@ -571,15 +494,15 @@ class Checkpointer:
 
     def _read_step(self, step: int, abstract_state: Any, data_iterator: Optional[ResumableIterator]) -> Any:
         """The state of checkpoint `step` (and the iterator set to its position). Files that do not read back
-        raise `_UnreadableCheckpoint`; a checkpoint of another model, process count or data stream raises
+        raise `UnreadableCheckpoint`; a checkpoint of another model, process count or data stream raises
         its own error (a user error: an older checkpoint would not do better)."""
         where = self.directory / str(step)
 
-        def unreadable(error: BaseException, default_file: str) -> _UnreadableCheckpoint:
+        def unreadable(error: BaseException, default_file: str) -> UnreadableCheckpoint:
             file, reason = describe_read_error(error, default_file)
             if file == default_file:  # the reader did not say which file: a garbled metadata file is likely
-                file, reason = garbled_json_file(where) or (file, reason)
-            return _UnreadableCheckpoint(Unreadable(step, file, reason))
+                file, reason = garbled_json_file(where, STATE_ITEM) or (file, reason)
+            return UnreadableCheckpoint(Unreadable(step, file, reason))
 
         try:
             saved = self._manager.item_metadata(step)
@@ -588,7 +511,7 @@ class Checkpointer:
         except Exception as error:
             raise unreadable(error, str(where)) from error
         if saved is None or saved.get(STATE_ITEM) is None:
-            raise _UnreadableCheckpoint(Unreadable(step, str(where / STATE_ITEM), "its metadata is missing"))
+            raise UnreadableCheckpoint(Unreadable(step, str(where / STATE_ITEM), "its metadata is missing"))
         problems = tree_mismatches(saved[STATE_ITEM], abstract_state)
         if problems:
             raise CheckpointMismatchError(
@@ -596,7 +519,7 @@ class Checkpointer:
                 f"builds ({len(problems)} difference(s)):{_listing(problems)}\n"
                 "Resume with the model/optimizer config that wrote it, or start from a fresh workdir."
             )
-        items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+        items = {STATE_ITEM: StateRestore(abstract_state)}
         if data_iterator is not None and saved.get(DATA_ITEM) is None and step == 0:
             # A step-0 checkpoint written without a data stream (imported weights): nothing has been read
             # yet, so the iterator's own fresh start is exactly where training begins.
@@ -615,6 +538,11 @@ class Checkpointer:
             raise
         except Exception as error:
             raise unreadable(error, str(where / STATE_ITEM)) from error
+        for item in items:
+            if isinstance(restored[item], ReadFailure):
+                if isinstance(restored[item].error, UserError):
+                    raise restored[item].error
+                raise unreadable(restored[item].error, str(where / item)) from restored[item].error
         if data_iterator is not None:
             try:
                 data_iterator.set_state(restored[DATA_ITEM])
@@ -622,8 +550,8 @@ class Checkpointer:
                 raise
             except Exception as error:
                 name = data_state_filename(jax.process_index(), jax.process_count())
-                raise _UnreadableCheckpoint(Unreadable(step, str(where / DATA_ITEM / name),
-                                                       _one_line(f"{type(error).__name__}: {error}"))) from error
+                raise UnreadableCheckpoint(Unreadable(step, str(where / DATA_ITEM / name),
+                                                       one_line(f"{type(error).__name__}: {error}"))) from error
         return restored[STATE_ITEM]
 
     def _read_newest(self, candidates: list[int], abstract_state: Any, data_iterator: Optional[ResumableIterator]
@@ -631,28 +559,25 @@ class Checkpointer:
         """(state, step, unreadable): the first of `candidates` (newest first) that reads back, on every process,
         and those that did not. Raises `CheckpointReadError` when none does."""
         unreadable: list[Unreadable] = []
-        while True:
-            state, step = None, None
-            for candidate in candidates:
-                try:
-                    state, step = self._read_step(candidate, abstract_state, data_iterator), candidate
-                    break
-                except _UnreadableCheckpoint as error:
-                    logging.error("%s", error.unreadable)
-                    unreadable.append(error.unreadable)
-            if jax.process_count() == 1:
+        state, step = None, None
+        for candidate in candidates:
+            try:
+                state, read_here = self._read_step(candidate, abstract_state, data_iterator), True
+            except UnreadableCheckpoint as error:
+                logging.error("%s", error.unreadable)
+                unreadable.append(error.unreadable)
+                state, read_here = None, False
+            # Every process must resume from the same step, and try the same steps in the same order (each
+            # restore ends in a collective barrier): the first that every process could read.
+            read_everywhere = read_here
+            if jax.process_count() > 1:
+                read_everywhere = bool(np.all(multihost_utils.process_allgather(np.asarray(read_here, np.int32))))
+                if read_here and not read_everywhere:
+                    unreadable.append(Unreadable(candidate, "it on another process", "see the other processes' logs"))
+            if read_everywhere:
+                step = candidate
                 break
-            # Every process must resume from the same step: agree on the newest one all of them could read.
-            gathered = multihost_utils.process_allgather(np.asarray([-1 if step is None else step, len(unreadable)],
-                                                                    np.int32))
-            steps, failures = gathered[:, 0], int(gathered[:, 1].sum())
-            if failures > len(unreadable) and not unreadable:
-                unreadable.append(Unreadable(int(steps.max()), "(on another process)",
-                                             f"{failures} read(s) failed on other processes; see their logs"))
-            if np.all(steps == steps[0]) or steps.min() < 0:
-                step = step if np.all(steps == steps[0]) else None
-                break
-            candidates = [s for s in candidates if s <= int(steps.min())]
+            state = None
         if step is None:
             raise CheckpointReadError(
                 f"No checkpoint in {self.directory} reads back: {'; '.join(map(str, unreadable))}. Restore the "
@@ -661,23 +586,9 @@ class Checkpointer:
 
     def _unreadable_message(self, unreadable: list[Unreadable], intact: int, how: str) -> str:
         older = [s for s in reversed(self.all_steps()) if s < intact]
-        also = f"; also kept, not checked: {_steps_text(older)}" if older else ""
+        also = f"; also kept, not checked: {steps_text(older)}" if older else ""
         return (f"Cannot resume from {self.directory}: {'; '.join(map(str, unreadable))}. The newest checkpoint "
                 f"that reads back in full is {intact}{also}. {how}")
-
-    def _restore_step_applied(self, restore_step: int) -> Optional[str]:
-        """When an earlier start already resumed from `restore_step` and set newer checkpoints aside, its time."""
-        log = self.workdir / SET_ASIDE_DIR / SET_ASIDE_LOG
-        if not log.exists():
-            return None
-        for line in log.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if row.get("restore_step") == restore_step:
-                return f"at {row.get('time')}, which moved checkpoint {row.get('step')} aside"
-        return None
 
     def _set_aside(self, steps: list[int], resumed_from: int, reasons: dict[int, str],
                    restore_step: Optional[int]) -> dict[int, str]:
@@ -700,11 +611,9 @@ class Checkpointer:
             except OSError as error:
                 raise CheckpointWriteError(
                     f"Could not move checkpoint {step} aside ({self.directory / str(step)} -> {target}): "
-                    f"{_one_line(error)}. Move or delete it yourself, then rerun the same command.") from error
-            row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step, "moved_to": str(target),
-                   "resumed_from": resumed_from, "restore_step": restore_step, "reason": reasons[step]}
-            with (aside / SET_ASIDE_LOG).open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                    f"{one_line(error)}. Move or delete it yourself, then rerun the same command.") from error
+            log_set_aside(self.workdir, {"step": step, "moved_to": str(target), "resumed_from": resumed_from,
+                                         "restore_step": restore_step, "reason": reasons[step]})
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("cmjax checkpoints set aside")
         self._manager.reload()
@@ -740,13 +649,3 @@ class Checkpointer:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-
-def read_json(path: str, fix: str) -> Any:
-    """The JSON value in the file `path`; a damaged (truncated, garbled) one raises `CheckpointReadError`
-    naming the file, what is wrong with it, and `fix`."""
-    with open(path) as f:
-        text = f.read()
-    try:
-        return json.loads(text)
-    except ValueError as error:
-        raise CheckpointReadError(f"{path} is damaged: it is not valid JSON ({error}). {fix}") from error

@@ -35,8 +35,8 @@ from absl import logging
 from cmjax.errors import UserError
 
 LOCK_FILE = "cmjax.lock"
-HEARTBEAT_S = 60.0  # how often a live run refreshes its lock's modification time
-STALE_AFTER_S = 600.0  # a lock from another host not refreshed for this long belongs to a run that is gone
+HEARTBEAT_S = 30.0  # how often a live run refreshes its lock's modification time
+STALE_AFTER_S = 300.0  # a lock from another host not refreshed for this long (10 heartbeats) is stale
 
 
 class WorkdirError(UserError, OSError):
@@ -78,12 +78,13 @@ def _cannot_create(path: str, error: OSError) -> str:
         ancestor = os.path.dirname(ancestor)
     if os.path.islink(ancestor) and not os.path.exists(ancestor):
         cause = f"{ancestor} is a link to {os.readlink(ancestor)!r}, which does not exist (a disk not mounted?)"
+        fix = f"mount what {ancestor} points to, or choose another --workdir"
     elif os.path.lexists(ancestor) and not os.path.isdir(ancestor):
-        cause = f"{ancestor} is a file, not a directory"
+        cause, fix = f"{ancestor} is a file, not a directory", "choose another --workdir"
     else:
         cause = f"{_why(error)} at {error.filename or ancestor}"
-    return (f"Cannot create the workdir {path}: {cause}. Choose a --workdir on a writable disk, or create it "
-            f"yourself (mkdir -p {shlex.quote(path)}) and rerun.")
+        fix = "choose a --workdir on a writable disk with free space"
+    return f"Cannot create the workdir {path}: {cause}. To run, {fix}."
 
 
 def describe_holder(holder: dict[str, Any], lock_path: str) -> str:
