@@ -164,17 +164,20 @@ class WorkdirLock:
             return  # released meanwhile: try again
         except (OSError, ValueError):
             holder = None
+        holder = holder if isinstance(holder, dict) else None
         try:
             reason = stale_reason(holder, self.path)
         except FileNotFoundError:
             return
         if reason is None:
+            who = (describe_holder(holder, self.path) if holder is not None else
+                   f"one that is starting now (its lock {self.path} is not written yet)")
             raise WorkdirLockedError(
-                f"The workdir {self.workdir} is in use by another run: {describe_holder(holder or {}, self.path)}. "
+                f"The workdir {self.workdir} is in use by another run: {who}. "
                 "Wait for it to finish or stop it, or use another --workdir. If that run is gone (its machine "
                 f"was lost), delete {self.path} and rerun.")
         logging.warning("Taking over the stale lock %s (%s): %s.", self.path,
-                        describe_holder(holder or {}, self.path), reason)
+                        describe_holder(holder, self.path) if holder else "unreadable", reason)
         self._remove()
 
     def _refresh(self) -> None:

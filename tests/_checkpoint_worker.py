@@ -13,8 +13,9 @@ Modes:
   damaged PORT PROCESS_ID WORKDIR data|state
       one of 2 processes: save steps 4 and 8, then process 1 alone cannot read its part of step 8: its
       data-iterator state is garbled (`data`: fails after Orbax's restore), or reading its shards of the state
-      fails (`state`: inside Orbax's restore, before its closing barrier). Resuming must fail on both processes, naming step 8; with the fallback both resume from
-      step 4 (never one from 8 and the other from 4). Prints one "RESULT" line.
+      fails (`state`: inside Orbax's restore, before its closing barrier). Resuming must fail on both
+      processes, naming step 8; with the fallback both resume from step 4 (never one from 8 and the other
+      from 4). Prints one "RESULT" line.
 """
 import os
 import signal
@@ -119,6 +120,7 @@ def distributed(port: int, process_id: int, workdir: str, preemption: str) -> No
 
 def damaged(port: int, process_id: int, workdir: str, what: str) -> None:
     import jax
+    from jax.experimental import multihost_utils
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
@@ -147,8 +149,7 @@ def damaged(port: int, process_id: int, workdir: str, what: str) -> None:
             return original(self, directory, *args, **kwargs)
 
         ocp.StandardCheckpointHandler.restore = restore
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("garbled")
+    multihost_utils.sync_global_devices("damaged")  # neither process reads before the other has damaged
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             distributed_state(mesh))
     try:

@@ -325,6 +325,15 @@ def test_lock_is_taken_refused_while_live_and_taken_over_when_stale(tmp_path, ca
     with pytest.raises(workdir_lock.WorkdirLockedError, match="another-host"):
         workdir_lock.WorkdirLock(workdir).acquire()
 
+    with open(path, "w") as f:
+        f.write('{"host": "vm", "pi')  # a start killed while writing its lock, or one writing it right now
+    with pytest.raises(workdir_lock.WorkdirLockedError, match="one that is starting now"):
+        workdir_lock.WorkdirLock(workdir).acquire()
+    os.utime(path, (time.time() - 2 * workdir_lock.HEARTBEAT_S,) * 2)
+    with caplog.at_level("WARNING"):
+        workdir_lock.WorkdirLock(workdir).acquire().release()
+    assert "Taking over the stale lock" in caplog.text and "it is unreadable and" in caplog.text
+
     stale = {
         "its process .* on this host is gone": dict(pid=dead_pid()),
         "now belongs to another process": dict(pid_start="1"),

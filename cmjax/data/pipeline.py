@@ -37,8 +37,8 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
 from cmjax import sharding
-from cmjax.errors import ConfigError
 from cmjax.data import datasets, digits
+from cmjax.errors import ConfigError
 
 STATE_MAGIC = b"cmjax-tfdata-iterator-v1\n"
 DEFAULTS = {
