@@ -20,7 +20,7 @@ from absl import logging
 from clu import metric_writers
 
 from cmjax import (checkpointing, evaluate, methods, models, optim, sharding, train_state, train_step,
-                   workdir as workdir_lib)
+                   workdir as workdir_lib, workdir_lock)
 from cmjax.data import pipeline
 
 
@@ -32,6 +32,7 @@ class TrainingStoppedError(RuntimeError):
 # The loop.
 
 
+@workdir_lock.hold  # one run per workdir; a workdir that cannot be written fails here, before anything else
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains per `config`, resuming from the newest checkpoint in `workdir`. Returns the last metrics."""
     # ---- Logging -------------------------------------------------------------------------------
@@ -70,12 +71,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---- Restore or initialise -------------------------------------------------------------------
     checkpointer = checkpointing.Checkpointer(workdir, save_every=config.ckpt_every, keep=config.keep_checkpoints)
-    restored = checkpointer.restore(workdir_lib.with_shardings(abstract_state, state_shardings), data_iter)
+    restored = checkpointer.resume(workdir_lib.with_shardings(abstract_state, state_shardings), data_iter,
+                                   restore_step=config.restore_step, fallback=config.restore_fallback)
     if restored is not None:
         state, start_step = restored
         logging.info("Resumed from step %d in %s.", start_step, workdir)
         if jax.process_index() == 0:
             workdir_lib.truncate_metrics_log(jsonl_path, start_step)
+            checkpointer.log_skipped(jsonl_path)  # a row per checkpoint passed over (restore_fallback)
     else:
         start_step = 0
         if methods.starts_from_teacher(config):  # CD, ECT (config.teacher.init_student): the teacher's weights

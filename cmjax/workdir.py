@@ -26,16 +26,19 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise errors.MissingFileError(f"{workdir!r} is not a cmjax workdir: it has no {CONFIG_FILE}.")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(checkpointing.read_json(path, fix=(
+        "It is the config that run trained with, written whenever its training starts: rerun its training command "
+        "to write it again (a finished run resumes, evaluates and exits), or restore the file from a copy.")))
 
 
 def write_config(config, workdir: str) -> None:
     """Saves the run's config as JSON (process 0): a later run that uses this one as teacher reads it back."""
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        path = os.path.join(workdir, CONFIG_FILE)
+        with open(path + ".tmp", "w") as f:  # then renamed: a full disk cannot leave a truncated config.json
             f.write(config.to_json_best_effort(indent=2))
+        os.replace(path + ".tmp", path)
 
 
 def truncate_metrics_log(jsonl_path: str, last_step: int) -> None:

@@ -23,6 +23,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 50  # steps between metric writes (TensorBoard, metrics.jsonl) and progress lines
     config.ckpt_every = 500  # steps between asynchronous checkpoints
     config.keep_checkpoints = 3  # newest checkpoints kept
+    # Resume from this checkpoint step instead of the newest (-1: the newest). The checkpoints after it are
+    # moved to workdir/checkpoints_set_aside/ (not deleted); applied once, so a restart with the same command
+    # resumes from the newest again. See docs/troubleshooting.md.
+    config.restore_step = -1
+    # The newest checkpoint cannot be read back: False stops with a message naming it and the intact ones;
+    # True resumes from the newest readable one with a warning and a "checkpoint_skipped" row in metrics.jsonl.
+    config.restore_fallback = False
     config.eval_every = 1000  # steps between sample grids and quality metrics (0: only at the end)
     config.max_nonfinite_steps = 20  # consecutive skipped non-finite steps before training stops
     config.ema_rates = (0.999,)  # evaluation EMA rates of the parameters (iCT CIFAR-10: 0.99993)

@@ -10,6 +10,12 @@ Modes:
       `should_stop_for_preemption` says stop. `flag`: JAX's preemption service off, so our SIGTERM flag and
       its all-gather decide (asked at steps 41, 45, 50). `service`: JAX's service catches SIGTERM and Orbax's
       sync point decides (asked every step from 41; the first "stop" step is saved). Prints one "RESULT" line.
+  damaged PORT PROCESS_ID WORKDIR data|state
+      one of 2 processes: save steps 4 and 8, then process 1 alone cannot read its part of step 8: its
+      data-iterator state is garbled (`data`: fails after Orbax's restore), or reading its shards of the state
+      fails (`state`: inside Orbax's restore, before its closing barrier). Resuming must fail on both
+      processes, naming step 8; with the fallback both resume from step 4 (never one from 8 and the other
+      from 4). Prints one "RESULT" line.
 """
 import os
 import signal
@@ -112,11 +118,58 @@ def distributed(port: int, process_id: int, workdir: str, preemption: str) -> No
           f"rows={local_rows}", flush=True)
 
 
+def damaged(port: int, process_id: int, workdir: str, what: str) -> None:
+    import jax
+    from jax.experimental import multihost_utils
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    from cmjax import checkpointing, sharding
+
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    checkpointer = checkpointing.Checkpointer(workdir, save_every=4, keep=3)
+    for step in (4, 8):
+        assert checkpointer.save(step, distributed_state(mesh), CountingIterator(process_id, position=step))
+        checkpointer.wait()
+    step_dir = os.path.join(workdir, "checkpoints", "8")
+    if process_id == 1 and what == "data":
+        with open(os.path.join(step_dir, "data", checkpointing.data_state_filename(1, 2)), "wb") as f:
+            f.write(b"garbled")
+    if process_id == 1 and what == "state":
+        # Reading this process's shards of step 8 fails (as a TensorStore read of a damaged file does). These
+        # small arrays are stored inline in OCDBT nodes that every process reads, so the damage is simulated.
+        import orbax.checkpoint as ocp
+
+        original = ocp.StandardCheckpointHandler.restore
+
+        def restore(self, directory, *args, **kwargs):
+            if os.path.basename(os.path.dirname(str(directory))) == "8":
+                raise ValueError(f'DATA_LOSS: Error reading "kernel/1.0" in OCDBT database at local file '
+                                 f'"{directory}/": simulated damage')
+            return original(self, directory, *args, **kwargs)
+
+        ocp.StandardCheckpointHandler.restore = restore
+    multihost_utils.sync_global_devices("damaged")  # neither process reads before the other has damaged
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            distributed_state(mesh))
+    try:
+        checkpointer.resume(abstract, CountingIterator(-1))
+        strict = "resumed"
+    except checkpointing.CheckpointReadError as error:
+        strict = "error naming 8" if "checkpoint 8: cannot read" in str(error) and "is 4" in str(error) else str(error)
+    iterator = CountingIterator(-1)
+    _, step = checkpointer.resume(abstract, iterator, fallback=True)
+    checkpointer.close()
+    print(f"RESULT strict={strict!r} fallback_step={step} position={iterator.position}", flush=True)
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "killed":
         killed(sys.argv[2])
     elif mode == "distributed":
         distributed(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    elif mode == "damaged":
+        damaged(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
