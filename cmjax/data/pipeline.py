@@ -263,7 +263,8 @@ class GlobalBatchIterator:
     def set_state(self, state: bytes) -> None:
         """Continues from a `get_state()` of the same stream (same data config, seed, batch, process)."""
         if not state.startswith(STATE_MAGIC):
-            raise errors.ConfigError("Not a cmjax data iterator state (bad header).")
+            # Damage, not a config error: the checkpoint reader reports it as an unreadable file.
+            raise ValueError("Not a cmjax data iterator state (bad header).")
         header, payload = state[len(STATE_MAGIC) :].split(b"\n", 1)
         saved = json.loads(header)
         if saved != self._description:
