@@ -1,7 +1,7 @@
 """The one table of method facts, and a run's method settings read from its config.
 
 `config.method.name` selects a method; its settings live in their own section `config.method.<name>`
-(`config.method.ict.s1`), so switching `--config.method.name=edm|cd|ct|ict|ect` on any recipe runs that
+(`config.method.ict.s1`), so switching `--config.method.name=edm|cd|ct|ict|ect|sct|scd` on any recipe runs that
 method with its own defaults. What a method *is* — whether it needs a teacher, keeps a target network θ⁻,
 starts from the teacher's weights, which parameterisation its online network has, the Karras grid its
 sampler's scheduler knows — is written once here and read by train, evaluate, interop, bench and demo_2d.
@@ -21,6 +21,7 @@ class Method:
     keeps_target: bool  # a target EMA network θ⁻ updated with the objective's μ(k) (CM 2023); else sg(θ)
     starts_from_teacher: bool  # the online network begins as the teacher's weights
     # "edm": D(x, σ) with f(x, 0) = x (EDM and ECT's default); "consistency": CM App. C boundary scalings;
+    # "trigflow": sCM's TrigFlow f (as a function of σ equal to EDM's D with the same network);
     # "setting": the objective's own `parameterization_kind` setting decides.
     parameterization: str
     summary: str
@@ -37,6 +38,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            parameterization="consistency", summary="improved consistency training (Song & Dhariwal 2023)"),
     Method("ect", needs_teacher=True, keeps_target=False, starts_from_teacher=True, parameterization="setting",
            summary="easy consistency tuning from an EDM model (Geng et al. 2024)"),
+    # sCM (Lu & Song 2024): TrigFlow f(x_t, t) = cos t·x_t − sin t·σd·F; as a function of σ it is EDM's D
+    # (`parameterization.trigflow_denoise`). Target sg(θ), no EMA target.
+    Method("sct", needs_teacher=False, keeps_target=False, starts_from_teacher=False,
+           parameterization="trigflow", summary="continuous-time consistency training, sCT (Lu & Song 2024)"),
+    # sCD starts from the teacher's weights (read as TrigFlow they are exactly the teacher's velocity field).
+    Method("scd", needs_teacher=True, keeps_target=False, starts_from_teacher=True,
+           parameterization="trigflow", summary="continuous-time consistency distillation, sCD (Lu & Song 2024)"),
 )}
 # Settings a method takes from elsewhere in the config rather than from its own section.
 _FROM_CONFIG = {"total_steps"}
@@ -82,7 +90,7 @@ def objective_from_config(config) -> Callable:
 
 
 def parameterization_of(name: str, method_settings: Mapping[str, Any]) -> str:
-    """"edm" or "consistency": how method `name`'s online network with these settings turns F into a
+    """"edm", "consistency" or "trigflow": how method `name`'s online network with these settings turns F into a
     clean-image estimate (ECT: its `parameterization_kind` setting, EDM by default)."""
     method = get(name)
     if method.parameterization == "setting":

@@ -3,6 +3,8 @@
 Karras et al. 2022 (EDM), Table 1: D(x, σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ)).
 Song et al. 2023 (CM), Appendix C: the same form with c_skip, c_out shifted by σ_min so that the
 consistency function satisfies the boundary condition f(x, σ_min) = x exactly.
+Lu & Song 2024 (sCM, arXiv 2410.11081), TrigFlow: x_t = cos t·x0 + sin t·z, z ~ N(0, σd²I), t ∈ [0, π/2],
+f(x_t, t) = cos t·x_t − sin t·σd·F(x_t/σd, c_noise(t)); σ = σd·tan t (the section "TrigFlow" below).
 All arithmetic is float32 whatever the network's compute dtype.
 """
 from __future__ import annotations
@@ -95,7 +97,9 @@ def network_from_denoiser(denoise_fn, *, kind: str, sigma_data=SIGMA_DATA, sigma
     parameters, so it can stand in for a trained teacher or model.
     """
     scalings = {"edm": lambda s: edm_scalings(s, sigma_data),
-                "consistency": lambda s: consistency_scalings(s, sigma_data, sigma_min)}[kind]
+                "consistency": lambda s: consistency_scalings(s, sigma_data, sigma_min),
+                # TrigFlow's f in σ form is EDM's D exactly (`trigflow_denoise`), so the inversion is EDM's.
+                "trigflow": lambda s: edm_scalings(s, sigma_data)}[kind]
 
     def network(params, x_in, time_input, *unused_rng):
         del params, unused_rng
@@ -108,6 +112,88 @@ def network_from_denoiser(denoise_fn, *, kind: str, sigma_data=SIGMA_DATA, sigma
     return network
 
 
+# ----------------------------------------------------------------------------------------------
+# TrigFlow (sCM, Lu & Song 2024, §2 / eq. for TrigFlow; DESIGN §4).
+#
+# cmjax's TrigFlow network is the EDM-convention raw network `network(params, x_in, time_input)` read as
+#     F_trig(x_in, t) = −network(x_in, 250·ln(σd·tan t)),
+# i.e. the time conditioning c_noise(t) is the EDM one at σ = σd·tan t (so any cmjax network, and an EDM run's
+# weights unchanged, is a TrigFlow model) and the sign is flipped so that F_trig is the *velocity* (F_trig → the
+# PF-ODE velocity dx_t/dt / σd for a trained diffusion model). Why this is exact: at σ = σd·tan t,
+# σ² + σd² = σd²/cos²t, so EDM's c_skip = cos²t, c_out = σd·sin t, c_in = cos t/σd; with x_σ = x_t/cos t,
+# c_in·x_σ = x_t/σd and D(x_σ, σ) = cos t·x_t + σd·sin t·network(x_t/σd, ·) = f(x_t, t). The TrigFlow consistency
+# function at t IS the EDM-style clean estimate at σ = σd·tan t of x_σ = x_t/cos t (and vice versa).
+# Deviation from the paper: sCM's TrigFlow-native networks take c_noise(t) = t (scaled); cmjax keeps EDM's
+# 250·ln σ so one network family serves every method and EDM teachers convert with no weight change (FastGen's
+# `TrigFlowPrecond` likewise wraps EDM networks by SNR matching).
+
+
+def trigflow_sigma(t, sigma_data=SIGMA_DATA):
+    """σ = σd·tan t (the EDM noise level with the same signal-to-noise ratio as TrigFlow time t)."""
+    return sigma_data * jnp.tan(jnp.asarray(t, jnp.float32))
+
+
+def trigflow_time(sigma, sigma_data=SIGMA_DATA):
+    """t = arctan(σ/σd) ∈ [0, π/2) (arctan2, so σ = 0 gives t = 0 exactly)."""
+    return jnp.arctan2(jnp.asarray(sigma, jnp.float32), jnp.float32(sigma_data))
+
+
+def trigflow_time_input(t, sigma_data=SIGMA_DATA):
+    """The network time input for TrigFlow time t: `network_time_input(σd·tan t)` = 250·ln(σd·tan t)."""
+    return network_time_input(trigflow_sigma(t, sigma_data))
+
+
+def trigflow_noisy(x0, z, t):
+    """x_t = cos t·x0 + sin t·z (z ~ N(0, σd²I))."""
+    t = broadcast_per_sample(t, x0)
+    return jnp.cos(t) * x0 + jnp.sin(t) * z
+
+
+def trigflow_network_from_edm(network, sigma_data=SIGMA_DATA):
+    """The TrigFlow raw network F_trig(params, x_in, t, *rng) = −network(params, x_in, 250·ln(σd·tan t), *rng)
+    of an EDM-convention raw network (exact; see the section comment). Its inverse is `edm_network_from_trigflow`."""
+
+    def trig(params, x_in, t, *rng):
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x_in.shape[:1])
+        return -jnp.asarray(network(params, x_in, trigflow_time_input(t, sigma_data), *rng), jnp.float32)
+
+    return trig
+
+
+def edm_network_from_trigflow(trig_network, sigma_data=SIGMA_DATA):
+    """The EDM-convention raw network(params, x_in, time_input, *rng) = −F_trig(params, x_in, arctan(σ/σd))
+    with σ = exp(time_input/250): the inverse of `trigflow_network_from_edm`."""
+
+    def network(params, x_in, time_input, *rng):
+        sigma = jnp.exp(jnp.asarray(time_input, jnp.float32) / 250.0)
+        return -jnp.asarray(trig_network(params, x_in, trigflow_time(sigma, sigma_data), *rng), jnp.float32)
+
+    return network
+
+
+def trigflow_consistency(trig_network, params, x_t, t, *rng, sigma_data=SIGMA_DATA):
+    """sCM's TrigFlow consistency function f(x_t, t) = cos t·x_t − sin t·σd·F_trig(x_t/σd, t)."""
+    x_t = jnp.asarray(x_t, jnp.float32)
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x_t.shape[:1])
+    out = trig_network(params, x_t / sigma_data, t, *rng)
+    tb = broadcast_per_sample(t, x_t)
+    return jnp.cos(tb) * x_t - jnp.sin(tb) * sigma_data * out
+
+
+def trigflow_denoise(apply_fn: NetworkFn, params, x, sigma, sigma_data=SIGMA_DATA):
+    """TrigFlow's f as a function of (x_σ, σ), for the samplers: f(cos t·x_σ, t) with t = arctan(σ/σd), where
+    x_σ = x0 + σ·ε is the EDM-scaled noisy point (x_σ = x_t/cos t). cos t = σd/√(σ²+σd²) and
+    sin t = σ/√(σ²+σd²) are computed from σ, and the network is conditioned on σ directly (not through tan t,
+    which loses ~1e-5 relative precision near t = π/2 in float32). Equals `edm_denoise` (tested)."""
+    x = jnp.asarray(x, jnp.float32)
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
+    root = jnp.sqrt(sigma**2 + sigma_data**2)
+    cos_t, sin_t = (broadcast_per_sample(c, x) for c in (sigma_data / root, sigma / root))
+    x_t = cos_t * x
+    trig_out = -jnp.asarray(apply_fn(params, x_t / sigma_data, network_time_input(sigma)), jnp.float32)
+    return cos_t * x_t - sin_t * sigma_data * trig_out
+
+
 def denoise(
     apply_fn: NetworkFn,
     params,
@@ -118,9 +204,12 @@ def denoise(
     sigma_data=SIGMA_DATA,
     sigma_min=SIGMA_MIN,
 ):
-    """Dispatches to `edm_denoise` (kind="edm") or `consistency_denoise` (kind="consistency")."""
+    """Dispatches to `edm_denoise` (kind="edm"), `consistency_denoise` (kind="consistency") or
+    `trigflow_denoise` (kind="trigflow": sCM's f as a function of σ)."""
     if kind == "edm":
         return edm_denoise(apply_fn, params, x, sigma, sigma_data)
     if kind == "consistency":
         return consistency_denoise(apply_fn, params, x, sigma, sigma_data, sigma_min)
-    raise ValueError(f"Unknown parameterization {kind!r}; choose 'edm' or 'consistency'.")
+    if kind == "trigflow":
+        return trigflow_denoise(apply_fn, params, x, sigma, sigma_data)
+    raise ValueError(f"Unknown parameterization {kind!r}; choose 'edm', 'consistency' or 'trigflow'.")
