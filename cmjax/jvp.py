@@ -4,12 +4,13 @@ sCM (Lu & Song 2024) needs dF⁻/dt along the PF-ODE: the JVP of F_θ⁻(x_t/σd
 (cos t·sin t·dx_t/dt, cos t·sin t). Two modes:
   "exact": `jax.jvp` (forward-mode AD; one extra forward-mode pass through the network).
   "finite_difference": the central difference (fn(p + h·v) − fn(p − h·v)) / (2h) along the tangent v, with a
-      scalar step h (default `FD_STEP` = 1e-4). FastGen's `jvp_finite_diff_eps` is 1e-3 relative to t, in
-      float64, along the noising path; cmjax moves along the tangent line in float32. With sCM's tangents a
-      step h moves the network's time input 250·ln(σd·tan t) by exactly 250·h, so h = 1e-3 shifts it by 0.25
-      and the O(h²) truncation error dominates: on the test MLP the sCT gradient is off by 8 % at h = 1e-3,
-      0.1 % at 1e-4 and 0.04 % at 3e-5 (float32 rounding, O(ε·|fn|/h), stays below that there). For networks
-      without a forward-mode rule (custom kernels) or to check "exact".
+      scalar step h (default `FD_STEP` = 1e-3, the value of FastGen's `jvp_finite_diff_eps`, which FastGen
+      scales by |t| and applies along the noising path in float64; cmjax moves along the tangent line in
+      float32). Error: O(h²) truncation plus O(ε_f32·|fn|/h) rounding. Measured on the test MLP (sCT gradient,
+      largest-component error relative to the largest component): with the "trigflow" time conditioning
+      (c_noise = t) 3e-5 at h = 1e-3 and 3e-4 at 1e-4; with "trigflow_edm" (c_noise = 250·ln(σd·tan t), a
+      step h moves it by 250·h) 8 % at 1e-3 and 0.1 % at 1e-4 — use h = 1e-4 there. For networks without a
+      forward-mode rule (custom kernels) or to check "exact".
 Primals and tangents are cast to float32 whatever the network's compute dtype (sCM computes the JVP in fp32
 when training in bf16). `fn` must be deterministic: pass it a fixed dropout key.
 """
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 
 from cmjax import errors
 
-FD_STEP = 1e-4
+FD_STEP = 1e-3
 MODES = ("exact", "finite_difference")
 
 

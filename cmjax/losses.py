@@ -217,9 +217,10 @@ def ect_loss(network, params, x, key, step, *, target_params=None, teacher_param
 
 
 def _scm_loss(network, params, x, key, step, *, velocity, p_mean, p_std, sigma_data, tangent_warmup_steps,
-              tangent_norm_c, tangent_norm, weighting, jvp_mode, jvp_fd_step):
-    """The sCM objective on TrigFlow (`parameterization.trigflow_*`; F below is F_trig, the EDM-convention
-    network read as TrigFlow, so f(x_t, t) = cos t·x_t − sin t·σd·F(x_t/σd, t)):
+              tangent_norm_c, tangent_norm, weighting, jvp_mode, jvp_fd_step, parameterization_kind):
+    """The sCM objective on TrigFlow (`parameterization.trigflow_*`; F below is F_trig, the raw network read
+    as TrigFlow with the time conditioning of `parameterization_kind` — "trigflow": c_noise(t) = t,
+    "trigflow_edm": EDM's 250·ln(σd·tan t) —, so f(x_t, t) = cos t·x_t − sin t·σd·F(x_t/σd, t)):
 
       τ ~ N(P_mean, P_std²), t = arctan(e^τ/σd)                        (sCM's lognormal time proposal)
       z ~ N(0, σd²I), x_t = cos t·x0 + sin t·z
@@ -249,7 +250,10 @@ def _scm_loss(network, params, x, key, step, *, velocity, p_mean, p_std, sigma_d
     tb = broadcast_per_sample(t, x)
     cos_t, sin_t = jnp.cos(tb), jnp.sin(tb)
 
-    trig = parameterization.trigflow_network_from_edm(network, sigma_data)
+    if parameterization_kind not in parameterization.TRIGFLOW_KINDS:
+        raise errors.ConfigError(f"Unknown sCM parameterization_kind {parameterization_kind!r}; choose one of "
+                                 f"{list(parameterization.TRIGFLOW_KINDS)}.")
+    trig = parameterization.trigflow_network(network, sigma_data, parameterization_kind)
     online = trig(params, x_t / sigma_data, t, dropout_key)
     frozen = jax.lax.stop_gradient(params)
     target_fn = lambda xt, tt: trig(frozen, xt / sigma_data, tt, dropout_key)  # noqa: E731
@@ -286,7 +290,7 @@ def _scm_loss(network, params, x, key, step, *, velocity, p_mean, p_std, sigma_d
 def sct_loss(network, params, x, key, step, *, target_params=None, teacher_params=None,
              teacher_network=None, distance_params=None, p_mean=-1.0, p_std=1.4, sigma_data=SIGMA_DATA,
              tangent_warmup_steps=10_000, tangent_norm_c=0.1, tangent_norm="rms", weighting="none",
-             jvp_mode="exact", jvp_fd_step=jvp.FD_STEP):
+             jvp_mode="exact", jvp_fd_step=jvp.FD_STEP, parameterization_kind="trigflow"):
     """sCT (sCM continuous-time consistency training): dx_t/dt = cos t·z − sin t·x0, the conditional
     velocity of x_t = cos t·x0 + sin t·z. CIFAR-10 (FastGen `config_scm.py`): P_mean −1.0, P_std 1.4,
     warm-up 10k, c = 0.1. See `_scm_loss` for the equations and what is not implemented."""
@@ -296,17 +300,19 @@ def sct_loss(network, params, x, key, step, *, target_params=None, teacher_param
     return _scm_loss(network, params, x, key, step, velocity=velocity, p_mean=p_mean, p_std=p_std,
                      sigma_data=sigma_data, tangent_warmup_steps=tangent_warmup_steps,
                      tangent_norm_c=tangent_norm_c, tangent_norm=tangent_norm, weighting=weighting,
-                     jvp_mode=jvp_mode, jvp_fd_step=jvp_fd_step)
+                     jvp_mode=jvp_mode, jvp_fd_step=jvp_fd_step, parameterization_kind=parameterization_kind)
 
 
 def scd_loss(network, params, x, key, step, *, target_params=None, teacher_params=None,
              teacher_network=None, distance_params=None, p_mean=-1.0, p_std=1.4, sigma_data=SIGMA_DATA,
              tangent_warmup_steps=10_000, tangent_norm_c=0.1, tangent_norm="rms", weighting="none",
-             jvp_mode="exact", jvp_fd_step=jvp.FD_STEP):
+             jvp_mode="exact", jvp_fd_step=jvp.FD_STEP, parameterization_kind="trigflow"):
     """sCD (sCM continuous-time consistency distillation): dx_t/dt = σd·F_teacher(x_t/σd, t), the EDM
     teacher read as TrigFlow (`parameterization.trigflow_network_from_edm`, exact), i.e. the PF-ODE velocity
     (cos t·x_t − D(x_t/cos t, σd·tan t))/sin t of the teacher's denoiser D. No guidance. The online
-    network starts from the teacher's weights (`methods.METHODS["scd"].starts_from_teacher`). See `_scm_loss`."""
+    network starts from fresh weights: sCM initialises the student from its teacher, which only the
+    "trigflow_edm" conditioning can read, and that conditioning does not train stably here (parameterization.py).
+    See `_scm_loss`."""
     del target_params, distance_params
     if teacher_network is None:
         raise errors.ConfigError("method 'scd' needs a teacher: set config.teacher.workdir to an EDM run.")
@@ -315,7 +321,7 @@ def scd_loss(network, params, x, key, step, *, target_params=None, teacher_param
     return _scm_loss(network, params, x, key, step, velocity=velocity, p_mean=p_mean, p_std=p_std,
                      sigma_data=sigma_data, tangent_warmup_steps=tangent_warmup_steps,
                      tangent_norm_c=tangent_norm_c, tangent_norm=tangent_norm, weighting=weighting,
-                     jvp_mode=jvp_mode, jvp_fd_step=jvp_fd_step)
+                     jvp_mode=jvp_mode, jvp_fd_step=jvp_fd_step, parameterization_kind=parameterization_kind)
 
 
 OBJECTIVES: dict[str, Callable] = {

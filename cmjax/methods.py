@@ -21,8 +21,8 @@ class Method:
     keeps_target: bool  # a target EMA network θ⁻ updated with the objective's μ(k) (CM 2023); else sg(θ)
     starts_from_teacher: bool  # the online network begins as the teacher's weights
     # "edm": D(x, σ) with f(x, 0) = x (EDM and ECT's default); "consistency": CM App. C boundary scalings;
-    # "trigflow": sCM's TrigFlow f (as a function of σ equal to EDM's D with the same network);
-    # "setting": the objective's own `parameterization_kind` setting decides.
+    # "setting": the objective's own `parameterization_kind` setting decides (ECT: edm | consistency; sCT/sCD:
+    # trigflow | trigflow_edm, sCM's TrigFlow f as a function of σ, `parameterization.trigflow_denoise`).
     parameterization: str
     summary: str
 
@@ -38,13 +38,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            parameterization="consistency", summary="improved consistency training (Song & Dhariwal 2023)"),
     Method("ect", needs_teacher=True, keeps_target=False, starts_from_teacher=True, parameterization="setting",
            summary="easy consistency tuning from an EDM model (Geng et al. 2024)"),
-    # sCM (Lu & Song 2024): TrigFlow f(x_t, t) = cos t·x_t − sin t·σd·F; as a function of σ it is EDM's D
-    # (`parameterization.trigflow_denoise`). Target sg(θ), no EMA target.
-    Method("sct", needs_teacher=False, keeps_target=False, starts_from_teacher=False,
-           parameterization="trigflow", summary="continuous-time consistency training, sCT (Lu & Song 2024)"),
-    # sCD starts from the teacher's weights (read as TrigFlow they are exactly the teacher's velocity field).
-    Method("scd", needs_teacher=True, keeps_target=False, starts_from_teacher=True,
-           parameterization="trigflow", summary="continuous-time consistency distillation, sCD (Lu & Song 2024)"),
+    # sCM (Lu & Song 2024): TrigFlow f(x_t, t) = cos t·x_t − sin t·σd·F; its `parameterization_kind` setting is
+    # "trigflow" (c_noise(t) = t) or "trigflow_edm" (EDM's 250·ln σ; as a function of σ, f is then EDM's D with
+    # the same network). Target sg(θ), no EMA target. sCD starts from fresh weights (losses.scd_loss).
+    Method("sct", needs_teacher=False, keeps_target=False, starts_from_teacher=False, parameterization="setting",
+           summary="continuous-time consistency training, sCT (Lu & Song 2024)"),
+    Method("scd", needs_teacher=True, keeps_target=False, starts_from_teacher=False, parameterization="setting",
+           summary="continuous-time consistency distillation, sCD (Lu & Song 2024)"),
 )}
 # Settings a method takes from elsewhere in the config rather than from its own section.
 _FROM_CONFIG = {"total_steps"}
@@ -90,8 +90,8 @@ def objective_from_config(config) -> Callable:
 
 
 def parameterization_of(name: str, method_settings: Mapping[str, Any]) -> str:
-    """"edm", "consistency" or "trigflow": how method `name`'s online network with these settings turns F into a
-    clean-image estimate (ECT: its `parameterization_kind` setting, EDM by default)."""
+    """"edm", "consistency", "trigflow" or "trigflow_edm": how method `name`'s online network with these
+    settings turns F into a clean-image estimate (ECT and sCT/sCD: their `parameterization_kind` setting)."""
     method = get(name)
     if method.parameterization == "setting":
         return method_settings.get("parameterization_kind",

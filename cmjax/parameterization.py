@@ -98,12 +98,15 @@ def network_from_denoiser(denoise_fn, *, kind: str, sigma_data=SIGMA_DATA, sigma
     """
     scalings = {"edm": lambda s: edm_scalings(s, sigma_data),
                 "consistency": lambda s: consistency_scalings(s, sigma_data, sigma_min),
-                # TrigFlow's f in σ form is EDM's D exactly (`trigflow_denoise`), so the inversion is EDM's.
-                "trigflow": lambda s: edm_scalings(s, sigma_data)}[kind]
+                # TrigFlow's f in σ form has EDM's scalings (`trigflow_denoise`), so the inversion is EDM's;
+                # "trigflow" conditions on t = arctan(σ/σd) instead of 250·ln σ.
+                "trigflow": lambda s: edm_scalings(s, sigma_data),
+                "trigflow_edm": lambda s: edm_scalings(s, sigma_data)}[kind]
 
     def network(params, x_in, time_input, *unused_rng):
         del params, unused_rng
-        sigma = jnp.exp(jnp.asarray(time_input, jnp.float32) / 250.0)
+        time_input = jnp.asarray(time_input, jnp.float32)
+        sigma = trigflow_sigma(time_input, sigma_data) if kind == "trigflow" else jnp.exp(time_input / 250.0)
         c_skip, c_out, c_in = (broadcast_per_sample(c, x_in) for c in scalings(sigma))
         x = x_in / c_in
         safe_c_out = jnp.where(c_out > 0, c_out, 1.0)
@@ -113,19 +116,24 @@ def network_from_denoiser(denoise_fn, *, kind: str, sigma_data=SIGMA_DATA, sigma
 
 
 # ----------------------------------------------------------------------------------------------
-# TrigFlow (sCM, Lu & Song 2024, §2 / eq. for TrigFlow; DESIGN §4).
+# TrigFlow (sCM, Lu & Song 2024; DESIGN §4).
 #
-# cmjax's TrigFlow network is the EDM-convention raw network `network(params, x_in, time_input)` read as
-#     F_trig(x_in, t) = −network(x_in, 250·ln(σd·tan t)),
-# i.e. the time conditioning c_noise(t) is the EDM one at σ = σd·tan t (so any cmjax network, and an EDM run's
-# weights unchanged, is a TrigFlow model) and the sign is flipped so that F_trig is the *velocity* (F_trig → the
-# PF-ODE velocity dx_t/dt / σd for a trained diffusion model). Why this is exact: at σ = σd·tan t,
-# σ² + σd² = σd²/cos²t, so EDM's c_skip = cos²t, c_out = σd·sin t, c_in = cos t/σd; with x_σ = x_t/cos t,
-# c_in·x_σ = x_t/σd and D(x_σ, σ) = cos t·x_t + σd·sin t·network(x_t/σd, ·) = f(x_t, t). The TrigFlow consistency
-# function at t IS the EDM-style clean estimate at σ = σd·tan t of x_σ = x_t/cos t (and vice versa).
-# Deviation from the paper: sCM's TrigFlow-native networks take c_noise(t) = t (scaled); cmjax keeps EDM's
-# 250·ln σ so one network family serves every method and EDM teachers convert with no weight change (FastGen's
-# `TrigFlowPrecond` likewise wraps EDM networks by SNR matching).
+# cmjax's TrigFlow network is the raw network `network(params, x_in, time_input)` read as
+#     F_trig(x_in, t) = −network(x_in, c_noise(t)),
+# the sign flipped so that F_trig is a *velocity* (F_trig → the PF-ODE velocity (dx_t/dt)/σd for a diffusion
+# model). Two time conditionings, the two TrigFlow parameterisation kinds:
+#   "trigflow":     c_noise(t) = t, sCM's choice for stable training (the time derivative in the tangent is
+#                   dc_noise/dt = 1; the constant is not confirmed against the paper's appendix).
+#   "trigflow_edm": c_noise(t) = 250·ln(σd·tan t), EDM's (network_time_input at σ = σd·tan t), so an EDM run's
+#                   network, weights unchanged, IS a TrigFlow model (exact; below). Its time derivative is
+#                   250/(sin t·cos t): with cmjax's sinusoidal embeddings the dF/dt term then swamps the tangent
+#                   and sCT does not learn on the 2-D ring (1-step distance 0.63 after 2k steps, 0.046 with
+#                   "trigflow"; the untrained model 0.71) — sCM §4.1's time-conditioning instability.
+# Why "trigflow_edm" is exact: at σ = σd·tan t, σ² + σd² = σd²/cos²t, so EDM's c_skip = cos²t,
+# c_out = σd·sin t, c_in = cos t/σd; with x_σ = x_t/cos t, c_in·x_σ = x_t/σd and
+# D(x_σ, σ) = cos t·x_t + σd·sin t·network(x_t/σd, ·) = f(x_t, t). For either kind the TrigFlow consistency
+# function at t is an EDM-style clean estimate at σ = σd·tan t of x_σ = x_t/cos t (`trigflow_denoise`).
+TRIGFLOW_KINDS = ("trigflow", "trigflow_edm")
 
 
 def trigflow_sigma(t, sigma_data=SIGMA_DATA):
@@ -138,9 +146,16 @@ def trigflow_time(sigma, sigma_data=SIGMA_DATA):
     return jnp.arctan2(jnp.asarray(sigma, jnp.float32), jnp.float32(sigma_data))
 
 
-def trigflow_time_input(t, sigma_data=SIGMA_DATA):
-    """The network time input for TrigFlow time t: `network_time_input(σd·tan t)` = 250·ln(σd·tan t)."""
-    return network_time_input(trigflow_sigma(t, sigma_data))
+def _check_trigflow_kind(kind):
+    if kind not in TRIGFLOW_KINDS:
+        raise ValueError(f"Unknown TrigFlow parameterization {kind!r}; choose one of {list(TRIGFLOW_KINDS)}.")
+
+
+def trigflow_time_input(t, sigma_data=SIGMA_DATA, kind="trigflow"):
+    """The network time input c_noise(t): t ("trigflow") or 250·ln(σd·tan t) ("trigflow_edm")."""
+    _check_trigflow_kind(kind)
+    t = jnp.asarray(t, jnp.float32)
+    return t if kind == "trigflow" else network_time_input(trigflow_sigma(t, sigma_data))
 
 
 def trigflow_noisy(x0, z, t):
@@ -149,15 +164,20 @@ def trigflow_noisy(x0, z, t):
     return jnp.cos(t) * x0 + jnp.sin(t) * z
 
 
-def trigflow_network_from_edm(network, sigma_data=SIGMA_DATA):
-    """The TrigFlow raw network F_trig(params, x_in, t, *rng) = −network(params, x_in, 250·ln(σd·tan t), *rng)
-    of an EDM-convention raw network (exact; see the section comment). Its inverse is `edm_network_from_trigflow`."""
+def trigflow_network(network, sigma_data=SIGMA_DATA, kind="trigflow"):
+    """F_trig(params, x_in, t, *rng) = −network(params, x_in, c_noise(t), *rng) of a raw network."""
 
     def trig(params, x_in, t, *rng):
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x_in.shape[:1])
-        return -jnp.asarray(network(params, x_in, trigflow_time_input(t, sigma_data), *rng), jnp.float32)
+        return -jnp.asarray(network(params, x_in, trigflow_time_input(t, sigma_data, kind), *rng), jnp.float32)
 
     return trig
+
+
+def trigflow_network_from_edm(network, sigma_data=SIGMA_DATA):
+    """The exact TrigFlow reading of an EDM-convention raw network: F_trig(x_in, t) =
+    −network(x_in, 250·ln(σd·tan t)) ("trigflow_edm"). Its inverse is `edm_network_from_trigflow`."""
+    return trigflow_network(network, sigma_data, "trigflow_edm")
 
 
 def edm_network_from_trigflow(trig_network, sigma_data=SIGMA_DATA):
@@ -180,17 +200,19 @@ def trigflow_consistency(trig_network, params, x_t, t, *rng, sigma_data=SIGMA_DA
     return jnp.cos(tb) * x_t - jnp.sin(tb) * sigma_data * out
 
 
-def trigflow_denoise(apply_fn: NetworkFn, params, x, sigma, sigma_data=SIGMA_DATA):
+def trigflow_denoise(apply_fn: NetworkFn, params, x, sigma, sigma_data=SIGMA_DATA, kind="trigflow"):
     """TrigFlow's f as a function of (x_σ, σ), for the samplers: f(cos t·x_σ, t) with t = arctan(σ/σd), where
     x_σ = x0 + σ·ε is the EDM-scaled noisy point (x_σ = x_t/cos t). cos t = σd/√(σ²+σd²) and
-    sin t = σ/√(σ²+σd²) are computed from σ, and the network is conditioned on σ directly (not through tan t,
-    which loses ~1e-5 relative precision near t = π/2 in float32). Equals `edm_denoise` (tested)."""
+    sin t = σ/√(σ²+σd²) are computed from σ, and "trigflow_edm" conditions on 250·ln σ directly (not through
+    tan t, which loses ~1e-5 relative precision near t = π/2 in float32): it equals `edm_denoise` (tested)."""
+    _check_trigflow_kind(kind)
     x = jnp.asarray(x, jnp.float32)
     sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
     root = jnp.sqrt(sigma**2 + sigma_data**2)
     cos_t, sin_t = (broadcast_per_sample(c, x) for c in (sigma_data / root, sigma / root))
     x_t = cos_t * x
-    trig_out = -jnp.asarray(apply_fn(params, x_t / sigma_data, network_time_input(sigma)), jnp.float32)
+    time_input = trigflow_time(sigma, sigma_data) if kind == "trigflow" else network_time_input(sigma)
+    trig_out = -jnp.asarray(apply_fn(params, x_t / sigma_data, time_input), jnp.float32)
     return cos_t * x_t - sin_t * sigma_data * trig_out
 
 
@@ -205,11 +227,12 @@ def denoise(
     sigma_min=SIGMA_MIN,
 ):
     """Dispatches to `edm_denoise` (kind="edm"), `consistency_denoise` (kind="consistency") or
-    `trigflow_denoise` (kind="trigflow": sCM's f as a function of σ)."""
+    `trigflow_denoise` (kind="trigflow" | "trigflow_edm": sCM's f as a function of σ)."""
     if kind == "edm":
         return edm_denoise(apply_fn, params, x, sigma, sigma_data)
     if kind == "consistency":
         return consistency_denoise(apply_fn, params, x, sigma, sigma_data, sigma_min)
-    if kind == "trigflow":
-        return trigflow_denoise(apply_fn, params, x, sigma, sigma_data)
-    raise ValueError(f"Unknown parameterization {kind!r}; choose 'edm', 'consistency' or 'trigflow'.")
+    if kind in TRIGFLOW_KINDS:
+        return trigflow_denoise(apply_fn, params, x, sigma, sigma_data, kind)
+    raise ValueError(f"Unknown parameterization {kind!r}; choose 'edm', 'consistency', 'trigflow' or "
+                     "'trigflow_edm'.")

@@ -144,8 +144,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.method.sct.tangent_norm = "rms"  # rms: ‖g‖/√D (FastGen's spatial invariance) | l2: plain ‖g‖
     config.method.sct.weighting = "none"  # none | prior (1/σ); sCM's learned adaptive weight: not implemented
     config.method.sct.jvp_mode = "exact"  # exact (jax.jvp) | finite_difference (central, step jvp_fd_step)
-    config.method.sct.jvp_fd_step = 1e-4
-    # sCD: dx_t/dt = σd·F_teacher (the EDM teacher read as TrigFlow); starts from the teacher's weights.
+    config.method.sct.jvp_fd_step = 1e-3  # 1e-4 for trigflow_edm (cmjax/jvp.py)
+    # trigflow: c_noise(t) = t (stable) | trigflow_edm: EDM's 250·ln σ (reads EDM weights exactly; unstable here)
+    config.method.sct.parameterization_kind = "trigflow"
+    # sCD: dx_t/dt = σd·F_teacher (the EDM teacher read as TrigFlow, exact); the student starts from fresh weights.
     config.method.scd = ml_collections.ConfigDict()
     config.method.scd.p_mean = -1.0  # time proposal τ ~ N(p_mean, p_std²) (ImageNet-64 sCD: −1.0 / 1.6)
     config.method.scd.p_std = 1.4
@@ -155,7 +157,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.method.scd.tangent_norm = "rms"  # rms: ‖g‖/√D (FastGen's spatial invariance) | l2: plain ‖g‖
     config.method.scd.weighting = "none"  # none | prior (1/σ); sCM's learned adaptive weight: not implemented
     config.method.scd.jvp_mode = "exact"  # exact (jax.jvp) | finite_difference (central, step jvp_fd_step)
-    config.method.scd.jvp_fd_step = 1e-4
+    config.method.scd.jvp_fd_step = 1e-3  # 1e-4 for trigflow_edm (cmjax/jvp.py)
+    # trigflow: c_noise(t) = t (stable) | trigflow_edm: EDM's 250·ln σ (reads EDM weights exactly; unstable here)
+    config.method.scd.parameterization_kind = "trigflow"
 
     # The teacher of CD and ECT: an EDM run's workdir (its config.json and newest checkpoint).
     config.teacher = ml_collections.ConfigDict()
