@@ -197,6 +197,22 @@ def test_warmup_is_traced_one_compile_across_steps():
     assert abs(l0 - l1) > 1e-4 * abs(l0)
 
 
+def test_unknown_scm_settings_are_config_errors_and_prior_weighting_reweights():
+    from cmjax import errors
+
+    _, params, network = _mlp()
+    x = _points(8) * S
+    for setting in ({"tangent_norm": "l1"}, {"weighting": "adaptive"}, {"jvp_mode": "forward"},
+                    {"parameterization_kind": "edm"}):
+        with pytest.raises(errors.ConfigError, match=repr(next(iter(setting.values())))):
+            losses.make_objective("sct", **setting)(network, params, x, jax.random.key(0), 0)
+    with pytest.raises(errors.ConfigError, match="teacher"):
+        losses.make_objective("scd")(network, params, x, jax.random.key(0), 0)
+    none, prior = (float(losses.make_objective("sct", weighting=w)(network, params, x, jax.random.key(0), 0)[0])
+                   for w in ("none", "prior"))
+    assert np.isfinite(prior) and abs(prior - none) > 1e-3 * none
+
+
 # ----------------------------------------------------------------------------------------------
 # The method table and training.
 
