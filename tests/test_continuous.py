@@ -233,20 +233,45 @@ def test_sct_and_scd_read_as_trigflow_by_evaluation_and_export():
     assert not methods.get("sct").needs_teacher and not methods.get("sct").keeps_target
 
 
-def test_sct_trains_two_steps_on_digits(tmp_path):
+def _digits_run(tmp_path, method, **section):
     config = digits.get_config("smoke")
     config.data.data_dir = str(tmp_path / "tfds")
     config.total_steps = 2
     config.log_every = 1
-    config.method.name = "sct"
-    config.method.sct.tangent_warmup_steps = 1
-    workdir = str(tmp_path / "sct")
+    methods.select(config, method, **section)
+    workdir = str(tmp_path / method)
     train.train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+    return workdir, rows
+
+
+def test_sct_trains_two_steps_on_digits(tmp_path):
+    _, rows = _digits_run(tmp_path, "sct", tangent_warmup_steps=1)
     assert [r["tangent_warmup"] for r in rows] == [0.0, 1.0]
+
+
+def test_scd_distils_an_edm_run_two_steps_on_digits(tmp_path):
+    """The teacher plumbing end to end: an EDM run's workdir as config.teacher.workdir (the CLI's path)."""
+    from cmjax import errors
+
+    teacher_workdir, _ = _digits_run(tmp_path, "edm")
+    config = digits.get_config("smoke")
+    config.method.name = "scd"
+    with pytest.raises(errors.ConfigError, match="teacher"):
+        train.train_and_evaluate(config, str(tmp_path / "no_teacher"))
+    config = digits.get_config("smoke")
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.total_steps, config.log_every = 2, 1
+    methods.select(config, "scd", tangent_warmup_steps=0)
+    config.teacher.workdir = teacher_workdir
+    workdir = str(tmp_path / "scd")
+    train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
 
 
 # ----------------------------------------------------------------------------------------------
