@@ -81,7 +81,7 @@ class Model2D:
     module: Any
     params: Any
     sigma_data: float
-    kind: str  # "edm" | "consistency" | "trigflow"
+    kind: str  # "edm" | "consistency" | "trigflow" | "trigflow_edm"
     sigma_max: float = pz.SIGMA_MAX  # where 1-step and 2-step sampling start: the objective's σ_max
 
     def apply(self, params, x_in, t_in):

@@ -240,11 +240,12 @@ def _digits_run(tmp_path, method, **section):
     config.log_every = 1
     methods.select(config, method, **section)
     workdir = str(tmp_path / method)
-    train.train_and_evaluate(config, workdir)
+    final = train.train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+    assert final["train_step_compilations"] == 1  # sCT: r = 0 then 1 in one executable
     return workdir, rows
 
 
