@@ -1,6 +1,6 @@
 """Seconds-long learning proofs on 2-D problems with exactly known densities, for every objective.
 
-`train` runs any objective of `cmjax.losses` (edm, cd, ct, ict, ect) on an MLP over 2-D points drawn
+`train` runs any objective of `cmjax.losses` (edm, cd, ct, ict, ect, sct, scd) on an MLP over 2-D points drawn
 fresh every step, as chunks of steps inside one `lax.scan` (tiny networks are dispatch-bound). The
 teacher of CD is either the mixture's exact denoiser or a trained EDM MLP; ECT starts from an EDM MLP's
 weights. Quality is the sliced Wasserstein distance to fresh data, beside the distance between two fresh
@@ -38,6 +38,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "ct": {"curriculum": "cm_adaptive", "s0": 2, "s1": 20, "mu0": 0.9, "distance": "l2"},
     "ict": {"s0": 10, "s1": 160},
     "ect": {"q": 2.0, "k": 8.0, "b": 1.0, "huber_c": 0.0},
+    # sCM's CIFAR-10 time proposal and c = 0.1; the tangent warm-up is a tenth of the run (filled in below).
+    "sct": {"p_mean": -1.0, "p_std": 1.4},
+    "scd": {"p_mean": -1.0, "p_std": 1.4},
 }
 
 
@@ -66,6 +69,8 @@ class Demo2DConfig:
             settings.setdefault("total_steps", self.steps)
         if "stage_steps" in accepted:  # ECT: Δt halves four times over the run
             settings.setdefault("stage_steps", max(1, self.steps // 4))
+        if "tangent_warmup_steps" in accepted:  # sCM: r reaches 1 a tenth of the way in (CIFAR-10: 10k of 350k)
+            settings.setdefault("tangent_warmup_steps", max(1, self.steps // 10))
         return settings
 
 
@@ -76,7 +81,7 @@ class Model2D:
     module: Any
     params: Any
     sigma_data: float
-    kind: str  # "edm" | "consistency"
+    kind: str  # "edm" | "consistency" | "trigflow" | "trigflow_edm"
     sigma_max: float = pz.SIGMA_MAX  # where 1-step and 2-step sampling start: the objective's σ_max
 
     def apply(self, params, x_in, t_in):

@@ -1,4 +1,4 @@
-"""Training objectives: edm, cd, ct (2023), ict, ect (distances: `cmjax.distances`).
+"""Training objectives: edm, cd, ct (2023), ict, ect, sct, scd (distances: `cmjax.distances`).
 
 Every objective has the signature
     objective(network, params, x, key, step, *, target_params=None, teacher_params=None,
@@ -19,7 +19,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from cmjax import distances, errors, parameterization, schedules, solvers
+from cmjax import distances, errors, jvp, parameterization, schedules, solvers
 from cmjax.parameterization import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, broadcast_per_sample
 
 # ----------------------------------------------------------------------------------------------
@@ -212,8 +212,121 @@ def ect_loss(network, params, x, key, step, *, target_params=None, teacher_param
     return loss, {"loss": loss, "mean_sigma": jnp.mean(t), "mean_r_over_t": jnp.mean(r / t)}
 
 
+# ----------------------------------------------------------------------------------------------
+# Continuous-time consistency models: sCT and sCD (Lu & Song 2024, arXiv 2410.11081; DESIGN §4).
+
+
+def _scm_loss(network, params, x, key, step, *, velocity, p_mean, p_std, sigma_data, tangent_warmup_steps,
+              tangent_norm_c, tangent_norm, weighting, jvp_mode, jvp_fd_step, parameterization_kind):
+    """The sCM objective on TrigFlow (`parameterization.trigflow_*`; F below is F_trig, the raw network read
+    as TrigFlow with the time conditioning of `parameterization_kind` — "trigflow": c_noise(t) = t,
+    "trigflow_edm": EDM's 250·ln(σd·tan t) —, so f(x_t, t) = cos t·x_t − sin t·σd·F(x_t/σd, t)):
+
+      τ ~ N(P_mean, P_std²), t = arctan(e^τ/σd)                        (sCM's lognormal time proposal)
+      z ~ N(0, σd²I), x_t = cos t·x0 + sin t·z
+      dx_t/dt = `velocity(x0, z, x_t, t)`                                (sCT: cos t·z − sin t·x0; sCD: σd·F_teacher)
+      F⁻, cos t·sin t·dF⁻/dt = JVP of sg(F_θ)(x_t/σd, t) at (x_t, t), tangents (cos t·sin t·dx_t/dt, cos t·sin t)
+      g = −cos²t·(σd·F⁻ − dx_t/dt) − r·cos t·sin t·(x_t + σd·dF⁻/dt)    (= cos t·df⁻/dt at r = 1)
+      g ← g/(‖g‖ + c), c = 0.1                                           (tangent normalisation)
+      r = min(1, step/warm-up)                                           (tangent warm-up, traced: one compile)
+      loss = mean_batch[ λ(t)·mean_dims (F_θ − F⁻ − g)² ]
+
+    The value of the loss is mean(λ·g²) (F_θ = F⁻ numerically); its gradient −2λ·g·∂F_θ/∂θ/D is sCM's.
+    Equations as in DESIGN §4 and FastGen's `sCM.py` (`_scm_pred_to_loss`); the paper's appendix was not read,
+    so constants are those of FastGen's `config_scm.py` where the paper could not be confirmed.
+    `tangent_norm`: "rms" divides ‖g‖ by √D first (FastGen's default `g_norm_spatial_invariance`), "l2" is the
+    plain per-sample norm. `weighting`: "none" (λ = 1) or "prior" (λ = 1/σ, σ = σd·tan t, FastGen's
+    `prior_weighting_enabled`). NOT implemented: sCM's learned adaptive weight e^{w(t)}/D·‖·‖² − w(t) (needs a
+    learned head w_φ(t)); the online and target evaluations share one dropout key.
+    """
+    t_key, noise_key, dropout_key = jax.random.split(key, 3)
+    batch = x.shape[0]
+    sigma = jnp.exp(p_mean + p_std * jax.random.normal(t_key, (batch,), jnp.float32))
+    t = parameterization.trigflow_time(sigma, sigma_data)
+    z = sigma_data * jax.random.normal(noise_key, x.shape, jnp.float32)
+    x = jnp.asarray(x, jnp.float32)
+    x_t = parameterization.trigflow_noisy(x, z, t)
+    dxt_dt = jax.lax.stop_gradient(velocity(x, z, x_t, t))
+    tb = broadcast_per_sample(t, x)
+    cos_t, sin_t = jnp.cos(tb), jnp.sin(tb)
+
+    if parameterization_kind not in parameterization.TRIGFLOW_KINDS:
+        raise errors.ConfigError(f"Unknown sCM parameterization_kind {parameterization_kind!r}; choose one of "
+                                 f"{list(parameterization.TRIGFLOW_KINDS)}.")
+    trig = parameterization.trigflow_network(network, sigma_data, parameterization_kind)
+    online = trig(params, x_t / sigma_data, t, dropout_key)
+    frozen = jax.lax.stop_gradient(params)
+    target_fn = lambda xt, tt: trig(frozen, xt / sigma_data, tt, dropout_key)  # noqa: E731
+    cs = jnp.cos(t) * jnp.sin(t)
+    f_minus, df_dt_scaled = jvp.value_and_jvp(target_fn, (x_t, t), (broadcast_per_sample(cs, x) * dxt_dt, cs),
+                                              mode=jvp_mode, step=jvp_fd_step)
+    if tangent_warmup_steps > 0:
+        r = jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / float(tangent_warmup_steps))
+    else:
+        r = jnp.float32(1.0)
+    g = (-jnp.square(cos_t) * (sigma_data * f_minus - dxt_dt)
+         - r * (cos_t * sin_t * x_t + sigma_data * df_dt_scaled))
+    axes = tuple(range(1, x.ndim))
+    dim = float(jnp.size(x) // batch)
+    g_norm = jnp.sqrt(jnp.sum(jnp.square(g), axis=axes, keepdims=True))
+    if tangent_norm == "rms":
+        g_norm = g_norm / jnp.sqrt(dim)
+    elif tangent_norm != "l2":
+        raise errors.ConfigError(f"Unknown tangent_norm {tangent_norm!r}; choose rms or l2.")
+    g = jax.lax.stop_gradient(g / (g_norm + tangent_norm_c))
+    per_sample = jnp.mean(jnp.square(online - jax.lax.stop_gradient(f_minus) - g), axis=axes)
+    if weighting == "none":
+        weight = jnp.ones_like(sigma)
+    elif weighting == "prior":
+        weight = 1.0 / sigma
+    else:
+        raise errors.ConfigError(f"Unknown sCM weighting {weighting!r}; choose none or prior.")
+    loss = jnp.mean(weight * per_sample)
+    metrics = {"loss": loss, "mean_sigma": jnp.mean(sigma), "tangent_warmup": r,
+               "mean_tangent_norm": jnp.mean(g_norm)}
+    return loss, metrics
+
+
+def sct_loss(network, params, x, key, step, *, target_params=None, teacher_params=None,
+             teacher_network=None, distance_params=None, p_mean=-1.0, p_std=1.4, sigma_data=SIGMA_DATA,
+             tangent_warmup_steps=10_000, tangent_norm_c=0.1, tangent_norm="rms", weighting="none",
+             jvp_mode="exact", jvp_fd_step=jvp.FD_STEP, parameterization_kind="trigflow"):
+    """sCT (sCM continuous-time consistency training): dx_t/dt = cos t·z − sin t·x0, the conditional
+    velocity of x_t = cos t·x0 + sin t·z. CIFAR-10 (FastGen `config_scm.py`): P_mean −1.0, P_std 1.4,
+    warm-up 10k, c = 0.1. See `_scm_loss` for the equations and what is not implemented."""
+    del target_params, teacher_params, teacher_network, distance_params
+    velocity = lambda x0, z, x_t, t: (  # noqa: E731
+        broadcast_per_sample(jnp.cos(t), x0) * z - broadcast_per_sample(jnp.sin(t), x0) * x0)
+    return _scm_loss(network, params, x, key, step, velocity=velocity, p_mean=p_mean, p_std=p_std,
+                     sigma_data=sigma_data, tangent_warmup_steps=tangent_warmup_steps,
+                     tangent_norm_c=tangent_norm_c, tangent_norm=tangent_norm, weighting=weighting,
+                     jvp_mode=jvp_mode, jvp_fd_step=jvp_fd_step, parameterization_kind=parameterization_kind)
+
+
+def scd_loss(network, params, x, key, step, *, target_params=None, teacher_params=None,
+             teacher_network=None, distance_params=None, p_mean=-1.0, p_std=1.4, sigma_data=SIGMA_DATA,
+             tangent_warmup_steps=10_000, tangent_norm_c=0.1, tangent_norm="rms", weighting="none",
+             jvp_mode="exact", jvp_fd_step=jvp.FD_STEP, parameterization_kind="trigflow"):
+    """sCD (sCM continuous-time consistency distillation): dx_t/dt = σd·F_teacher(x_t/σd, t), the EDM
+    teacher read as TrigFlow (`parameterization.trigflow_network_from_edm`, exact), i.e. the PF-ODE velocity
+    (cos t·x_t − D(x_t/cos t, σd·tan t))/sin t of the teacher's denoiser D. No guidance. The online
+    network starts from fresh weights: sCM initialises the student from its teacher, which only the
+    "trigflow_edm" conditioning can read, and that conditioning does not train stably here (parameterization.py).
+    See `_scm_loss`."""
+    del target_params, distance_params
+    if teacher_network is None:
+        raise errors.ConfigError("method 'scd' needs a teacher: set config.teacher.workdir to an EDM run.")
+    teacher = parameterization.trigflow_network_from_edm(teacher_network, sigma_data)
+    velocity = lambda x0, z, x_t, t: sigma_data * teacher(teacher_params, x_t / sigma_data, t)  # noqa: E731
+    return _scm_loss(network, params, x, key, step, velocity=velocity, p_mean=p_mean, p_std=p_std,
+                     sigma_data=sigma_data, tangent_warmup_steps=tangent_warmup_steps,
+                     tangent_norm_c=tangent_norm_c, tangent_norm=tangent_norm, weighting=weighting,
+                     jvp_mode=jvp_mode, jvp_fd_step=jvp_fd_step, parameterization_kind=parameterization_kind)
+
+
 OBJECTIVES: dict[str, Callable] = {
     "edm": edm_loss, "cd": cd_loss, "ct": ct_loss, "ict": ict_loss, "ect": ect_loss,
+    "sct": sct_loss, "scd": scd_loss,
 }
 _CALL_ARGS = {"target_params", "teacher_params", "teacher_network", "distance_params"}
 

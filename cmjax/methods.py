@@ -1,7 +1,7 @@
 """The one table of method facts, and a run's method settings read from its config.
 
 `config.method.name` selects a method; its settings live in their own section `config.method.<name>`
-(`config.method.ict.s1`), so switching `--config.method.name=edm|cd|ct|ict|ect` on any recipe runs that
+(`config.method.ict.s1`), so switching `--config.method.name=edm|cd|ct|ict|ect|sct|scd` on any recipe runs that
 method with its own defaults. What a method *is* — whether it needs a teacher, keeps a target network θ⁻,
 starts from the teacher's weights, which parameterisation its online network has, the Karras grid its
 sampler's scheduler knows — is written once here and read by train, evaluate, interop, bench and demo_2d.
@@ -40,7 +40,8 @@ class Method:
     # says otherwise (`starts_from_teacher(config)`): CD in both CM releases, ECT.
     starts_from_teacher: bool
     # "edm": D(x, σ) with f(x, 0) = x (EDM and ECT's default); "consistency": CM App. C boundary scalings;
-    # "setting": the objective's own `parameterization_kind` setting decides.
+    # "setting": the objective's own `parameterization_kind` setting decides (ECT: edm | consistency; sCT/sCD:
+    # trigflow | trigflow_edm, sCM's TrigFlow f as a function of σ, `parameterization.trigflow_denoise`).
     parameterization: str
     summary: str
     sampling: Sampling = Sampling()
@@ -59,6 +60,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            parameterization="consistency", summary="improved consistency training (Song & Dhariwal 2023)"),
     Method("ect", needs_teacher=True, keeps_target=False, starts_from_teacher=True, parameterization="setting",
            summary="easy consistency tuning from an EDM model (Geng et al. 2024)", sampling=ECT_SAMPLING),
+    # sCM (Lu & Song 2024): TrigFlow f(x_t, t) = cos t·x_t − sin t·σd·F; its `parameterization_kind` setting is
+    # "trigflow" (c_noise(t) = t) or "trigflow_edm" (EDM's 250·ln σ; as a function of σ, f is then EDM's D with
+    # the same network). Target sg(θ), no EMA target. sCD starts from fresh weights (losses.scd_loss).
+    Method("sct", needs_teacher=False, keeps_target=False, starts_from_teacher=False, parameterization="setting",
+           summary="continuous-time consistency training, sCT (Lu & Song 2024)"),
+    Method("scd", needs_teacher=True, keeps_target=False, starts_from_teacher=False, parameterization="setting",
+           summary="continuous-time consistency distillation, sCD (Lu & Song 2024)"),
 )}
 # Settings a method takes from elsewhere in the config rather than from its own section.
 _FROM_CONFIG = {"total_steps"}
@@ -104,8 +112,8 @@ def objective_from_config(config) -> Callable:
 
 
 def parameterization_of(name: str, method_settings: Mapping[str, Any]) -> str:
-    """"edm" or "consistency": how method `name`'s online network with these settings turns F into a
-    clean-image estimate (ECT: its `parameterization_kind` setting, EDM by default)."""
+    """"edm", "consistency", "trigflow" or "trigflow_edm": how method `name`'s online network with these
+    settings turns F into a clean-image estimate (ECT and sCT/sCD: their `parameterization_kind` setting)."""
     method = get(name)
     if method.parameterization == "setting":
         return method_settings.get("parameterization_kind",

@@ -3,6 +3,8 @@
 Karras et al. 2022 (EDM), Table 1: D(x, σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ)).
 Song et al. 2023 (CM), Appendix C: the same form with c_skip, c_out shifted by σ_min so that the
 consistency function satisfies the boundary condition f(x, σ_min) = x exactly.
+Lu & Song 2024 (sCM, arXiv 2410.11081), TrigFlow: x_t = cos t·x0 + sin t·z, z ~ N(0, σd²I), t ∈ [0, π/2],
+f(x_t, t) = cos t·x_t − sin t·σd·F(x_t/σd, c_noise(t)); σ = σd·tan t (the section "TrigFlow" below).
 All arithmetic is float32 whatever the network's compute dtype.
 """
 from __future__ import annotations
@@ -95,17 +97,126 @@ def network_from_denoiser(denoise_fn, *, kind: str, sigma_data=SIGMA_DATA, sigma
     parameters, so it can stand in for a trained teacher or model.
     """
     scalings = {"edm": lambda s: edm_scalings(s, sigma_data),
-                "consistency": lambda s: consistency_scalings(s, sigma_data, sigma_min)}[kind]
+                "consistency": lambda s: consistency_scalings(s, sigma_data, sigma_min),
+                # TrigFlow's f in σ form has EDM's scalings (`trigflow_denoise`), so the inversion is EDM's;
+                # "trigflow" conditions on t = arctan(σ/σd) instead of 250·ln σ.
+                "trigflow": lambda s: edm_scalings(s, sigma_data),
+                "trigflow_edm": lambda s: edm_scalings(s, sigma_data)}[kind]
 
     def network(params, x_in, time_input, *unused_rng):
         del params, unused_rng
-        sigma = jnp.exp(jnp.asarray(time_input, jnp.float32) / 250.0)
+        time_input = jnp.asarray(time_input, jnp.float32)
+        sigma = trigflow_sigma(time_input, sigma_data) if kind == "trigflow" else jnp.exp(time_input / 250.0)
         c_skip, c_out, c_in = (broadcast_per_sample(c, x_in) for c in scalings(sigma))
         x = x_in / c_in
         safe_c_out = jnp.where(c_out > 0, c_out, 1.0)
         return jnp.where(c_out > 0, (denoise_fn(x, sigma) - c_skip * x) / safe_c_out, 0.0)
 
     return network
+
+
+# ----------------------------------------------------------------------------------------------
+# TrigFlow (sCM, Lu & Song 2024; DESIGN §4).
+#
+# cmjax's TrigFlow network is the raw network `network(params, x_in, time_input)` read as
+#     F_trig(x_in, t) = −network(x_in, c_noise(t)),
+# the sign flipped so that F_trig is a *velocity* (F_trig → the PF-ODE velocity (dx_t/dt)/σd for a diffusion
+# model). Two time conditionings, the two TrigFlow parameterisation kinds:
+#   "trigflow":     time_input = t, fed as is to the network's embedding (sCM's c_noise(t) = t for stable
+#                   training; the constant is not confirmed against the paper's appendix). Measured on the 2-D
+#                   ring, 2k sCT steps, 1-step sliced W2 (untrained 0.71): time_input = t 0.046, 1000·t 0.69.
+#                   cmjax's NCSN++ divides its time input by 1000 before its Fourier features (it expects
+#                   1000·c_noise), so there it embeds t/1000: untested at full size.
+#   "trigflow_edm": c_noise(t) = 250·ln(σd·tan t), EDM's (network_time_input at σ = σd·tan t), so an EDM run's
+#                   network, weights unchanged, IS a TrigFlow model (exact; below). Its time derivative is
+#                   250/(sin t·cos t): with cmjax's sinusoidal embeddings the dF/dt term then swamps the tangent
+#                   and sCT does not learn on the 2-D ring (1-step distance 0.63 after 2k steps, 0.046 with
+#                   "trigflow"; the untrained model 0.71) — sCM §4.1's time-conditioning instability.
+# Why "trigflow_edm" is exact: at σ = σd·tan t, σ² + σd² = σd²/cos²t, so EDM's c_skip = cos²t,
+# c_out = σd·sin t, c_in = cos t/σd; with x_σ = x_t/cos t, c_in·x_σ = x_t/σd and
+# D(x_σ, σ) = cos t·x_t + σd·sin t·network(x_t/σd, ·) = f(x_t, t). For either kind the TrigFlow consistency
+# function at t is an EDM-style clean estimate at σ = σd·tan t of x_σ = x_t/cos t (`trigflow_denoise`).
+TRIGFLOW_KINDS = ("trigflow", "trigflow_edm")
+
+
+def trigflow_sigma(t, sigma_data=SIGMA_DATA):
+    """σ = σd·tan t (the EDM noise level with the same signal-to-noise ratio as TrigFlow time t)."""
+    return sigma_data * jnp.tan(jnp.asarray(t, jnp.float32))
+
+
+def trigflow_time(sigma, sigma_data=SIGMA_DATA):
+    """t = arctan(σ/σd) ∈ [0, π/2) (arctan2, so σ = 0 gives t = 0 exactly)."""
+    return jnp.arctan2(jnp.asarray(sigma, jnp.float32), jnp.float32(sigma_data))
+
+
+def _check_trigflow_kind(kind):
+    if kind not in TRIGFLOW_KINDS:
+        raise ValueError(f"Unknown TrigFlow parameterization {kind!r}; choose one of {list(TRIGFLOW_KINDS)}.")
+
+
+def trigflow_time_input(t, sigma_data=SIGMA_DATA, kind="trigflow"):
+    """The network time input c_noise(t): t ("trigflow") or 250·ln(σd·tan t) ("trigflow_edm")."""
+    _check_trigflow_kind(kind)
+    t = jnp.asarray(t, jnp.float32)
+    return t if kind == "trigflow" else network_time_input(trigflow_sigma(t, sigma_data))
+
+
+def trigflow_noisy(x0, z, t):
+    """x_t = cos t·x0 + sin t·z (z ~ N(0, σd²I))."""
+    t = broadcast_per_sample(t, x0)
+    return jnp.cos(t) * x0 + jnp.sin(t) * z
+
+
+def trigflow_network(network, sigma_data=SIGMA_DATA, kind="trigflow"):
+    """F_trig(params, x_in, t, *rng) = −network(params, x_in, c_noise(t), *rng) of a raw network."""
+
+    def trig(params, x_in, t, *rng):
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x_in.shape[:1])
+        return -jnp.asarray(network(params, x_in, trigflow_time_input(t, sigma_data, kind), *rng), jnp.float32)
+
+    return trig
+
+
+def trigflow_network_from_edm(network, sigma_data=SIGMA_DATA):
+    """The exact TrigFlow reading of an EDM-convention raw network: F_trig(x_in, t) =
+    −network(x_in, 250·ln(σd·tan t)) ("trigflow_edm"). Its inverse is `edm_network_from_trigflow`."""
+    return trigflow_network(network, sigma_data, "trigflow_edm")
+
+
+def edm_network_from_trigflow(trig_network, sigma_data=SIGMA_DATA):
+    """The EDM-convention raw network(params, x_in, time_input, *rng) = −F_trig(params, x_in, arctan(σ/σd))
+    with σ = exp(time_input/250): the inverse of `trigflow_network_from_edm`."""
+
+    def network(params, x_in, time_input, *rng):
+        sigma = jnp.exp(jnp.asarray(time_input, jnp.float32) / 250.0)
+        return -jnp.asarray(trig_network(params, x_in, trigflow_time(sigma, sigma_data), *rng), jnp.float32)
+
+    return network
+
+
+def trigflow_consistency(trig_network, params, x_t, t, *rng, sigma_data=SIGMA_DATA):
+    """sCM's TrigFlow consistency function f(x_t, t) = cos t·x_t − sin t·σd·F_trig(x_t/σd, t)."""
+    x_t = jnp.asarray(x_t, jnp.float32)
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x_t.shape[:1])
+    out = trig_network(params, x_t / sigma_data, t, *rng)
+    tb = broadcast_per_sample(t, x_t)
+    return jnp.cos(tb) * x_t - jnp.sin(tb) * sigma_data * out
+
+
+def trigflow_denoise(apply_fn: NetworkFn, params, x, sigma, sigma_data=SIGMA_DATA, kind="trigflow"):
+    """TrigFlow's f as a function of (x_σ, σ), for the samplers: f(cos t·x_σ, t) with t = arctan(σ/σd), where
+    x_σ = x0 + σ·ε is the EDM-scaled noisy point (x_σ = x_t/cos t). cos t = σd/√(σ²+σd²) and
+    sin t = σ/√(σ²+σd²) are computed from σ, and "trigflow_edm" conditions on 250·ln σ directly (not through
+    tan t, which loses ~1e-5 relative precision near t = π/2 in float32): it equals `edm_denoise` (tested)."""
+    _check_trigflow_kind(kind)
+    x = jnp.asarray(x, jnp.float32)
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
+    root = jnp.sqrt(sigma**2 + sigma_data**2)
+    cos_t, sin_t = (broadcast_per_sample(c, x) for c in (sigma_data / root, sigma / root))
+    x_t = cos_t * x
+    time_input = trigflow_time(sigma, sigma_data) if kind == "trigflow" else network_time_input(sigma)
+    trig_out = -jnp.asarray(apply_fn(params, x_t / sigma_data, time_input), jnp.float32)
+    return cos_t * x_t - sin_t * sigma_data * trig_out
 
 
 def denoise(
@@ -118,9 +229,13 @@ def denoise(
     sigma_data=SIGMA_DATA,
     sigma_min=SIGMA_MIN,
 ):
-    """Dispatches to `edm_denoise` (kind="edm") or `consistency_denoise` (kind="consistency")."""
+    """Dispatches to `edm_denoise` (kind="edm"), `consistency_denoise` (kind="consistency") or
+    `trigflow_denoise` (kind="trigflow" | "trigflow_edm": sCM's f as a function of σ)."""
     if kind == "edm":
         return edm_denoise(apply_fn, params, x, sigma, sigma_data)
     if kind == "consistency":
         return consistency_denoise(apply_fn, params, x, sigma, sigma_data, sigma_min)
-    raise ValueError(f"Unknown parameterization {kind!r}; choose 'edm' or 'consistency'.")
+    if kind in TRIGFLOW_KINDS:
+        return trigflow_denoise(apply_fn, params, x, sigma, sigma_data, kind)
+    raise ValueError(f"Unknown parameterization {kind!r}; choose 'edm', 'consistency', 'trigflow' or "
+                     "'trigflow_edm'.")

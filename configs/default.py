@@ -6,7 +6,7 @@ The defaults train iCT on the embedded digits dataset (8×8, no download) with a
 `config.model` holds exactly the fields of the network `config.model.name` selects (`cmjax/models/`).
 `config.method.name` selects the objective; each objective's settings live in its own section
 `config.method.<name>` (`cmjax.losses.objective_settings(name)` lists them with the objective's defaults), so
-`--config.method.name=edm|cd|ct|ict|ect` switches any recipe to that method with these defaults. The teacher
+`--config.method.name=edm|cd|ct|ict|ect|sct|scd` switches any recipe to that method with these defaults. The teacher
 (CD, ECT) and the LPIPS weights are files, not objective settings: `config.teacher`, `config.distance_weights`.
 
 Configs import only ml_collections: parsing one starts neither JAX nor TensorFlow.
@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.remat = False  # rematerialise each block in the backward pass (saves memory, costs FLOPs)
 
     config.method = ml_collections.ConfigDict()
-    config.method.name = "ict"  # edm | cd | ct | ict | ect (cmjax/methods.py, cmjax/losses.py)
+    config.method.name = "ict"  # edm | cd | ct | ict | ect | sct | scd (cmjax/methods.py, cmjax/losses.py)
     # Shared by the sections below: σ range of the Karras grids, σ_data, ρ (DESIGN §4).
     sigma_min, sigma_max, sigma_data, rho = 0.002, 80.0, 0.5, 7.0
 
@@ -137,6 +137,36 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.method.ect.parameterization_kind = "edm"  # edm (the EDM model ECT starts from) | consistency
     config.method.ect.sigma_min = sigma_min
     config.method.ect.sigma_data = sigma_data
+
+    # sCT / sCD (Lu & Song 2024, sCM): TrigFlow, t = arctan(e^τ/σd) with τ ~ N(p_mean, p_std²), tangent
+    # g = −cos²t·(σd·F⁻ − dx_t/dt) − r·cos t·sin t·(x_t + σd·dF⁻/dt) normalised g/(‖g‖ + c). Defaults are
+    # FastGen's CIFAR-10 `config_scm.py` (the paper's appendix was not read).
+    # sCT: dx_t/dt = cos t·z − sin t·x0.
+    config.method.sct = ml_collections.ConfigDict()
+    config.method.sct.p_mean = -1.0  # time proposal τ ~ N(p_mean, p_std²) (ImageNet-64 sCD: −1.0 / 1.6)
+    config.method.sct.p_std = 1.4
+    config.method.sct.sigma_data = sigma_data
+    config.method.sct.tangent_warmup_steps = 10_000  # r = min(1, step / this); 0: r = 1 throughout
+    config.method.sct.tangent_norm_c = 0.1  # c of g/(‖g‖ + c)
+    config.method.sct.tangent_norm = "rms"  # rms: ‖g‖/√D (FastGen's spatial invariance) | l2: plain ‖g‖
+    config.method.sct.weighting = "none"  # none | prior (1/σ); sCM's learned adaptive weight: not implemented
+    config.method.sct.jvp_mode = "exact"  # exact (jax.jvp) | finite_difference (central, step jvp_fd_step)
+    config.method.sct.jvp_fd_step = 1e-3  # 1e-4 for trigflow_edm (cmjax/jvp.py)
+    # trigflow: c_noise(t) = t (stable) | trigflow_edm: EDM's 250·ln σ (reads EDM weights exactly; unstable here)
+    config.method.sct.parameterization_kind = "trigflow"
+    # sCD: dx_t/dt = σd·F_teacher (the EDM teacher read as TrigFlow, exact); the student starts from fresh weights.
+    config.method.scd = ml_collections.ConfigDict()
+    config.method.scd.p_mean = -1.0  # time proposal τ ~ N(p_mean, p_std²) (ImageNet-64 sCD: −1.0 / 1.6)
+    config.method.scd.p_std = 1.4
+    config.method.scd.sigma_data = sigma_data
+    config.method.scd.tangent_warmup_steps = 10_000  # r = min(1, step / this); 0: r = 1 throughout
+    config.method.scd.tangent_norm_c = 0.1  # c of g/(‖g‖ + c)
+    config.method.scd.tangent_norm = "rms"  # rms: ‖g‖/√D (FastGen's spatial invariance) | l2: plain ‖g‖
+    config.method.scd.weighting = "none"  # none | prior (1/σ); sCM's learned adaptive weight: not implemented
+    config.method.scd.jvp_mode = "exact"  # exact (jax.jvp) | finite_difference (central, step jvp_fd_step)
+    config.method.scd.jvp_fd_step = 1e-3  # 1e-4 for trigflow_edm (cmjax/jvp.py)
+    # trigflow: c_noise(t) = t (stable) | trigflow_edm: EDM's 250·ln σ (reads EDM weights exactly; unstable here)
+    config.method.scd.parameterization_kind = "trigflow"
 
     # The teacher of CD and ECT: an EDM run's workdir (its config.json and newest checkpoint).
     config.teacher = ml_collections.ConfigDict()

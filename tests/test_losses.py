@@ -141,7 +141,7 @@ def test_config_errors_are_clear():
     with pytest.raises(ValueError, match=r"no setting\(s\) \['num_scale'\]"):
         losses.make_objective("cd", num_scale=18)
     with pytest.raises(ValueError, match="Unknown method"):
-        losses.make_objective("sct")
+        losses.make_objective("lcm")
     network, params, x = _mlp_setup()
     with pytest.raises(ValueError, match="needs a teacher"):
         losses.make_objective("cd")(network, params, x, jax.random.key(0), 0)

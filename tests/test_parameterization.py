@@ -61,7 +61,7 @@ def test_denoise_feeds_scaled_input_and_time_and_combines():
     np.testing.assert_allclose(seen["t"], 250 * np.log(sigma), rtol=1e-6)
     np.testing.assert_allclose(out, c_skip[:, None] * x + c_out[:, None] * 7.0, rtol=1e-6)
     with pytest.raises(ValueError, match="parameterization"):
-        pz.denoise(apply_fn, 7.0, x, sigma, kind="trigflow")
+        pz.denoise(apply_fn, 7.0, x, sigma, kind="vp")
 
 
 @pytest.mark.parametrize("kind", ["edm", "consistency"])

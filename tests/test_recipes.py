@@ -20,7 +20,7 @@ from configs import common
 
 # recipe -> variant for the smoke run (besides "smoke"); teachers run before their students.
 SMOKES = {
-    "cifar10_edm": "", "cifar10_cd": "l2", "cifar10_ct": "", "cifar10_ict": "", "cifar10_ect": "",
+    "cifar10_edm": "", "cifar10_cd": "l2", "cifar10_ct": "", "cifar10_ict": "", "cifar10_ect": "", "cifar10_sct": "",
     "imagenet64_edm": "", "imagenet64_cd": "l2", "imagenet64_ct": "", "imagenet64_ict": "",
     "lsun_bedroom256_edm": "", "lsun_bedroom256_cd": "l2", "lsun_bedroom256_ct": "",
 }
@@ -74,6 +74,11 @@ PUBLISHED = {
     "cifar10_ect": (56_395_651, {"method.name": "ect", "method.ect.q": 2.0, "method.ect.k": 8.0, "method.ect.b": 1.0,
                                  "method.ect.stage_steps": 25_000, "method.ect.huber_c": 0.0, "method.ect.p_mean": -1.1,
                                  "method.ect.p_std": 2.0}),
+    "cifar10_sct": (56_395_651, {"method.name": "sct", "method.sct.p_mean": -1.0, "method.sct.p_std": 1.4,
+                                 "method.sct.tangent_warmup_steps": 10_000, "method.sct.tangent_norm_c": 0.1,
+                                 "batch_size": 512, "total_steps": 350_000, "optim.optimizer": "radam",
+                                 "optim.learning_rate": 1e-4, "optim.b2": 0.99, "model.dropout": 0.2,
+                                 "sample.two_step_sigma": 0.821}),
     "imagenet64_edm": (295_899_267, {"method.name": "edm", "batch_size": 4096, "model.dropout": 0.1}),
     "imagenet64_cd": (295_899_267, {"method.name": "cd", "method.cd.num_scales": 40, "method.cd.target_ema": 0.95,
                                     "batch_size": 2048, "total_steps": 600_000, "optim.learning_rate": 8e-6}),

@@ -39,6 +39,15 @@ def consistency_parameterised(config) -> bool:
     return methods.sampler_settings(config)["parameterization"] == "consistency"
 
 
+def exported_parameterization(config) -> str:
+    """How the exported network makes a clean estimate: "consistency", "edm", or "trigflow" (sCM with
+    c_noise(t) = t, which openai's code cannot sample); sCM's "trigflow_edm" is exactly an EDM denoiser."""
+    from cmjax import methods
+
+    kind = methods.parameterization_kind(config)
+    return "edm" if kind == "trigflow_edm" else kind
+
+
 def sampler_settings(config) -> dict[str, Any]:
     """σ range, σ_data, ρ the run is sampled with (`methods.sampler_settings`: ECT's σmin is its release's 0.003)
     and the Karras grid size it trained on (the scheduler's `num_train_timesteps`)."""
@@ -112,7 +121,7 @@ def export_checkpoint(config, workdir: str, *, step: int | None = None, ema_rate
     result["unet_kwargs"] = os.path.join(output, OPENAI_ARGS_FILE)
     with open(result["unet_kwargs"], "w") as f:
         json.dump({"unet_model_kwargs": openai.openai_unet_kwargs(unet), "sampler": settings,
-                   "parameterization": "consistency" if consistency_parameterised(config) else "edm",
+                   "parameterization": exported_parameterization(config),
                    "step": int(restored_step), "ema_rate": rate}, f, indent=2)
     return result
 

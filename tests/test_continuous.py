@@ -1,0 +1,307 @@
+"""sCM (Lu & Song 2024): TrigFlow and its exact EDM correspondence, the JVP layer, and the sCT/sCD objectives
+checked against the analytic consistency function of a Gaussian."""
+import json
+import os
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cmjax import evaluate, jvp, losses, methods, models, sharding, toy_problems, train
+from cmjax import parameterization as pz
+from cmjax.interop import runs
+from configs import digits
+
+SD = 0.5  # σ_data
+S = 0.3  # std of the Gaussian data N(0, S²I): ≠ σ_data, so nothing cancels by accident
+
+
+def _mlp():
+    module = models.get({"name": "mlp", "hidden_dim": 32, "num_layers": 2})
+    params = module.init({"params": jax.random.key(0)}, jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
+    # The init zeroes the output layer (F = 0): random weights instead, so every term is exercised.
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    params = jax.tree.unflatten(tree, [0.5 * jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)])
+
+    def network(p, x_in, t_in, *rng):
+        return module.apply({"params": p}, x_in, t_in)
+
+    return module, params, network
+
+
+def _points(n=64, seed=1):
+    return jax.random.normal(jax.random.key(seed), (n, 2), jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# TrigFlow ↔ EDM.
+
+
+def test_trigflow_consistency_function_is_the_edm_denoiser_at_matching_sigma():
+    _, params, network = _mlp()
+    trig = pz.trigflow_network_from_edm(network, SD)
+    sigma = jnp.array([0.002, 0.05, 0.3, 1.0, 5.0, 80.0] * 4, jnp.float32)[:16]
+    x_sigma = _points(16) * jnp.sqrt(SD**2 + sigma[:, None] ** 2)
+    t = pz.trigflow_time(sigma, SD)
+    np.testing.assert_allclose(pz.trigflow_sigma(t, SD), sigma, rtol=2e-5)
+    x_t = jnp.cos(t)[:, None] * x_sigma  # x_σ = x_t / cos t
+    edm = pz.edm_denoise(network, params, x_sigma, sigma, SD)
+    assert float(jnp.max(jnp.abs(network(params, x_sigma, pz.network_time_input(sigma))))) > 0.1
+    # f(x_t, t) from TrigFlow time (tan t loses ~1e-5 relative near π/2 in float32, hence the tolerance) …
+    np.testing.assert_allclose(pz.trigflow_consistency(trig, params, x_t, t, sigma_data=SD), edm,
+                               rtol=5e-4, atol=5e-4)
+    # … and the σ form the samplers use: EDM's D to float32 rounding.
+    np.testing.assert_allclose(pz.denoise(network, params, x_sigma, sigma, kind="trigflow_edm", sigma_data=SD),
+                               edm, rtol=1e-6, atol=1e-6)
+    # The native kind (c_noise(t) = t): its σ form is its own f at t = arctan(σ/σd) of x_t = cos t·x_σ, and it
+    # is a different model from the EDM reading of the same weights.
+    native = pz.trigflow_consistency(pz.trigflow_network(network, SD, "trigflow"), params, x_t, t, sigma_data=SD)
+    np.testing.assert_allclose(pz.denoise(network, params, x_sigma, sigma, kind="trigflow", sigma_data=SD),
+                               native, rtol=1e-5, atol=1e-5)
+    assert float(jnp.max(jnp.abs(native - edm))) > 0.1
+    # The inverse conversion round-trips the raw network (through arctan and tan: float32-conditioned near π/2).
+    back = pz.edm_network_from_trigflow(trig, SD)
+    t_in = pz.network_time_input(sigma)
+    np.testing.assert_allclose(back(params, x_sigma, t_in), network(params, x_sigma, t_in), rtol=1e-3, atol=1e-3)
+
+
+def test_trigflow_network_of_the_exact_edm_denoiser_is_the_pf_ode_velocity():
+    """Sign and scaling: σd·F_trig of a Gaussian's exact EDM denoiser is E[dx_t/dt | x_t] =
+    cos t·sin t·(σd² − S²)/(cos²t·S² + sin²t·σd²)·x_t, the TrigFlow PF-ODE velocity."""
+    gauss = toy_problems.GaussianMixture(np.zeros((1, 2)), np.array([S]), np.array([1.0]))
+    trig = pz.trigflow_network_from_edm(pz.network_from_denoiser(gauss.denoise, kind="edm", sigma_data=SD), SD)
+    t = jnp.linspace(0.05, 1.5, 16)
+    x_t = _points(16)
+    c, s = jnp.cos(t)[:, None], jnp.sin(t)[:, None]
+    expected = c * s * (SD**2 - S**2) / (c**2 * S**2 + s**2 * SD**2) * x_t
+    np.testing.assert_allclose(SD * trig(None, x_t / SD, t), expected, rtol=1e-4, atol=1e-5)
+
+
+def _consistency_network(scale_key="scale"):
+    """The analytic TrigFlow consistency function of N(0, S²I), as a raw network of the sCM objectives' default
+    kind "trigflow" times a scalar parameter: f(x_σ, σ) = S/√(S² + σ²)·x_σ (the PF-ODE carries
+    x_σ ∝ √(S² + σ²)); scale 1 is exact."""
+    base = pz.network_from_denoiser(lambda x, sigma: S / jnp.sqrt(S**2 + sigma[:, None] ** 2) * x,
+                                    kind="trigflow", sigma_data=SD)
+    return lambda p, x_in, t_in, *rng: p[scale_key] * base(None, x_in, t_in)
+
+
+def test_the_analytic_consistency_function_follows_the_pf_ode():
+    """Integrating the TrigFlow PF-ODE dx/dt = E[dx_t/dt | x_t] from t to 0 lands on f(x_t, t)."""
+    trig = pz.trigflow_network(_consistency_network(), SD, "trigflow")
+    t0, steps = 1.2, 4000
+    x = np.asarray(_points(8), np.float64)
+    x_t = x.copy()
+    for i in range(steps):  # midpoint rule on the linear ODE, float64
+        t = t0 * (1 - (i + 0.5) / steps)
+        c, s = np.cos(t), np.sin(t)
+        x = x - (t0 / steps) * c * s * (SD**2 - S**2) / (c**2 * S**2 + s**2 * SD**2) * x
+    f = pz.trigflow_consistency(trig, {"scale": 1.0}, x_t, jnp.full((8,), t0), sigma_data=SD)
+    np.testing.assert_allclose(f, x, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# JVP.
+
+
+# The finite-difference step each time conditioning needs (cmjax/jvp.py): EDM's 250·ln σ moves 250× faster.
+FD_STEPS = {"trigflow": 1e-3, "trigflow_edm": 1e-4}
+
+
+@pytest.mark.parametrize("kind", sorted(FD_STEPS))
+def test_exact_jvp_equals_a_central_finite_difference_of_the_network(kind):
+    _, params, network = _mlp()
+    trig = pz.trigflow_network(network, SD, kind)
+    x_t, t = _points(16) * 0.7, jnp.linspace(0.1, 1.4, 16)
+    fn = lambda xt, tt: trig(params, xt / SD, tt)  # noqa: E731
+    v_x, v_t = jax.random.normal(jax.random.key(2), x_t.shape), jnp.cos(t) * jnp.sin(t)
+    value, exact = jvp.value_and_jvp(fn, (x_t, t), (v_x, v_t), mode="exact")
+    value_fd, fd = jvp.value_and_jvp(fn, (x_t, t), (v_x, v_t), mode="finite_difference", step=FD_STEPS[kind])
+    np.testing.assert_allclose(value, fn(x_t, t), rtol=1e-6)
+    np.testing.assert_allclose(value_fd, value, rtol=1e-6)
+    assert float(jnp.max(jnp.abs(exact))) > 0.1  # a real derivative, not zeros
+    np.testing.assert_allclose(fd, exact, rtol=1e-2, atol=3e-3 * float(jnp.max(jnp.abs(exact))))
+    # A wrong tangent (time tangent dropped) is visibly different: the check has teeth.
+    _, no_time = jvp.value_and_jvp(fn, (x_t, t), (v_x, 0.0 * v_t), mode="exact")
+    assert float(jnp.max(jnp.abs(no_time - exact))) > 0.1 * float(jnp.max(jnp.abs(exact)))
+
+
+@pytest.mark.parametrize("kind", sorted(FD_STEPS))
+def test_both_jvp_modes_give_the_same_sct_loss_and_gradient(kind):
+    _, params, network = _mlp()
+    x = _points(64) * S
+    out = {}
+    for mode in jvp.MODES:
+        objective = losses.make_objective("sct", jvp_mode=mode, tangent_warmup_steps=0, sigma_data=SD,
+                                          parameterization_kind=kind, jvp_fd_step=FD_STEPS[kind])
+        (loss, _), grads = jax.value_and_grad(objective, argnums=1, has_aux=True)(
+            network, params, x, jax.random.key(3), 0)
+        out[mode] = (loss, jax.flatten_util.ravel_pytree(grads)[0])
+    (l_exact, g_exact), (l_fd, g_fd) = out["exact"], out["finite_difference"]
+    assert np.isfinite(float(l_exact)) and float(l_exact) > 0
+    np.testing.assert_allclose(l_fd, l_exact, rtol=1e-3)
+    # ≤ 0.1 % of the largest component at these steps (8 % for trigflow_edm at 1e-3: cmjax/jvp.py).
+    np.testing.assert_allclose(g_fd, g_exact, rtol=1e-2, atol=5e-3 * float(jnp.max(jnp.abs(g_exact))))
+
+
+# ----------------------------------------------------------------------------------------------
+# sCD / sCT at the analytic solution.
+
+
+def _gauss_data(n, seed=4):
+    return S * jax.random.normal(jax.random.key(seed), (n, 2), jnp.float32)
+
+
+def test_scd_loss_vanishes_at_the_analytic_consistency_function_with_the_exact_teacher():
+    gauss = toy_problems.GaussianMixture(np.zeros((1, 2)), np.array([S]), np.array([1.0]))
+    teacher = pz.network_from_denoiser(gauss.denoise, kind="edm", sigma_data=SD)
+    objective = losses.make_objective("scd", tangent_warmup_steps=0, sigma_data=SD)
+    network = _consistency_network()
+    x = _gauss_data(1024)
+    loss = {scale: float(objective(network, {"scale": jnp.float32(scale)}, x, jax.random.key(5), 0,
+                                   teacher_network=lambda p, xi, ti: teacher(p, xi, ti), teacher_params=None)[0])
+            for scale in (1.0, 0.9, 1.1)}
+    assert loss[1.0] < 1e-8, loss
+    assert loss[0.9] > 1e-3 and loss[1.1] > 1e-3, loss
+
+
+def test_sct_gradient_vanishes_at_the_analytic_solution_and_points_back_to_it():
+    """With the conditional velocity cos t·z − sin t·x0 the tangent is zero only in expectation given x_t
+    (a Gaussian's residual is symmetric and independent of x_t), so the loss value is not ~0 but its
+    gradient is; off the solution the gradient pulls the scale back towards 1."""
+    objective = losses.make_objective("sct", tangent_warmup_steps=0, sigma_data=SD)
+    network = _consistency_network()
+    x = _gauss_data(32768)
+
+    def grad(scale):
+        g = jax.grad(lambda p: objective(network, p, x, jax.random.key(6), 0)[0])({"scale": jnp.float32(scale)})
+        return float(g["scale"])
+
+    at, low, high = grad(1.0), grad(0.8), grad(1.2)
+    assert low < 0 < high, (low, at, high)
+    assert abs(at) < 0.1 * min(-low, high), (low, at, high)
+
+
+def test_warmup_is_traced_one_compile_across_steps():
+    _, params, network = _mlp()
+    objective = losses.make_objective("sct", tangent_warmup_steps=100, sigma_data=SD)
+    fn = jax.jit(lambda p, k, step: objective(network, p, _points(8) * S, k, step))
+    r = [float(fn(params, jax.random.key(0), jnp.int32(s))[1]["tangent_warmup"]) for s in (0, 50, 100, 400)]
+    assert r == [0.0, 0.5, 1.0, 1.0]
+    assert fn._cache_size() == 1
+    # r changes the loss (the tangent's second term is on after warm-up).
+    l0, l1 = (float(fn(params, jax.random.key(0), jnp.int32(s))[0]) for s in (0, 100))
+    assert abs(l0 - l1) > 1e-4 * abs(l0)
+
+
+def test_unknown_scm_settings_are_config_errors_and_prior_weighting_reweights():
+    from cmjax import errors
+
+    _, params, network = _mlp()
+    x = _points(8) * S
+    for setting in ({"tangent_norm": "l1"}, {"weighting": "adaptive"}, {"jvp_mode": "forward"},
+                    {"parameterization_kind": "edm"}):
+        with pytest.raises(errors.ConfigError, match=repr(next(iter(setting.values())))):
+            losses.make_objective("sct", **setting)(network, params, x, jax.random.key(0), 0)
+    with pytest.raises(errors.ConfigError, match="teacher"):
+        losses.make_objective("scd")(network, params, x, jax.random.key(0), 0)
+    none, prior = (float(losses.make_objective("sct", weighting=w)(network, params, x, jax.random.key(0), 0)[0])
+                   for w in ("none", "prior"))
+    assert np.isfinite(prior) and abs(prior - none) > 1e-3 * none
+
+
+# ----------------------------------------------------------------------------------------------
+# The method table and training.
+
+
+def test_sct_and_scd_read_as_trigflow_by_evaluation_and_export():
+    config = digits.get_config("smoke")
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+    module = models.get(config.model)
+    for name in ("sct", "scd"):
+        config.method.name = name
+        for kind, exported in (("trigflow", "trigflow"), ("trigflow_edm", "edm")):
+            config.method[name].parameterization_kind = kind
+            assert methods.parameterization_kind(config) == kind
+            assert evaluate.Evaluator(config, module, mesh).kind == kind
+            assert not runs.consistency_parameterised(config)  # not a CM App. C consistency function
+            assert runs.exported_parameterization(config) == exported  # trigflow_edm is exactly EDM's D
+    assert methods.get("scd").needs_teacher and not methods.get("scd").starts_from_teacher
+    assert not methods.get("sct").needs_teacher and not methods.get("sct").keeps_target
+
+
+def _digits_run(tmp_path, method, **section):
+    config = digits.get_config("smoke")
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.total_steps = 2
+    config.log_every = 1
+    methods.select(config, method, **section)
+    workdir = str(tmp_path / method)
+    final = train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+    assert final["train_step_compilations"] == 1  # sCT: r = 0 then 1 in one executable
+    return workdir, rows
+
+
+def test_sct_trains_two_steps_on_digits(tmp_path):
+    _, rows = _digits_run(tmp_path, "sct", tangent_warmup_steps=1)
+    assert [r["tangent_warmup"] for r in rows] == [0.0, 1.0]
+
+
+def test_scd_distils_an_edm_run_two_steps_on_digits(tmp_path):
+    """The teacher plumbing end to end: an EDM run's workdir as config.teacher.workdir (the CLI's path)."""
+    from cmjax import errors
+
+    teacher_workdir, _ = _digits_run(tmp_path, "edm")
+    config = digits.get_config("smoke")
+    config.method.name = "scd"
+    with pytest.raises(errors.ConfigError, match="teacher"):
+        train.train_and_evaluate(config, str(tmp_path / "no_teacher"))
+    config = digits.get_config("smoke")
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.total_steps, config.log_every = 2, 1
+    methods.select(config, "scd", tangent_warmup_steps=0)
+    config.teacher.workdir = teacher_workdir
+    workdir = str(tmp_path / "scd")
+    train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning on the 2-D ring (cmjax/demo_2d.py).
+
+
+def _ring_scores(method, steps, teacher=None):
+    import dataclasses
+
+    from cmjax import demo_2d
+
+    ring = toy_problems.ring_of_gaussians(num_modes=8, radius=1.0, std=0.1)
+    config = dataclasses.replace(demo_2d.Demo2DConfig(), method=method, steps=steps, log_every=steps,
+                                 eval_ema=0.995, eval_samples=4096)
+    teacher = demo_2d.exact_teacher(ring, toy_problems.data_std(ring)) if teacher else None
+    model = demo_2d.train(config, ring, teacher=teacher, log=lambda s: None)
+    assert model.kind == "trigflow"
+    return demo_2d.evaluate(model, ring, config, teacher_denoise=ring.denoise if teacher else None)[0]
+
+
+@pytest.mark.slow  # a learning proof: 1 minute on 2 shared cores (three trainings, each compiled)
+def test_sct_and_scd_learn_the_ring_in_one_step():
+    """1,000 steps: sCT and sCD (from the exact teacher) sample the 8-mode ring in one step far better than
+    the untrained model (sliced W2 0.71; measured 0.062 and 0.056; the data floor 0.016, the teacher's 35-step
+    EDM sampler 0.040). With the "trigflow_edm" conditioning sCT stays at 0.63 after 2,000 steps."""
+    untrained = _ring_scores("sct", 1)["one_step"]
+    sct = _ring_scores("sct", 1000)
+    scd = _ring_scores("scd", 1000, teacher=True)
+    print(untrained, sct, scd)
+    assert untrained > 0.5
+    assert sct["one_step"] < 0.15 * untrained and sct["two_step"] < 0.15 * untrained, sct
+    assert scd["one_step"] < 2.5 * scd["teacher_edm"], scd
