@@ -8,9 +8,6 @@ Heun teacher (plus two teacher forwards); a ratio well above these is wasted wor
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -291,7 +291,8 @@ def markdown(results: dict, commands: list, wall: float, load: tuple) -> str:
              "`XLA_FLAGS=--xla_force_host_platform_device_count=1 JAX_PLATFORMS=cpu`):", ""]
     lines += [f"    {c}" for c in commands] + [
              "", f"Wall time: {wall / 60:.1f} min (the longest part); load average at the end "
-             f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min; the 2 cores were shared with other jobs).", ""]
+             f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min; the 2 cores were shared with other "
+             "jobs).", ""]
     for name in PROBLEMS_2D:
         if name not in results:
             continue

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402

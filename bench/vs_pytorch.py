@@ -29,13 +29,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # diffusers and torch before anything imports tensorflow (cmjax.data): imported after it, diffusers segfaults.
 import diffusers  # noqa: E402
-import torch  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
 import throughput  # noqa: E402
+import torch  # noqa: E402
+
 from cmjax import distances, methods, models, parameterization, schedules  # noqa: E402
 from cmjax.data import pipeline  # noqa: E402
 from cmjax.interop import diffusers as interop  # noqa: E402

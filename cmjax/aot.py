@@ -14,9 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from cmjax import distances, methods, models, optim, sharding, train_step, workdir as workdir_lib
-
-
+from cmjax import distances, methods, models, optim, sharding, train_step
+from cmjax import workdir as workdir_lib
 
 
 def _teacher_abstract(config, module, mesh):

@@ -50,11 +50,25 @@ from jax.experimental import multihost_utils
 
 from cmjax import errors
 from cmjax.errors import MissingFileError, UserError
+
 # The error types and the set-aside names are part of this module's API too (callers catch them from here).
 from cmjax.storage_faults import (  # noqa: F401
-    SET_ASIDE_DIR, SET_ASIDE_LOG, CheckpointReadError, CheckpointWriteError, Unreadable, UnreadableCheckpoint,
-    describe_read_error, garbled_json_file, log_set_aside, one_line, read_json, restore_step_applied,
-    resume_command, steps_text, write_fix)
+    SET_ASIDE_DIR,
+    SET_ASIDE_LOG,
+    CheckpointReadError,
+    CheckpointWriteError,
+    Unreadable,
+    UnreadableCheckpoint,
+    describe_read_error,
+    garbled_json_file,
+    log_set_aside,
+    one_line,
+    read_json,
+    restore_step_applied,
+    resume_command,
+    steps_text,
+    write_fix,
+)
 
 STATE_ITEM, DATA_ITEM = "state", "data"
 # How many mismatched or non-finite leaves an error message lists before "... and N more".

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from cmjax import errors, methods, models, parameterization, sampling, sharding, workdir as workdir_lib
+from cmjax import errors, methods, models, parameterization, sampling, sharding
+from cmjax import workdir as workdir_lib
 
 
 def consistency_fn_for(module, params, class_labels, *, sigma_data, sigma_min):
@@ -36,8 +37,8 @@ def denoiser_for(module, params, class_labels, kind: str, *, sigma_data, sigma_m
 
 def generate(module, params, key, *, mesh: Mesh, num_images: int, image_shape: Sequence[int],
              sigmas: Sequence[float], num_classes: int = 0, sigma_data=parameterization.SIGMA_DATA,
-             sigma_min=parameterization.SIGMA_MIN, sigma_max=parameterization.SIGMA_MAX, parameterization_kind="consistency",
-             renoise="cm", clip=True):
+             sigma_min=parameterization.SIGMA_MIN, sigma_max=parameterization.SIGMA_MAX,
+             parameterization_kind="consistency", renoise="cm", clip=True):
     """`num_images` samples in [−1, 1] from the multistep sampler at `sigmas` ([σmax] = one step), sharded
     over the mesh's batch axes (`renoise`, `clip`: as `sampling.multistep_sample`; a run's own are
     `methods.sampler_settings(config)`). Returns (images [N, H, W, C] float32 global array, labels or None)."""
@@ -316,8 +317,9 @@ def _eval_batch(config, mesh: Mesh, num_samples: int | None) -> int:
     devices = sharding.batch_device_count(mesh)
     batch = int(config.eval.batch_size)
     if batch % devices:
-        raise errors.ConfigError(f"config.eval.batch_size={batch} does not divide over the {devices} devices of the mesh; "
-                         f"choose a multiple of {devices}.")
+        raise errors.ConfigError(
+            f"config.eval.batch_size={batch} does not divide over the {devices} devices of the mesh; "
+            f"choose a multiple of {devices}.")
     if num_samples is not None:
         batch = min(batch, -(-num_samples // devices) * devices)
     return batch
@@ -541,7 +543,8 @@ class PeriodicEvaluator:
                     save_png(os.path.join(self.workdir, "samples", f"{tag}_{step:08d}.png"), grid, scale=4)
                 self.writer.write_images(step, {f"samples/{tag}": grid[None]})
                 for metric_name_, count in scored:
-                    scores = evaluator.score(params, sigmas, count, eval_key(config.seed), evaluator.metric(metric_name_))
+                    scores = evaluator.score(params, sigmas, count, eval_key(config.seed),
+                                             evaluator.metric(metric_name_))
                     results.update({f"{tag}/{k}": float(v) for k, v in scores.items()})
         if results:
             self.writer.write_scalars(step, results)

@@ -71,7 +71,8 @@ def validate(optim_config: Mapping[str, Any], total_steps: int) -> dict[str, Any
         if not 0.0 <= cfg[key] < 1.0:
             raise errors.ConfigError(f"optim.{key}={cfg[key]} must lie in [0, 1).")
     if not cfg["eps"] > 0:
-        raise errors.ConfigError(f"optim.eps={cfg['eps']} must be positive (it keeps the Adam denominator away from 0).")
+        raise errors.ConfigError(
+            f"optim.eps={cfg['eps']} must be positive (it keeps the Adam denominator away from 0).")
     if cfg["weight_decay"] < 0:
         raise errors.ConfigError(f"optim.weight_decay={cfg['weight_decay']} must be >= 0.")
     if cfg["weight_decay"] and cfg["optimizer"] != "adamw":

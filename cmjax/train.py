@@ -19,8 +19,8 @@ import ml_collections
 from absl import logging
 from clu import metric_writers
 
-from cmjax import (checkpointing, evaluate, methods, models, optim, sharding, train_state, train_step,
-                   workdir as workdir_lib, workdir_lock)
+from cmjax import checkpointing, evaluate, methods, models, optim, sharding, train_state, train_step, workdir_lock
+from cmjax import workdir as workdir_lib
 from cmjax.data import pipeline
 
 

@@ -72,7 +72,8 @@ def distributed_state(mesh):
     """A state sharded over both processes' devices; values known to every process."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     kernel = np.arange(16 * 8, dtype=np.float32).reshape(16, 8)
     return {

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cmjax import checkpointing, sharding
 from cmjax.data import digits, pipeline
@@ -328,7 +329,8 @@ def free_port():
 def run_two_processes(workdir, preemption):
     """Runs the worker's `distributed` mode on 2 processes x 4 devices; returns each one's RESULT line."""
     port, env = free_port(), subprocess_env()
-    env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 --xla_cpu_collective_call_terminate_timeout_seconds=600"
+    env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4"
+                        " --xla_cpu_collective_call_terminate_timeout_seconds=600"
                         " --xla_cpu_collective_timeout_seconds=600")
     processes = [
         subprocess.Popen([sys.executable, WORKER, "distributed", str(port), str(i), str(workdir), preemption],

@@ -186,7 +186,8 @@ def test_two_processes_read_disjoint_halves_that_cover_the_split(data_dir, tmp_p
     steps = 3  # 96 examples / 32 per global batch: exactly one epoch
     port = free_port()
     env = subprocess_env()
-    env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 --xla_cpu_collective_call_terminate_timeout_seconds=600"
+    env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4"
+                        " --xla_cpu_collective_call_terminate_timeout_seconds=600"
                         " --xla_cpu_collective_timeout_seconds=600")
     outs = [tmp_path / f"process{i}.npz" for i in range(2)]
     procs = [

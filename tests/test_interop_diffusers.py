@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from test_interop_openai import _randomized
 
 from cmjax import evaluate, interop, models, sampling, sharding
 from cmjax import workdir as workdir_lib
-from cmjax.interop import runs
-from cmjax.models.unet import UNet
 from cmjax.interop import diffusers as interop_diffusers
 from cmjax.interop import openai as interop_openai
+from cmjax.interop import runs
+from cmjax.models.unet import UNet
 from configs import default
-from test_interop_openai import _randomized
 
 # 16×16×3 (the pipeline's latents have 3 channels); together they cover class labels, scale-shift on and off,
 # attention at one and two levels and at full resolution, resnet and conv resampling.

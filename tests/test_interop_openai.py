@@ -3,10 +3,8 @@ import json
 import os
 
 import diffusers
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import torch

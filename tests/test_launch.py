@@ -114,7 +114,8 @@ def test_tpu_install_and_run_on_all_workers():
     assert "JAX_COMPILATION_CACHE_DIR=gs://bkt/runs/in64/jax_cache" in remote
     main = remote[remote.index("cmjax.main") - 2:]
     assert main[:3] == ["python3", "-m", "cmjax.main"]
-    assert {"--config=configs/imagenet64_ict.py", "--workdir=gs://bkt/runs/in64", "--config.batch_size=2048"} <= set(main)
+    expected = {"--config=configs/imagenet64_ict.py", "--workdir=gs://bkt/runs/in64", "--config.batch_size=2048"}
+    assert expected <= set(main)
     assert run.rstrip().endswith("&")  # in the background: ssh returns, the job survives the session
     cache = script("tpu_vm.sh", "run", *TPU, "--config=c.py", "--workdir=gs://b/w", "--cache-dir=gs://b/cache",
                    "--dry-run").stdout
@@ -154,7 +155,8 @@ def allocation(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
-    scontrol.write_text('#!/bin/sh\n[ "$*" = "show hostnames gpu-node[07-08]" ] || { echo "unexpected: $*" >&2; exit 3; }\n'
+    scontrol.write_text('#!/bin/sh\n'
+                        '[ "$*" = "show hostnames gpu-node[07-08]" ] || { echo "unexpected: $*" >&2; exit 3; }\n'
                         "printf 'gpu-node07\\ngpu-node08\\n'\n")
     scontrol.chmod(0o755)
     return dict(_no_slurm_env(), PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="42",

@@ -25,7 +25,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cmjax import checkpointing, sharding, workdir_lock
 from cmjax import workdir as workdir_lib

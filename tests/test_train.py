@@ -1,8 +1,8 @@
 """End-to-end training on the 8-device CPU mesh, in process (subprocess cases: test_train_processes.py)."""
 import glob
-import re
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cmjax import losses, models, optim, sharding, train, train_state, train_step
+from cmjax import losses, models, optim, sharding, train, train_step
 from cmjax import workdir as workdir_lib
 from configs import digits
 
@@ -105,7 +105,8 @@ def test_non_finite_steps_are_skipped_then_training_stops(tmp_path_factory):
     config = _config(tmp_path_factory, total_steps=20, max_nonfinite_steps=3, ckpt_every=2, model=MLP,
                      **{"method.name": "edm", "method.edm.sigma_data": 0.0, "optim.warmup_steps": 0})
     workdir = str(tmp_path_factory.mktemp("nan_run"))
-    with pytest.raises(train.TrainingStoppedError, match=r"non-finite for 3 consecutive steps \(since step 1, stopped at step 3\)"):
+    expected = r"non-finite for 3 consecutive steps \(since step 1, stopped at step 3\)"
+    with pytest.raises(train.TrainingStoppedError, match=expected):
         train.train_and_evaluate(config, workdir)
     rows = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     assert [r["skipped_steps"] for r in rows] == [1, 2, 3]

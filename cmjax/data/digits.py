@@ -18,8 +18,8 @@ import fcntl
 import os
 
 import numpy as np
-from etils import epath
 import tensorflow_datasets as tfds
+from etils import epath
 
 IMAGE_SHAPE = (8, 8, 1)
 NUM_CLASSES = 10

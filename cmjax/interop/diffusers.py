@@ -20,9 +20,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from cmjax.interop import openai
-
 from cmjax import errors
+from cmjax.interop import openai
 
 UNET_DIR, SCHEDULER_DIR = "unet", "scheduler"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -60,7 +59,8 @@ def diffusers_unet2d_config(unet) -> dict[str, Any]:
         raise errors.ConfigError("diffusers' UNet2DModel has fixed-width heads or one head per block: set "
                          "num_head_channels (e.g. 64), or num_heads=1.")
     if not unet.conv_resample and not unet.resblock_updown:
-        raise errors.ConfigError("diffusers' UNet2DModel has no conv-free resampling: use conv_resample or resblock_updown.")
+        raise errors.ConfigError(
+            "diffusers' UNet2DModel has no conv-free resampling: use conv_resample or resblock_updown.")
     attn = _levels_with_attention(unet)
     plain_down, plain_up = ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if unet.resblock_updown else (
         "DownBlock2D",
@@ -268,7 +268,8 @@ def unet_fields_from_diffusers_config(unet_config: Mapping[str, Any]) -> dict[st
     differing = [f"{key}={_plain(given[key])!r} (the ADM UNet needs {_plain(value)!r})"
                  for key, value in expected.items() if key != "dropout" and _plain(given[key]) != _plain(value)]
     if differing:
-        raise errors.ConfigError("This UNet2DModel is not an ADM UNet that cmjax can hold: " + "; ".join(differing) + ".")
+        raise errors.ConfigError(
+            "This UNet2DModel is not an ADM UNet that cmjax can hold: " + "; ".join(differing) + ".")
     return fields
 
 
@@ -348,5 +349,6 @@ def read_unet(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     with open(config_path) as f:
         unet_config = json.load(f)
     if unet_config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise errors.ConfigError(f"{config_path!r} describes a {unet_config['_class_name']}; cmjax imports UNet2DModel.")
+        raise errors.ConfigError(
+            f"{config_path!r} describes a {unet_config['_class_name']}; cmjax imports UNet2DModel.")
     return unet_fields_from_diffusers_config(unet_config), load_file(weights_path)

@@ -16,9 +16,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from cmjax.interop import diffusers, openai
-
 from cmjax import errors
+from cmjax.interop import diffusers, openai
 
 FORMATS = ("diffusers", "openai")
 OPENAI_ARGS_FILE = "openai_unet.json"
@@ -189,7 +188,8 @@ def import_checkpoint(config, workdir: str, *, format: str = "openai", input: st
     (diffusers). The checkpoint holds no data-iterator state: training from it starts the data stream
     fresh (`Checkpointer.restore` allows exactly that at step 0), so import needs no prepared dataset.
     """
-    from cmjax import checkpointing, methods, models, optim, train_state, workdir as workdir_lib
+    from cmjax import checkpointing, methods, models, optim, train_state
+    from cmjax import workdir as workdir_lib
 
     _check_format(format)
     if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):

@@ -28,11 +28,10 @@ import optax
 import tensorflow_datasets as tfds
 from etils import epath
 
+from cmjax import errors
 from cmjax.data import digits as digits_data
 from cmjax.data import pipeline
 from cmjax.metrics import frechet
-
-from cmjax import errors
 
 # Bump whenever the network, its training or the preprocessing changes: cached weights of another version
 # are retrained, never silently reused.

@@ -1,8 +1,9 @@
 """Sample-quality metrics on Inception features: FID, Inception Score, improved precision/recall; reference statistics.
 
 - FID (Heusel et al. 2017): Fréchet distance between Gaussians fitted to pool3 features of samples and of real
-  images (`frechet_distance_psd`: the formula of `frechet.frechet_distance` via eigh, fast at 2048-d), with the statistics accumulated in float64 over batches and hosts
-  (`FeatureStatistics`), so 50k samples never need to sit in one array.
+  images (`frechet_distance_psd`: the formula of `frechet.frechet_distance` via eigh, fast at 2048-d), with the
+  statistics accumulated in float64 over batches and hosts (`FeatureStatistics`), so 50k samples never need to
+  sit in one array.
 - Inception Score (Salimans et al. 2016): exp E_x KL(p(y|x) ‖ p(y)) over 10 splits, mean and standard deviation,
   from the 1008-way softmax of the 2015 Inception graph.
 - Improved precision and recall (Kynkäänniemi et al. 2019), k = 3: a sample is "in" a set's manifold if it lies
@@ -20,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmjax import errors
-
 
 IS_SPLITS = 10
 PR_K = 3
@@ -68,7 +68,8 @@ class FeatureStatistics:
     @classmethod
     def from_arrays(cls, arrays) -> "FeatureStatistics":
         stats = cls(arrays["total"].shape[0])
-        stats.count, stats.total, stats.outer = int(arrays["count"]), np.array(arrays["total"]), np.array(arrays["outer"])
+        stats.count = int(arrays["count"])
+        stats.total, stats.outer = np.array(arrays["total"]), np.array(arrays["outer"])
         return stats
 
 
@@ -85,8 +86,9 @@ def frechet_distance_psd(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise errors.ConfigError(f"FID needs means [F] and covariances [F, F] of one F; got {mu1.shape}, {sigma1.shape}, "
-                         f"{mu2.shape}, {sigma2.shape}.")
+        raise errors.ConfigError(
+            f"FID needs means [F] and covariances [F, F] of one F; got {mu1.shape}, {sigma1.shape}, "
+            f"{mu2.shape}, {sigma2.shape}.")
     if not all(np.all(np.isfinite(a)) for a in (mu1, sigma1, mu2, sigma2)):
         raise errors.ConfigError("FID got non-finite statistics (NaN or inf in a mean or covariance).")
     root1 = _psd_sqrt((sigma1 + sigma1.T) / 2)
@@ -190,8 +192,9 @@ def load_reference(path: str, features_fn: Callable[[np.ndarray], np.ndarray] | 
     """
     path = os.path.expanduser(path)
     if not os.path.exists(path):
-        raise errors.MissingFileError(f"Reference statistics {path!r} not found; set config.eval.reference to a TFDS split "
-                                "(e.g. 'train') or an existing .npz with mu and sigma.")
+        raise errors.MissingFileError(
+            f"Reference statistics {path!r} not found; set config.eval.reference to a TFDS split "
+            "(e.g. 'train') or an existing .npz with mu and sigma.")
     with np.load(path, allow_pickle=False) as stored:
         if "mu" not in stored.files or "sigma" not in stored.files:
             raise errors.ConfigError(f"{path!r} holds {stored.files}; reference statistics need 'mu' and 'sigma'.")

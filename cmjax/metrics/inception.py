@@ -238,7 +238,8 @@ class FIDInception(nn.Module):
     @nn.compact
     def __call__(self, images_bhwc):
         if self.input_size < MIN_INPUT_SIZE:
-            raise errors.ConfigError(f"Inception needs inputs of at least {MIN_INPUT_SIZE} pixels; got {self.input_size}.")
+            raise errors.ConfigError(
+                f"Inception needs inputs of at least {MIN_INPUT_SIZE} pixels; got {self.input_size}.")
         x = preprocess(images_bhwc, self.input_size, self.protocol)
         x = BasicConv(32, (3, 3), strides=2, name="Conv2d_1a_3x3")(x)
         x = BasicConv(32, (3, 3), name="Conv2d_2a_3x3")(x)
@@ -313,8 +314,9 @@ def convert_file(pth_path: str, npz_path: str = DEFAULT_WEIGHTS, *, check_hash: 
     import torch  # only the converter needs torch
 
     if check_hash and not sha256_of(pth_path).startswith(WEIGHTS_SHA256_PREFIX):
-        raise errors.ConfigError(f"{pth_path!r} is not pytorch-fid's pt_inception-2015-12-05 file (SHA-256 does not start "
-                         f"with {WEIGHTS_SHA256_PREFIX}); download it from {WEIGHTS_URL}.")
+        raise errors.ConfigError(
+            f"{pth_path!r} is not pytorch-fid's pt_inception-2015-12-05 file (SHA-256 does not start "
+            f"with {WEIGHTS_SHA256_PREFIX}); download it from {WEIGHTS_URL}.")
     state_dict = torch.load(pth_path, map_location="cpu", weights_only=True)
     save_npz(convert_state_dict(state_dict), npz_path)
     return npz_path
@@ -377,8 +379,9 @@ def load_variables(path: str = DEFAULT_WEIGHTS) -> dict[str, Any]:
     with np.load(path, allow_pickle=False) as stored:
         names = set(stored.files)
         if names != set(expected):
-            raise errors.ConfigError(f"{path!r} is not a converted FID Inception: missing {sorted(set(expected) - names)[:5]}, "
-                             f"unexpected {sorted(names - set(expected))[:5]}.")
+            raise errors.ConfigError(
+                f"{path!r} is not a converted FID Inception: missing {sorted(set(expected) - names)[:5]}, "
+                f"unexpected {sorted(names - set(expected))[:5]}.")
         flat = {}
         for name, leaf in expected.items():
             if stored[name].shape != leaf.shape:

@@ -27,10 +27,10 @@ import os
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from cmjax import errors
 

@@ -18,9 +18,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cmjax.models import ncsnpp_layers as L
-
 from cmjax import errors
+from cmjax.models import ncsnpp_layers as L
 
 # cmjax's time input is 1000·c_noise (openai's ADM convention); the release's NCSN++ embeds c_noise itself.
 TIME_INPUT_PER_C_NOISE = 1000.0

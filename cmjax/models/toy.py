@@ -7,9 +7,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cmjax.models import layers
-
 from cmjax import errors
+from cmjax.models import layers
 
 
 def sinusoidal_embedding(time_input, dim: int, max_period: float = 10000.0):

@@ -15,9 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmjax.models import layers
-
 from cmjax import errors
+from cmjax.models import layers
 
 
 class ResBlock(nn.Module):
@@ -138,7 +137,8 @@ class UNet(nn.Module):
         if self.num_head_channels == -1:
             return self.num_heads
         if channels % self.num_head_channels:
-            raise errors.ConfigError(f"Width {channels} is not divisible by num_head_channels={self.num_head_channels}.")
+            raise errors.ConfigError(
+                f"Width {channels} is not divisible by num_head_channels={self.num_head_channels}.")
         return channels // self.num_head_channels
 
     @nn.compact
