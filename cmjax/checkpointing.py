@@ -187,16 +187,8 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
 
 
 def _path_str(path: tuple[Any, ...]) -> str:
-    """`a/b/0/c` for a key path, the same for dict keys, attributes (dataclasses, namedtuples) and indices."""
-    parts = []
-    for key in path:
-        for attribute in ("key", "name", "idx"):
-            if hasattr(key, attribute):
-                parts.append(str(getattr(key, attribute)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+    """`a/b/0/c` for a key path: dict keys, attributes (dataclasses, namedtuples) and indices alike."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
