@@ -1,8 +1,8 @@
 """Storage faults: damaged checkpoints, failed writes, unwritable workdirs, a second run, unfinished saves.
 
-Part 1 checks `cmjax.checkpointing` and `cmjax.workdir_lock` in process, on a small sharded state. Part 2 runs
-the CLI as a user would (`configs/cifar10_ict.py:smoke`, 12 steps, checkpoints 4, 8, 12): every fault gives
-its message, and every resume from the checkpoints left intact gives the uninterrupted run's losses bit for
+Part 1 checks `cmjax.checkpointing` and `cmjax.workdir_lock` in process, on a small sharded state (the default
+tier; its two-process case is in the second). Part 2 (the second tier, `make test-slow`) runs the CLI as a
+user would (`configs/cifar10_ict.py:smoke`, 12 steps, checkpoints 4, 8, 12): every fault gives its message, and every resume from the checkpoints left intact gives the uninterrupted run's losses bit for
 bit. The CLI runs are few, started side by side in two phases and shared by the tests (module fixtures), and
 reuse each other's compilations (a persistent compilation cache of this module's). Faults that a test cannot
 cause for real (a disk filling up during a save, a read-only mount) are injected by tests/_storage_fault_cli.py
@@ -199,6 +199,7 @@ def test_a_mismatched_config_is_not_taken_for_damage(mesh8, tmp_path, checkpoint
     assert checkpointers(tmp_path).all_steps() == [4]
 
 
+@pytest.mark.multiprocess  # two jax.distributed processes
 @pytest.mark.parametrize("what", ["data", "state"])
 def test_two_processes_agree_on_the_step_when_only_one_cannot_read(tmp_path, what):
     """Process 1 cannot read its data state (after Orbax's restore) or its shards (inside it) of step 8,
@@ -546,6 +547,7 @@ def second_phase(shared, first_phase):
     return {**runs, "teacher": teacher, "unfinished": unfinished}
 
 
+@pytest.mark.multiprocess  # CLI subprocesses: the second tier
 def test_cli_reference_run_holds_the_workdir_lock_while_it_trains(first_phase):
     run = finished_ok(first_phase["reference"])
     lock = first_phase["lock_seen"]
@@ -556,6 +558,7 @@ def test_cli_reference_run_holds_the_workdir_lock_while_it_trains(first_phase):
     assert sorted(results(run.rows())) == list(range(1, STEPS + 1))
 
 
+@pytest.mark.multiprocess  # CLI subprocesses: the second tier
 def test_cli_second_run_on_a_workdir_in_use_refuses_naming_the_holder(first_phase):
     run = first_phase["locked"]
     failed_saying(run, f"The workdir {run.workdir} is in use by another run: pid {os.getpid()} on host "
@@ -566,6 +569,7 @@ def test_cli_second_run_on_a_workdir_in_use_refuses_naming_the_holder(first_phas
         assert json.load(f)["pid"] == os.getpid()
 
 
+@pytest.mark.multiprocess  # CLI subprocesses: the second tier
 def test_cli_read_only_disk_or_a_file_as_parent_fails_before_compiling(first_phase, shared):
     root = shared["root"]
     read_only, under_a_file = first_phase["read_only"], first_phase["under_a_file"]
@@ -576,6 +580,7 @@ def test_cli_read_only_disk_or_a_file_as_parent_fails_before_compiling(first_pha
     assert os.listdir(root / "read_only_disk") == []
 
 
+@pytest.mark.multiprocess  # CLI subprocesses: the second tier
 def test_cli_damaged_newest_checkpoint_names_step_file_intact_steps_and_command(second_phase):
     run = second_phase["damaged"]
     failed_saying(run, f"checkpoint 12: cannot read {run.workdir}/checkpoints/12/state",
@@ -588,6 +593,7 @@ def test_cli_damaged_newest_checkpoint_names_step_file_intact_steps_and_command(
     assert not os.path.exists(os.path.join(run.workdir, workdir_lock.LOCK_FILE))  # released on the error
 
 
+@pytest.mark.multiprocess  # CLI subprocesses: the second tier
 def test_cli_restore_step_resumes_bit_exactly_and_takes_over_a_stale_lock(first_phase, second_phase):
     run = finished_ok(second_phase["rolled_back"])
     assert "Taking over the stale lock" in run.stderr and "a run killed earlier" in run.stderr
@@ -601,6 +607,7 @@ def test_cli_restore_step_resumes_bit_exactly_and_takes_over_a_stale_lock(first_
     assert row["step"] == 12 and row["resumed_from"] == 8 and row["restore_step"] == 8
 
 
+@pytest.mark.multiprocess  # CLI subprocesses: the second tier
 def test_cli_restore_fallback_over_a_damaged_data_state_warns_records_and_is_bit_exact(first_phase,
                                                                                        second_phase):
     run = finished_ok(second_phase["fallback"])
@@ -614,12 +621,14 @@ def test_cli_restore_fallback_over_a_damaged_data_state_warns_records_and_is_bit
     assert results(rows) == results(first_phase["reference"].rows())
 
 
+@pytest.mark.multiprocess  # CLI subprocesses: the second tier
 def test_cli_damaged_config_json_of_a_teacher_is_named(second_phase):
     run = second_phase["config_json"]
     failed_saying(run, f"{second_phase['teacher']}/config.json is damaged: it is not valid JSON",
                   "rerun its training command")
 
 
+@pytest.mark.multiprocess  # CLI subprocesses: the second tier
 def test_cli_a_save_that_fails_for_want_of_space_stops_the_run(first_phase):
     run = first_phase["enospc"]
     failed_saying(run, f"Saving checkpoint 8 to {run.workdir}/checkpoints/8 failed: OSError: [Errno 28] No space "
@@ -630,6 +639,7 @@ def test_cli_a_save_that_fails_for_want_of_space_stops_the_run(first_phase):
     assert not os.path.exists(os.path.join(run.workdir, workdir_lock.LOCK_FILE))
 
 
+@pytest.mark.multiprocess  # CLI subprocesses: the second tier
 def test_cli_rerun_after_the_failed_save_removes_the_debris_and_resumes_bit_exactly(first_phase, second_phase):
     assert second_phase["unfinished"] == ["8.orbax-checkpoint-tmp"]  # what the failed save left
     run = finished_ok(second_phase["after_enospc"])
