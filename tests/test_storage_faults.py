@@ -2,11 +2,12 @@
 
 Part 1 checks `cmjax.checkpointing` and `cmjax.workdir_lock` in process, on a small sharded state (the default
 tier; its two-process case is in the second). Part 2 (the second tier, `make test-slow`) runs the CLI as a
-user would (`configs/cifar10_ict.py:smoke`, 12 steps, checkpoints 4, 8, 12): every fault gives its message, and every resume from the checkpoints left intact gives the uninterrupted run's losses bit for
-bit. The CLI runs are few, started side by side in two phases and shared by the tests (module fixtures), and
-reuse each other's compilations (a persistent compilation cache of this module's). Faults that a test cannot
-cause for real (a disk filling up during a save, a read-only mount) are injected by tests/_storage_fault_cli.py
-around the real CLI.
+user would (`configs/cifar10_ict.py:smoke`, 12 steps, checkpoints 4, 8, 12): every fault gives its message,
+and every resume from the checkpoints left intact gives the uninterrupted run's losses bit for bit. The CLI
+runs are few, started side by side in two phases and shared by the tests (module fixtures), and reuse each
+other's compilations (a persistent compilation cache of this module's). Faults that a test cannot cause for
+real (a disk filling up during a save, a read-only mount) are injected by tests/_storage_fault_cli.py around
+the real CLI.
 """
 import errno
 import glob
