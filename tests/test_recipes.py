@@ -24,7 +24,7 @@ SMOKES = {
     "imagenet64_edm": "", "imagenet64_cd": "l2", "imagenet64_ct": "", "imagenet64_ict": "",
     "lsun_bedroom256_edm": "", "lsun_bedroom256_cd": "l2", "lsun_bedroom256_ct": "",
 }
-# configs/digits.py:smoke (a UNet, so other tests can override its fields) runs end to end in
+# configs/digits.py:smoke (the tiny MLP) runs end to end in
 # tests/test_train.py (the `ict_run` fixture and others); it is not repeated here.
 COVERED_ELSEWHERE = {"digits"}
 TEACHERS = {"cifar10_cd": "cifar10_edm", "cifar10_ect": "cifar10_edm", "imagenet64_cd": "imagenet64_edm",
@@ -174,7 +174,13 @@ def smoke_runs(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("name", sorted(SMOKES, key=lambda n: (n in TEACHERS, n)))
+# One smoke per method in the default tier (the CIFAR-10 recipes); the ImageNet-64 and LSUN smokes repeat those
+# methods with another optimizer, EMA or class conditioning and run in the second tier (`make test-slow`, CI).
+def _smoke_param(name):
+    return name if name.startswith("cifar10_") else pytest.param(name, marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("name", [_smoke_param(n) for n in sorted(SMOKES, key=lambda n: (n in TEACHERS, n))])
 def test_smoke(name, smoke_runs):
     config, workdir, final = smoke_runs(name)
     steps = config.total_steps
