@@ -130,7 +130,7 @@ def digits_method_config(method: str, steps: int, teacher_workdir: str) -> ml_co
     }
     if method in settings:
         methods.select(config, method, **settings[method])
-        if methods.get(method).needs_teacher:
+        if methods.get(method).needs_teacher or methods.get(method).starts_from_teacher:
             config.teacher.workdir = teacher_workdir
         if method == "cd":
             # The bench's CD was measured from a fresh init (README, docs/quality.md); the releases' CD starts

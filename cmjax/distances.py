@@ -100,7 +100,8 @@ def load_params(name: str, path: str | None = None):
 def get(name: str, sample_shape, huber_c: float | None = None, params=None) -> Callable:
     """Distance `name` as `fn(a, b) -> [B]`: pseudo-Huber with `huber_c` (None: iCT's c for `sample_shape`),
     a distance with a network with its weights `params` bound."""
-    fn = _resolve(_DISTANCES[name], name) if name in _DISTANCES else _check(name)
+    _check(name)
+    fn = _resolve(_DISTANCES[name], name)
     if has_network(name):
         if params is None:
             raise errors.ConfigError(f"distance {name!r} needs its network weights as distance_params (training "

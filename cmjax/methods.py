@@ -34,7 +34,9 @@ ECT_SAMPLING = Sampling(parameterization="consistency", sigma_min=0.003, renoise
 @dataclasses.dataclass(frozen=True)
 class Method:
     name: str
-    needs_teacher: bool  # distils from, or tunes, an EDM run (config.teacher.workdir) in every step
+    # The objective calls the teacher (config.teacher.workdir) in every step, so its parameters are arguments of
+    # the compiled step. ECT only starts from the teacher: its step does not carry the teacher's weights.
+    needs_teacher: bool
     keeps_target: bool  # a target EMA network θ⁻ updated with the objective's μ(k) (CM 2023); else sg(θ)
     # The student (its target and EMAs) begins as the teacher's weights unless config.teacher.init_student
     # says otherwise (`starts_from_teacher(config)`): CD in both CM releases, ECT.
@@ -58,7 +60,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            parameterization="consistency", summary="consistency training (CM 2023)"),
     Method("ict", needs_teacher=False, keeps_target=False, starts_from_teacher=False,
            parameterization="consistency", summary="improved consistency training (Song & Dhariwal 2023)"),
-    Method("ect", needs_teacher=True, keeps_target=False, starts_from_teacher=True, parameterization="setting",
+    Method("ect", needs_teacher=False, keeps_target=False, starts_from_teacher=True, parameterization="setting",
            summary="easy consistency tuning from an EDM model (Geng et al. 2024)", sampling=ECT_SAMPLING),
     # sCM (Lu & Song 2024): TrigFlow f(x_t, t) = cos t·x_t − sin t·σd·F; its `parameterization_kind` setting is
     # "trigflow" (c_noise(t) = t) or "trigflow_edm" (EDM's 250·ln σ; as a function of σ, f is then EDM's D with

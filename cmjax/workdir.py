@@ -125,7 +125,7 @@ def check_teacher(config) -> None:
     teacher = config.teacher.workdir
     if not teacher or not os.path.exists(os.path.join(teacher, CONFIG_FILE)):
         needs = ("needs a teacher" if methods.get(config.method.name).needs_teacher else
-                 "starts from a teacher (config.teacher.init_student=True)")
+                 "starts from a teacher (config.teacher.init_student)")
         raise errors.ConfigError(
             f"Method {config.method.name!r} {needs}, but config.teacher.workdir={teacher!r} is not a "
             f"cmjax workdir (no {CONFIG_FILE}); train an EDM teacher first (--config.method.name=edm) and pass "
