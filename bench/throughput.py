@@ -92,6 +92,25 @@ def load_average() -> str:
         return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
+def one_minute_load() -> float:
+    return os.getloadavg()[0]
+
+
+def load_verdict(loads) -> str:
+    """One line on the 1-minute load averages sampled during a run, against the machine's core count.
+
+    A run whose load exceeds the cores had other work competing for them: its rates, and even its ratios
+    (frameworks suffer differently from oversubscription), are not what an idle machine gives. Such a run is
+    flagged LOADED; a run within the cores is only said to be within them, never "quiet" (the load average
+    counts runnable threads, not who else used the caches or memory bandwidth)."""
+    cores = os.cpu_count() or 1
+    peak = max(loads)
+    spread = f"1-minute load {min(loads):.2f}–{peak:.2f} over {len(loads)} samples, {cores} cores"
+    if peak > cores:
+        return f"**LOADED: {spread}; the load exceeded the core count, so these numbers are not an idle machine's.**"
+    return f"{spread}: the load stayed within the core count."
+
+
 def make_config(model: str, method: str, batch: int, dtype: str, *, optimizer: str = "radam",
                 learning_rate: float = 1e-4, ema_rates=(0.9999,), dropout: float | None = None,
                 remat: bool = False, overrides: dict | None = None) -> ml_collections.ConfigDict:
@@ -212,10 +231,12 @@ def main():
                 "| step GFLOPs | achieved TFLOP/s | MFU |",
             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
+    loads = [one_minute_load()]
     for method in args.methods.split(","):
         config = make_config(args.model, method, args.batch, args.dtype, remat=args.remat)
         step = Step(config, donate=not args.no_donate)
         rates = measure(step, args.steps, args.repeats)
+        loads.append(one_minute_load())
         median = statistics.median(rates)
         step_s = args.batch / median
         achieved = step.flops / step_s
@@ -229,13 +250,13 @@ def main():
         print(row, flush=True)
         del step
     lines += rows
-    lines += ["", f"- Load after: `{load_average()}`",
+    lines += ["", f"- Load after: `{load_average()}`", f"- {load_verdict(loads)}",
               "- Step GFLOPs: XLA cost analysis of the whole compiled step (loss, backward, optimizer, EMA); "
               "compile s: lower + XLA compile; peak memory: arguments + outputs + temporaries − donated buffers."]
     if args.output:
         with open(args.output, "w") as f:
             f.write("\n".join(lines) + "\n")
-    print("\n".join(lines[-2:]))
+    print("\n".join(lines[-3:]))
 
 
 if __name__ == "__main__":

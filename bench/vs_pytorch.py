@@ -299,11 +299,13 @@ def main():
     jax_step.run(1)
     torch_step.run(tx, tlabels, 1)
 
-    jax_rates, torch_rates = [], []
+    jax_rates, torch_rates, loads = [], [], [throughput.one_minute_load()]
     for _ in range(args.repeats):
         jax_rates.append(args.batch * args.steps / jax_step.run(args.steps))
         torch_rates.append(args.batch * args.steps / torch_step.run(tx, tlabels, args.steps))
-        print(f"  window: cmjax {jax_rates[-1]:.2f} images/s, PyTorch {torch_rates[-1]:.2f} images/s", flush=True)
+        loads.append(throughput.one_minute_load())
+        print(f"  window: cmjax {jax_rates[-1]:.2f} images/s, PyTorch {torch_rates[-1]:.2f} images/s "
+              f"(load {loads[-1]:.2f})", flush=True)
     jax_median, torch_median = statistics.median(jax_rates), statistics.median(torch_rates)
     lines += ["", f"Throughput ({args.repeats} alternating windows of {args.steps} steps each, after warm-up; "
                   f"dropout {config.model.dropout}):", "",
@@ -315,8 +317,9 @@ def main():
                   f"(per-window ratios: {', '.join(f'{a / b:.2f}' for a, b in zip(jax_rates, torch_rates))})",
               "", f"- Parameters: {jax_step.num_params:,}; last losses: cmjax {jax_step.last_loss:.4g}, "
                   f"PyTorch {torch_step.last_loss:.4g}",
-              f"- Load after: `{throughput.load_average()}`"]
-    print("\n".join(lines[-9:]))
+              f"- Load after: `{throughput.load_average()}`",
+              f"- {throughput.load_verdict(loads)}"]
+    print("\n".join(lines[-10:]))
     if args.output:
         with open(args.output, "w") as f:
             f.write("\n".join(lines) + "\n")

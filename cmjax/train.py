@@ -53,6 +53,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ---- Model, objective, optimizer -------------------------------------------------------------
     module = models.get(config.model)
     objective = methods.objective_from_config(config)
+    train_step.step_base_key(config)  # an unknown config.rng_impl fails here, before any checkpoint exists
     distance_params = train_step.distance_params_from_config(config, mesh)  # a missing weights file fails here
     optimizer, learning_rate_fn = optim.make_optimizer(config.optim, config.total_steps)
 

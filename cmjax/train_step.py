@@ -11,15 +11,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cmjax import distances, methods, sharding, train_state
+from cmjax import distances, errors, methods, sharding, train_state
 from cmjax.data import pipeline
+
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
+def step_base_key(config) -> jax.Array:
+    """The key every step folds its step number into, with the PRNG `config.rng_impl` (default threefry2x32)."""
+    impl = config.get("rng_impl", "threefry2x32")
+    if impl not in RNG_IMPLS:
+        raise errors.ConfigError(f"config.rng_impl={impl!r} is not a PRNG implementation; choose one of "
+                                 f"{list(RNG_IMPLS)} (threefry2x32 is JAX's default).")
+    return jax.random.key(config.seed, impl=impl)
 
 
 def make_train_step(config, module, objective, optimizer, learning_rate_fn, teacher_module=None):
     """The pure step (state, batch, teacher_params, distance_params) → (state, metrics); jitted by the caller.
     `distance_params` (the LPIPS network's weights, or None) are step arguments like the teacher's."""
     conditional = bool(config.model.get("num_classes"))
-    base_key = jax.random.key(config.seed)
+    base_key = step_base_key(config)
 
     def step_fn(state: train_state.TrainState, batch, teacher_params, distance_params=None):
         x = pipeline.to_model_range(batch["image"])

@@ -18,6 +18,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
     config = ml_collections.ConfigDict()
     config.seed = 0  # model init, noise and data order all derive from it
+    # The PRNG of the train step's noise and dropout keys (jax.random.key(seed, impl=...)): "threefry2x32" (JAX's
+    # default; the same numbers on every mesh) or "rbg" / "unsafe_rbg" (XLA's RngBitGenerator: far fewer
+    # ops per random bit, the numbers depend on the backend). docs/performance.md measures the difference.
+    config.rng_impl = "threefry2x32"
     config.batch_size = 128  # global, over all processes and devices
     config.total_steps = 3000  # optimizer steps; also K of the curricula (iCT, CT)
     config.log_every = 50  # steps between metric writes (TensorBoard, metrics.jsonl) and progress lines

@@ -80,6 +80,18 @@ def test_every_method_trains_on_digits_from_the_command_line(method, runs, data_
     assert "Final metrics" in out and f"{workdir}/checkpoints" in out
 
 
+def test_the_rbg_prng_trains_and_draws_other_noise_than_threefry(runs, data_dir, capfd):
+    ict_run = runs.get("ict") or _train(capfd, runs, data_dir, "ict")[0]
+    workdir, code, _, err = _train(capfd, {"root": runs["root"] / "rbg"}, data_dir, "ict", "--config.rng_impl=rbg")
+    assert code == 0, err[-3000:]
+    losses = {}
+    for name, run in (("threefry", ict_run), ("rbg", workdir)):
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            losses[name] = [json.loads(line)["loss"] for line in f]
+    # Same seed, weights and batch; only the noise and σ draws differ.
+    assert all(a == a for a in losses["rbg"]) and losses["rbg"][0] != losses["threefry"][0]
+
+
 def _one_line_error(code, err, *fragments):
     assert code == 2, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
@@ -105,6 +117,7 @@ def test_user_errors_print_one_line_and_exit_2(capfd, tmp_path, data_dir, runs):
         "unknown method": (base + ["--config.method.name=lcm"], ["'lcm'", "ict"]),
         "missing dataset": (base + ["--config.data.name=cifar10"], ["cifar10"]),
         "flag a mode does not take": (base + ["--step=3"], ["--mode=train does not take --step"]),
+        "unknown PRNG": (base + ["--config.rng_impl=philox"], ["config.rng_impl='philox'", "threefry2x32"]),
     }
     for name, (args, fragments) in cases.items():
         code, _, err = run_cli(capfd, *args)
