@@ -15,7 +15,7 @@ DEMO_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=1" JAX_PLATFORMS=c
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,interop]'
+	$(PY) -m pip install -q -e '.[dev,interop,tpu]'
 	touch $(STAMP)
 
 install: $(STAMP)

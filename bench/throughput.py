@@ -3,7 +3,7 @@
 The step is the trainer's own (`cmjax.train_step.make_train_step`, jitted with the state donated, as
 `train_and_evaluate` does) on one device, fed a fixed random uint8 batch so that only the step is timed.
 FLOPs are XLA's cost analysis of the compiled step; MFU = FLOPs / step time / the device's peak dense
-bf16 rate (table below; MFU is left blank on devices the table does not know, e.g. CPUs).
+bf16 rate (`cmjax.aot.CHIPS`; MFU is left blank on devices the table does not know, e.g. CPUs).
 
     .venv/bin/python bench/throughput.py --model digits --methods edm,ict,cd --batch 128
     .venv/bin/python bench/throughput.py --model imagenet64_adm --dtype bfloat16 --batch 64   # a GPU / TPU
@@ -25,24 +25,9 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cmjax import methods, models, optim, sharding, train_state, train_step  # noqa: E402
+from cmjax import aot, methods, models, optim, sharding, train_state, train_step  # noqa: E402
 from cmjax import workdir as workdir_lib  # noqa: E402
 from configs import default  # noqa: E402
-
-# Peak dense bf16 FLOP/s per chip, from the vendors' data sheets; keyed by a substring of `device_kind`
-# (checked in order, so the more specific names come first).
-PEAK_BF16_FLOPS = (
-    ("TPU v6 lite", 918e12),  # v6e (Trillium)
-    ("TPU v6e", 918e12),
-    ("TPU v5 lite", 197e12),  # v5e
-    ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),  # v5p reports "TPU v5"
-    ("TPU v4", 275e12),
-    ("H200", 989e12),  # SXM, dense (no sparsity)
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM (HBM3), dense
-)
 
 _ADM_IMAGENET64 = dict(
     name="unet", image_size=64, in_channels=3, out_channels=3, model_channels=192, channel_mult=(1, 2, 3, 4),
@@ -66,11 +51,9 @@ MODELS = {
 
 
 def peak_flops(device) -> float | None:
-    kind = device.device_kind
-    for key, peak in PEAK_BF16_FLOPS:
-        if key.lower() in kind.lower():
-            return peak
-    return None
+    """The chip's dense bf16 peak from the compile report's table (`cmjax.aot.CHIPS`); None for CPUs."""
+    chip = aot.chip_of(device)
+    return chip.peak_bf16_flops if chip else None
 
 
 def device_description() -> str:

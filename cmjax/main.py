@@ -6,6 +6,7 @@
   python -m cmjax.main --config=... --workdir=RUN --mode=export --format=diffusers --output=DIR [--ema_rate=0.9999]
   python -m cmjax.main --config=... --workdir=NEW_RUN --mode=import --format=openai --input=cd_imagenet64_l2.pt
   python -m cmjax.main --config=... --workdir=DIR --mode=compile   # memory and FLOPs of the step, no training
+  python -m cmjax.main --config=... --workdir=DIR --mode=compile --topology=v5p:2x2x2   # for a TPU slice, here
 
 Each mode is one library function (MODES below); this file only parses flags and dispatches.
 
@@ -40,6 +41,8 @@ flags.DEFINE_enum("format", "diffusers", ["diffusers", "openai"], "export/import
 flags.DEFINE_string("output", None, "sample/eval/export: output file or directory (default: inside --workdir).")
 flags.DEFINE_string("input", None, "import: the checkpoint to import (a diffusers folder, or an openai .pt / "
                     ".safetensors file).")
+flags.DEFINE_string("topology", None, "compile: a TPU slice to compile the step for on this machine, e.g. "
+                    "v5p:2x2x2 or v5e:4x4 (needs libtpu: pip install 'cmjax[tpu]').")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run.")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "Index of this process in a multi-process run.")
@@ -98,13 +101,13 @@ def _mode_function(mode: str):
 def _mode_options(mode: str) -> dict:
     """The flags a mode takes; flags given to a mode that ignores them are errors, not silently dropped."""
     accepted = {
-        "train": [], "compile": [],
+        "train": [], "compile": ["topology"],
         "sample": ["step", "ema_rate", "num_samples", "output"],
         "eval": ["step", "ema_rate", "num_samples", "output"],
         "export": ["step", "ema_rate", "format", "output"],
         "import": ["format", "input"],
     }[mode]
-    ignored = [name for name in ("step", "ema_rate", "num_samples", "output", "input")
+    ignored = [name for name in ("step", "ema_rate", "num_samples", "output", "input", "topology")
                if name not in accepted and FLAGS[name].present]
     if ignored:
         _exit_with_message(f"--mode={mode} does not take --{', --'.join(ignored)}.")
@@ -123,9 +126,14 @@ def _report(mode: str, workdir: str, result) -> None:
         print(f"Sample grids: {os.path.join(workdir, 'samples')}")
     elif isinstance(result, dict):
         for key, value in result.items():
-            print(f"{key}: {round(value, 4) if isinstance(value, float) else value}")
+            print(f"{key}: {_number(value) if isinstance(value, float) else value}")
     elif result is not None:
         print(result)
+
+def _number(value: float):
+    """Four decimals, or four significant digits for small values (a compiler's step-time estimate)."""
+    return round(value, 4) if value == 0 or abs(value) >= 1e-3 else float(f"{value:.4g}")
+
 
 def _exit_with_message(message: str) -> None:
     """A user error: its message alone on stderr (no traceback; --verbose shows one), exit status 2."""

@@ -92,6 +92,16 @@ def test_the_rbg_prng_trains_and_draws_other_noise_than_threefry(runs, data_dir,
     assert all(a == a for a in losses["rbg"]) and losses["rbg"][0] != losses["threefry"][0]
 
 
+def test_compile_mode_reports_a_tpu_slice_from_this_machine(capfd, tmp_path):
+    code, out, err = run_cli(capfd, f"--config={SMOKE}", f"--workdir={tmp_path}", "--mode=compile",
+                             "--topology=v5e:2x2", "--config.ema_rates=(0.999,)")
+    assert code == 0, err[-3000:]
+    lines = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+    assert lines["target"] == "TPU topology v5e:2x2" and lines["chip"] == "TPU v5e"
+    assert lines["fits"].startswith("fits: ") and float(lines[
+        "estimated_step_seconds (compiler cost model, not measured)"]) > 0
+
+
 def _one_line_error(code, err, *fragments):
     assert code == 2, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
@@ -118,6 +128,8 @@ def test_user_errors_print_one_line_and_exit_2(capfd, tmp_path, data_dir, runs):
         "missing dataset": (base + ["--config.data.name=cifar10"], ["cifar10"]),
         "flag a mode does not take": (base + ["--step=3"], ["--mode=train does not take --step"]),
         "unknown PRNG": (base + ["--config.rng_impl=philox"], ["config.rng_impl='philox'", "threefry2x32"]),
+        "topology for training": (base + ["--topology=v5e:2x2"], ["--mode=train does not take --topology"]),
+        "unknown topology": (base + ["--mode=compile", "--topology=v9x:2x2"], ["'v9x:2x2'", "v5p:2x2x2"]),
     }
     for name, (args, fragments) in cases.items():
         code, _, err = run_cli(capfd, *args)
