@@ -110,7 +110,8 @@ def compile_report(config: ml_collections.ConfigDict, workdir: str | None = None
     images/s per chip and MFU (`_estimates`).
 
     FLOPs and memory are those of one device's partitioned program; `flops_per_step` multiplies by the
-    device count. `workdir` is not written (the report is printed by main.py and returned).
+    device count. `workdir` is not written here (the report is printed by main.py and returned; main.py keeps
+    the compilation cache in WORKDIR/jax_cache unless config.compilation_cache_dir says otherwise).
     """
     del workdir
     started = time.time()

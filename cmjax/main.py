@@ -80,8 +80,10 @@ def main(argv):
     logging.info("JAX process %d/%d, %d local / %d global devices.", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
     from cmjax import errors
+    from cmjax import workdir as workdir_lib
 
     try:
+        workdir_lib.enable_compilation_cache(FLAGS.config, FLAGS.workdir)
         result = _mode_function(FLAGS.mode)(FLAGS.config, FLAGS.workdir, **options)
     except errors.UserError as err:
         if FLAGS.verbose:

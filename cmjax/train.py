@@ -102,10 +102,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step = start_step
     logging.info("Training %s/%s from step %d to %d on %d devices.", config.method.name, config.model.name,
                  start_step, config.total_steps, jax.device_count())
+    first_step_seconds = None
     while step < config.total_steps:
         batch = next(data_iter)
+        started = time.time() if first_step_seconds is None else None
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             state, metrics = compiled_step(state, batch, teacher_params, distance_params)
+        if started is not None:  # the first step compiles (or loads the executable from the compilation cache)
+            jax.block_until_ready(metrics)
+            first_step_seconds = time.time() - started
+            logging.info("First step %.1f s (compile included; %s).", first_step_seconds,
+                         workdir_lib.compilation_cache_note())
         step += 1
         window_steps += 1
 
@@ -148,6 +155,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last_metrics.update(evaluator(step, state))
     # One executable for the whole run, curriculum stages included (a diagnostic the tests check).
     last_metrics["train_step_compilations"] = compiled_step._cache_size()
+    if first_step_seconds is not None:
+        last_metrics["first_step_seconds"] = first_step_seconds
     checkpointer.wait()
     checkpointer.close()
     writer.flush()

@@ -18,7 +18,29 @@ from cmjax import checkpointing, errors, methods, models, optim, sharding, train
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+COMPILATION_CACHE = "jax_cache"  # workdir/jax_cache, as the launch scripts name it
 INIT_ONLINE_FROM = ("ema", "online")  # config.teacher.init_online_from
+
+
+def enable_compilation_cache(config, workdir: str) -> str | None:
+    """Turns on JAX's persistent compilation cache for this process, so a restarted or preempted run loads its
+    compiled step and samplers instead of compiling them again. `config.compilation_cache_dir`: "workdir"
+    (default: WORKDIR/jax_cache, local or gs://), a directory of its own (one cache can serve many runs), or ""
+    (off). The environment variable JAX_COMPILATION_CACHE_DIR, where set (the launch scripts set it), wins.
+    Returns the directory in use, or None."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]  # JAX reads it itself
+    setting = config.get("compilation_cache_dir", "workdir")
+    if not setting:
+        return None
+    path = os.path.join(workdir, COMPILATION_CACHE) if setting == "workdir" else setting
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
+def compilation_cache_note() -> str:
+    path = jax.config.jax_compilation_cache_dir
+    return f"compilation cache {path}" if path else "no compilation cache"
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:

@@ -22,6 +22,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # default; the same numbers on every mesh) or "rbg" / "unsafe_rbg" (XLA's RngBitGenerator: far fewer
     # ops per random bit, the numbers depend on the backend). docs/performance.md measures the difference.
     config.rng_impl = "threefry2x32"
+    # JAX's persistent compilation cache: "workdir" (WORKDIR/jax_cache, local or gs://), a directory, or "" (off).
+    # A restarted run loads its compiled step and samplers from it; JAX_COMPILATION_CACHE_DIR, if set, wins.
+    config.compilation_cache_dir = "workdir"
     config.batch_size = 128  # global, over all processes and devices
     config.total_steps = 3000  # optimizer steps; also K of the curricula (iCT, CT)
     config.log_every = 50  # steps between metric writes (TensorBoard, metrics.jsonl) and progress lines

@@ -51,6 +51,7 @@ def test_run_writes_metrics_checkpoints_grids_and_compiles_once(ict_run):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert sorted({int(r["num_scales"]) for r in rows}) == [11, 21, 41, 81, 161]
     assert final["train_step_compilations"] == 1  # every curriculum stage ran in one executable
+    assert final["first_step_seconds"] > 0  # logged: compile (or cache load) included
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "5"]
     assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
     grids = sorted(os.path.basename(p) for p in glob.glob(os.path.join(workdir, "samples", "*.png")))
@@ -261,3 +262,27 @@ def test_ect_starts_from_the_teacher_weights(edm_teacher, tmp_path_factory):
     assert step == 1
     # One update at lr 1e-12 leaves the student equal to the teacher's EMA weights it started from.
     _assert_trees_close(state.params, teacher_params)
+
+
+def test_the_compilation_cache_defaults_to_the_workdir_and_the_environment_wins(monkeypatch, tmp_path):
+    """`config.compilation_cache_dir`: "workdir" → WORKDIR/jax_cache, a directory as given, "" off; the launch
+    scripts' JAX_COMPILATION_CACHE_DIR wins. (jax.config.update is captured: this process keeps its own cache.)"""
+    from cmjax import workdir as workdir_lib
+    from configs import default
+
+    updates = []
+    monkeypatch.setattr(jax.config, "update", lambda name, value: updates.append((name, value)))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    config = default.get_config()
+    assert config.compilation_cache_dir == "workdir"
+    assert workdir_lib.enable_compilation_cache(config, str(tmp_path)) == str(tmp_path / "jax_cache")
+    config.compilation_cache_dir = "/shared/cache"
+    assert workdir_lib.enable_compilation_cache(config, str(tmp_path)) == "/shared/cache"
+    config.compilation_cache_dir = ""
+    assert workdir_lib.enable_compilation_cache(config, str(tmp_path)) is None
+    assert updates == [("jax_compilation_cache_dir", str(tmp_path / "jax_cache")),
+                       ("jax_compilation_cache_dir", "/shared/cache")]
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "gs://bucket/cache")
+    config.compilation_cache_dir = "workdir"
+    assert workdir_lib.enable_compilation_cache(config, str(tmp_path)) == "gs://bucket/cache"
+    assert len(updates) == 2
