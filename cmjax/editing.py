@@ -232,14 +232,17 @@ def inpaint(denoise_fn: DenoiseFn, images, mask, key, sigmas, **sampler):
 
 
 def grey_to_rgb(images):
-    """A 1-channel image as 3 equal channels (App. D's grey-scale y); 3-channel images unchanged."""
+    """App. D's grey-scale y: 3 equal channels of the grey level, 0.2989 R + 0.5870 G + 0.1140 B of an RGB image
+    or a 1-channel image itself."""
     images = jnp.asarray(images, jnp.float32)
-    return jnp.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+    if images.shape[-1] == 3:
+        images = jnp.einsum("...c,c->...", images, jnp.asarray(LUMA, jnp.float32), precision=_HIGHEST)[..., None]
+    return jnp.repeat(images, 3, axis=-1)
 
 
 def colorize(denoise_fn: DenoiseFn, images, key, sigmas, **sampler):
-    """Colorization (App. D): `images` grey ([…, 1], repeated to 3 channels) or RGB; their luma coefficient
-    (A y)[…, 0] is kept, the two chroma coefficients generated."""
+    """Colorization (App. D): `images` grey ([…, 1]) or RGB (made grey), as 3 equal channels y; the luma
+    coefficient (A y)[…, 0] is kept, the two chroma coefficients generated."""
     return edit(denoise_fn, colorization(), grey_to_rgb(images), key, sigmas, **sampler)
 
 
@@ -297,9 +300,10 @@ TASK_OPTIONS = {
     "stroke": ("images", "ts", "steps"),
 }
 DEFAULT_STEPS = 40  # the Karras grid `ts` indexes (App. D: N = 40; openai's --steps)
-# Default `ts` on that grid of the run's [σmin, σmax] (measured on the digits model: docs/editing.md).
-DEFAULT_TS = {"inpaint": (0, 10, 20, 30, 39), "colorize": (0, 10, 20, 30, 39), "superres": (0, 10, 20, 30, 39),
-              "stroke": (12, 24, 39)}
+# Default `ts` on that grid of the run's [σmin, σmax]: App. D's every point (39 evaluations; on the digits model
+# more steps edited better, 1 → 39 → 79 steps: bench/results/editing_digits_cpu.md); strokes start lower.
+DEFAULT_TS = {"inpaint": tuple(range(40)), "colorize": tuple(range(40)), "superres": tuple(range(40)),
+              "stroke": (16, 20, 39)}  # App. D's strokes: t₁ = 5.38, t₂ = 2.24 are indices 16, 20 at σmax = 80
 DEFAULT_FACTOR, DEFAULT_FRAMES, DEFAULT_PAIRS = 2, 8, 4
 EDIT_STREAM = 0xED17  # the edits' key stream: eval_key(config.seed, EDIT_STREAM), image i from fold_in(·, i)
 CONSISTENCY_KINDS = ("consistency", *parameterization.TRIGFLOW_KINDS)
@@ -414,8 +418,8 @@ def edit_batch(module, params, task: str, inputs: dict, labels, key, *, mesh, sa
             op = inpainting(arrays["mask"])
             result, condition = edit(fn, op, image, keys, sigmas, **kw), known_part(op, image)
         elif task == "colorize":
-            rgb = grey_to_rgb(image)
-            result, condition = colorize(fn, rgb, keys, sigmas, **kw), known_part(colorization(), rgb)
+            condition = grey_to_rgb(image)
+            result = colorize(fn, condition, keys, sigmas, **kw)
         elif task == "superres":
             condition = upsample(arrays["low_res"], factor)
             result = super_resolve(fn, arrays["low_res"], factor, keys, sigmas, **kw)
@@ -424,7 +428,9 @@ def edit_batch(module, params, task: str, inputs: dict, labels, key, *, mesh, sa
             condition = image + sigma * _normal(keys, 2, image.shape) if add_noise else image
             result = denoise(fn, condition, sigma, sampler["clip"])
         elif task == "stroke":
-            result, condition = stroke_guided(fn, image, keys, sigmas, **kw), image
+            # The grid's middle column: the start y + t₁·z of the edit (the same noise as its line 3).
+            condition = image + sigmas[0] * _normal(keys, 0, image.shape)
+            result = stroke_guided(fn, image, keys, sigmas, **kw)
         else:
             raise errors.ConfigError(f"Unknown edit task {task!r}; choose one of {list(TASKS)}.")
         return {"result": result, "condition": condition}
@@ -550,5 +556,5 @@ def _write(output: str, task: str, inputs: dict, out: dict, shape) -> tuple[str,
             evaluate.save_png(os.path.join(output, f"{task}_{i:03d}.png"), image)
         tiles = evaluate.to_uint8(np.stack([np.broadcast_to(t, shape) for row in rows for t in row]))
         grid = evaluate.image_grid(tiles, cols=len(rows[0]))
-        evaluate.save_png(grid_path, grid, scale=max(1, 32 // shape[0]))
+        evaluate.save_png(grid_path, grid, scale=max(1, 64 // shape[0]))  # 8×8 digits: 8×
     return grid_path, len(flat)
