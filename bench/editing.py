@@ -96,7 +96,7 @@ def measure(workdir: str, seeds, ema_rate, log=print) -> dict:
     classifier = digits_metric.train_classifier(data_dir=editor.config.data.data_dir)
     train_images, train_labels = digits_split("train")
     test_images, test_labels = digits_split("test")
-    results = {"step": editor.step, "ema_rate": ema_rate or editor.config.ema_rates[0],
+    results = {"workdir": workdir, "step": editor.step, "ema_rate": ema_rate or editor.config.ema_rates[0],
                "method": editor.config.method.name, "classifier_test_accuracy": classifier.test_accuracy,
                "num_test": len(test_images), "num_train": len(train_images), "seeds": list(seeds)}
 
@@ -169,7 +169,8 @@ def digits_markdown(r: dict) -> list[str]:
     b = r["baselines"]
     seeds = ", ".join(map(str, r["seeds"]))
     lines = [
-        f"Model: the `configs/digits.py` iCT run (`make demo`'s), step {r['step']}, EMA {r['ema_rate']}, method "
+        f"Model: the `configs/digits.py` iCT run (`make demo`'s: `python -m cmjax.main --config=configs/digits.py "
+        f"--workdir={r['workdir']}` on one CPU device), step {r['step']}, EMA {r['ema_rate']}, method "
         f"{r['method']}. Judge: the in-repo digit classifier ({r['classifier_test_accuracy']:.1%} on the real test "
         f"digits). Rates are the fraction of the {r['num_test']} test digits whose edit the classifier assigns to the "
         f"digit's true class (chance: 10 %); each schedule with noise seeds {seeds} (mean, min–max). The schedule "

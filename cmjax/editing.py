@@ -263,9 +263,11 @@ def slerp(z1, z2, alpha):
     z1, z2 = jnp.asarray(z1, jnp.float32), jnp.asarray(z2, jnp.float32)
     axes = tuple(range(1, z1.ndim))
     cos = jnp.sum(z1 * z2, axes) / (jnp.sqrt(jnp.sum(z1**2, axes)) * jnp.sqrt(jnp.sum(z2**2, axes)))
-    psi = jnp.arccos(jnp.clip(cos, -1.0, 1.0))
-    psi = parameterization.broadcast_per_sample(psi, z1)
-    return (jnp.sin((1.0 - alpha) * psi) * z1 + jnp.sin(alpha * psi) * z2) / jnp.sin(psi)
+    psi = parameterization.broadcast_per_sample(jnp.arccos(jnp.clip(cos, -1.0, 1.0)), z1)
+    parallel = psi < 1e-4  # sin ψ → 0: the linear interpolation, its limit
+    safe = jnp.where(parallel, 1.0, psi)
+    spherical = (jnp.sin((1.0 - alpha) * safe) * z1 + jnp.sin(alpha * safe) * z2) / jnp.sin(safe)
+    return jnp.where(parallel, (1.0 - alpha) * z1 + alpha * z2, spherical)
 
 
 def interpolate(denoise_fn: DenoiseFn, z1, z2, alphas: Sequence[float], sigma_max=parameterization.SIGMA_MAX,

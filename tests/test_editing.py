@@ -137,6 +137,7 @@ def test_slerp_is_spherical():
     for alpha in (0.0, 0.25, 0.5, 1.0):  # orthogonal inputs of equal norm: a quarter circle, norm kept
         want = 3.0 * jnp.zeros((1, 4)).at[0, 0].set(np.cos(alpha * np.pi / 2)).at[0, 1].set(np.sin(alpha * np.pi / 2))
         np.testing.assert_allclose(editing.slerp(e1, e2, alpha), want, atol=1e-6)
+    np.testing.assert_allclose(editing.slerp(e1, e1, 0.3), e1, atol=1e-6)  # equal noises: no 0/0
 
 
 def test_denoising_is_one_evaluation_and_stroke_generation_starts_from_the_strokes():
