@@ -31,6 +31,13 @@ def _images(shape, seed=0):
     return jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, shape), jnp.float32)
 
 
+def _perturbed(params):
+    """Untrained MLP weights with every leaf moved: its output layer starts at zero, which would leave F = 0."""
+    leaves, tree = jax.tree.flatten(params)
+    return jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(jax.random.key(i), p.shape)
+                                     for i, p in enumerate(leaves)])
+
+
 def test_colour_basis_is_the_papers_orthonormal_luma_basis():
     q = editing.colour_basis()
     np.testing.assert_allclose(q.T @ q, np.eye(3), atol=1e-12)
@@ -92,7 +99,7 @@ def test_inpainting_keeps_the_known_pixels_bit_for_bit_at_every_step():
 
 def test_colorization_keeps_the_luma_at_every_step_on_a_three_channel_network():
     module = toy.MLP(hidden_dim=32, num_layers=1, time_embed_dim=16)
-    params = module.init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,)))["params"]
+    params = _perturbed(module.init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,)))["params"])
     fn = evaluate.consistency_fn_for(module, params, None, sigma_data=0.5, sigma_min=0.002)
     grey = _images((2, 8, 8, 1))
     x, steps = editing.edit(fn, editing.colorization(), editing.grey_to_rgb(grey), jax.random.key(0), SIGMAS,
@@ -161,7 +168,7 @@ def test_an_images_edit_depends_on_its_own_key_only():
 
 def test_edit_batch_spreads_images_over_every_device_and_matches_one_device():
     module = toy.MLP(hidden_dim=32, num_layers=1, time_embed_dim=16)
-    params = module.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)))["params"]
+    params = _perturbed(module.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)))["params"])
     sampler = {"parameterization": "consistency", "sigma_min": 0.002, "sigma_max": 10.0, "sigma_data": 0.5,
                "renoise": "cm", "clip": True}
     images = np.asarray(_images((5, 8, 8, 1)))  # 5 images over 8 devices: padded, then cut
@@ -177,6 +184,16 @@ def test_edit_batch_spreads_images_over_every_device_and_matches_one_device():
     want = editing.inpaint(fn, images, mask, keys, [10.0, 1.0], sigma_min=0.002, sigma_max=10.0)
     np.testing.assert_allclose(out["result"], want, atol=1e-5)
     assert np.array_equal(out["result"][:, :4], images[:, :4])
+
+    # A class-conditional network: the labels reach it (another label, another edit).
+    conditional = toy.MLP(hidden_dim=32, num_layers=1, time_embed_dim=16, num_classes=10)
+    params = conditional.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)),
+                              jnp.zeros((1,), jnp.int32))["params"]
+    params = _perturbed(params)
+    results = [editing.edit_batch(conditional, params, "inpaint", {"image": images, "mask": mask}, labels, key,
+                                  mesh=mesh, sampler=sampler, image_shape=(8, 8, 1), sigmas=[10.0, 1.0])["result"]
+               for labels in (np.arange(5), np.arange(5) + 5)]
+    assert float(np.abs(results[0] - results[1]).max()) > 1e-3
 
 
 @pytest.mark.parametrize("method", ["cd", "ct", "ict", "ect", "sct", "scd", "edm"])
