@@ -11,8 +11,9 @@ On a trained digits run (`make demo`, or `configs/digits.py`), for each of the 3
   nearest-neighbour upsamples of the 4×4 image.
 The `ts` schedule is chosen on the 1,437 TRAIN digits (the best rate per task among `SCHEDULES`), then reported on
 the test digits, each with several noise seeds (mean and range). Images are edited with `editing.edit_batch`, the
-program `--mode=edit` runs. `--write_inputs=DIR` writes test digits, masks and strokes as PNG files for the
-commands of docs/editing.md.
+program `--mode=edit` runs. Colorization needs 3 channels: a small iCT model of "colour digits" is trained here
+(`--colour_steps`, 0 to skip) and colorizes the grey test digits (see `measure_colour`). `--write_inputs=DIR`
+writes test digits, masks and strokes as PNG files for the commands of docs/editing.md.
 """
 from __future__ import annotations
 
