@@ -82,10 +82,11 @@ def to_uint8(images) -> np.ndarray:
     return np.clip(np.round((host + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def image_grid(images_uint8: np.ndarray, pad: int = 1) -> np.ndarray:
-    """Tiles [N, H, W, C] into one near-square [H', W', C] image with `pad` pixels between tiles."""
+def image_grid(images_uint8: np.ndarray, pad: int = 1, cols: int | None = None) -> np.ndarray:
+    """Tiles [N, H, W, C] into one [H', W', C] image with `pad` pixels between tiles: `cols` tiles a row (default:
+    a near-square grid)."""
     n, h, w, c = images_uint8.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
     for i, image in enumerate(images_uint8):

@@ -7,6 +7,7 @@
   python -m cmjax.main --config=... --workdir=NEW_RUN --mode=import --format=openai --input=cd_imagenet64_l2.pt
   python -m cmjax.main --config=... --workdir=DIR --mode=compile   # memory and FLOPs of the step, no training
   python -m cmjax.main --config=... --workdir=DIR --mode=compile --topology=v5p:2x2x2   # for a TPU slice, here
+  python -m cmjax.main --config=... --workdir=RUN --mode=edit --edit_task=inpaint --edit_images=a.png --edit_masks=m.png
 
 Each mode is one library function (MODES below); this file only parses flags and dispatches.
 
@@ -31,6 +32,7 @@ MODES = {
     "export": "cmjax.interop:export_checkpoint",
     "import": "cmjax.interop:import_checkpoint",
     "compile": "cmjax.aot:compile_report",
+    "edit": "cmjax.editing:edit_checkpoint",
 }
 flags.DEFINE_enum("mode", "train", list(MODES), "What to do.")
 flags.DEFINE_integer("step", None, "sample/eval/export: checkpoint step (default: the newest).")
@@ -43,11 +45,25 @@ flags.DEFINE_string("input", None, "import: the checkpoint to import (a diffuser
                     ".safetensors file).")
 flags.DEFINE_string("topology", None, "compile: a TPU slice to compile the step for on this machine, e.g. "
                     "v5p:2x2x2 or v5e:4x4 (needs libtpu: pip install 'cmjax[tpu]').")
+# --mode=edit (cmjax/editing.py, docs/editing.md); each is passed without its "edit_" prefix.
+flags.DEFINE_string("edit_task", None, "edit: inpaint | colorize | superres | denoise | interpolate | stroke.")
+flags.DEFINE_list("edit_images", None, "edit: input PNG files.")
+flags.DEFINE_list("edit_masks", None, "edit (inpaint): mask PNG files, white = pixels to generate; one or one "
+                  "per image.")
+flags.DEFINE_list("edit_labels", None, "edit: class labels of a conditional model (one, or one per input).")
+flags.DEFINE_list("edit_ts", None, "edit: openai-style ts indices into an --edit_steps-point Karras grid, ending "
+                  "at steps−1 (default per task).")
+flags.DEFINE_integer("edit_steps", None, "edit: size of the Karras grid --edit_ts indexes (default 40).")
+flags.DEFINE_float("edit_sigma", None, "edit (denoise): the noise level σ of the inputs.")
+flags.DEFINE_bool("edit_add_noise", None, "edit (denoise): noise the (clean) inputs at --edit_sigma first.")
+flags.DEFINE_integer("edit_factor", None, "edit (superres): the upscaling factor (default 2).")
+flags.DEFINE_integer("edit_frames", None, "edit (interpolate): images per pair of noises (default 8).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run.")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "Index of this process in a multi-process run.")
 flags.DEFINE_bool("verbose", False, "Show the Python traceback of a user error (bad config, path or file) too.")
 flags.mark_flags_as_required(["config", "workdir"])
+EDIT_FLAGS = [name for name in FLAGS if name.startswith("edit_")]
 
 
 def _initialize_distributed() -> None:
@@ -108,8 +124,9 @@ def _mode_options(mode: str) -> dict:
         "eval": ["step", "ema_rate", "num_samples", "output"],
         "export": ["step", "ema_rate", "format", "output"],
         "import": ["format", "input"],
+        "edit": ["step", "ema_rate", "num_samples", "output", *EDIT_FLAGS],
     }[mode]
-    ignored = [name for name in ("step", "ema_rate", "num_samples", "output", "input", "topology")
+    ignored = [name for name in ("step", "ema_rate", "num_samples", "output", "input", "topology", *EDIT_FLAGS)
                if name not in accepted and FLAGS[name].present]
     if ignored:
         _exit_with_message(f"--mode={mode} does not take --{', --'.join(ignored)}.")
@@ -117,7 +134,7 @@ def _mode_options(mode: str) -> dict:
         _exit_with_message("--mode=import needs --input=PATH (a diffusers folder or an openai .pt/.safetensors).")
     if mode == "export" and not FLAGS.output:
         _exit_with_message("--mode=export needs --output=DIR.")
-    return {name: FLAGS[name].value for name in accepted}
+    return {name.removeprefix("edit_"): FLAGS[name].value for name in accepted}
 
 
 def _report(mode: str, workdir: str, result) -> None:
