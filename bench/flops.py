@@ -1,7 +1,11 @@
 """XLA-counted FLOPs of the compiled train step divided by one forward pass of the network.
 
 Expected about 3 for edm (forward + backward), 4 for ict (plus one target forward) and 6 for cd with the
-Heun teacher (plus two teacher forwards); a ratio well above these is wasted work.
+Heun teacher (plus two teacher forwards); a ratio well above these is wasted work. sCT (sCM's continuous-time
+objective) is forward + backward + one JVP of the target network: with `jvp_mode="exact"` the JVP is a
+forward-over-forward pass (primal and tangent, about 2–3 forwards; XLA may share the primal with the online
+forward, which has the same inputs and dropout key), so about 5–6; with "finite_difference" the JVP is three
+forwards (value, +h, −h), so about 6; sCD adds one teacher forward (two with classifier-free guidance).
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python bench/flops.py [--channels 64]
 """
@@ -43,18 +47,23 @@ def main():
           f"forward {forward_flops / 1e9:.3f} GFLOPs")
     batch = {"image": jax.ShapeDtypeStruct((args.batch, *models.image_shape(config)), jnp.uint8),
              "label": jax.ShapeDtypeStruct((args.batch,), jnp.int32)}
-    expected = {"edm": 3, "ict": 4, "cd": 6}
-    for name, settings in [("edm", {}), ("ict", {}), ("cd", {"num_scales": 18, "teacher_solver": "heun"})]:
+    expected = {"edm": "3", "ict": "4", "cd": "6", "sct": "5–6", "sct fd": "6", "scd": "6–7"}
+    scm = {"tangent_warmup_steps": 10_000}
+    for label, name, settings in [
+        ("edm", "edm", {}), ("ict", "ict", {}), ("cd", "cd", {"num_scales": 18, "teacher_solver": "heun"}),
+        ("sct", "sct", {**scm, "jvp_mode": "exact"}), ("sct fd", "sct", {**scm, "jvp_mode": "finite_difference"}),
+        ("scd", "scd", {**scm, "jvp_mode": "exact"}),
+    ]:
         methods.select(config, name, **settings)
         objective = losses.make_objective(name, **settings, **({"total_steps": 1000} if name == "ict" else {}))
         optimizer, lr_fn = optim.make_optimizer(config.optim, config.total_steps)
         abstract_state, _ = workdir_lib.abstract_train_state(config, module, mesh)
-        teacher = module if name == "cd" else None
+        teacher = module if name in ("cd", "scd") else None
         step = jax.jit(train_step.make_train_step(config, module, objective, optimizer, lr_fn, teacher_module=teacher))
         compiled = step.lower(abstract_state, batch, params if teacher else None).compile()
         ratio = flops(compiled) / forward_flops
-        print(f"{name:4s} train step {flops(compiled) / 1e9:8.3f} GFLOPs = {ratio:5.2f} forward passes "
-              f"(expected about {expected[name]})")
+        print(f"{label:6s} train step {flops(compiled) / 1e9:8.3f} GFLOPs = {ratio:5.2f} forward passes "
+              f"(expected about {expected[label]})")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,9 @@ def test_user_errors_print_one_line_and_exit_2(capfd, tmp_path, data_dir, runs):
         "unknown method": (base + ["--config.method.name=lcm"], ["'lcm'", "ict"]),
         "missing dataset": (base + ["--config.data.name=cifar10"], ["cifar10"]),
         "flag a mode does not take": (base + ["--step=3"], ["--mode=train does not take --step"]),
+        "adaptive weight without a head": (
+            base + ["--config.method.name=sct", "--config.method.sct.weighting=adaptive"],
+            ["weighting='adaptive'", "config.model.logvar_head=True"]),
     }
     for name, (args, fragments) in cases.items():
         code, _, err = run_cli(capfd, *args)

@@ -106,7 +106,7 @@ def export_checkpoint(config, workdir: str, *, step: int | None = None, ema_rate
                 "(e.g. as a CD teacher for openai's cm code).")
     _, params, _, restored_step = workdir_lib.load_params(workdir, _io_mesh(config), step=step, ema_rate=ema_rate,
                                                     config=config)
-    params = _host_tree(params)
+    params = openai.without_training_heads(_host_tree(params))
     rate = "online" if ema_rate in ("online", "params") else _ema_key(config, ema_rate)
     result: dict[str, Any] = {"format": format, "step": int(restored_step), "ema_rate": rate}
     if jax.process_index() != 0:
