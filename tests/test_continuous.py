@@ -251,16 +251,12 @@ def _digits_run(tmp_path, method, model=None, **section):
     return workdir, rows
 
 
-def test_sct_trains_two_steps_on_digits(tmp_path):
-    _, rows = _digits_run(tmp_path, "sct", tangent_warmup_steps=1)
-    assert [r["tangent_warmup"] for r in rows] == [0.0, 1.0]
-
-
 def test_sct_with_the_learned_adaptive_weight_trains_and_samples_on_digits(tmp_path):
-    """The head through the loop: one compile, logvar logged, and the end-of-run sample grids (which call the
-    network without the head's output) written."""
+    """sCT through the loop with the head: one compile (r = 0 then 1), logvar logged, and the end-of-run sample
+    grids (which call the network without the head's output) written. (Without the head: tests/test_main.py.)"""
     workdir, rows = _digits_run(tmp_path, "sct", model={"logvar_head": True}, tangent_warmup_steps=1,
                                 weighting="adaptive_prior")
+    assert [r["tangent_warmup"] for r in rows] == [0.0, 1.0]
     assert all("mean_logvar" in r and np.isfinite(r["unweighted_loss"]) for r in rows)
     assert rows[0]["mean_logvar"] == 0.0  # zero-initialised (the smoke's learning rate warms up from 0)
     assert any(name.endswith(".png") for _, _, files in os.walk(workdir) for name in files)
