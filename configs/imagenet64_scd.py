@@ -20,7 +20,7 @@ classifier-free guidance (FastGen's `guidance_scale` default None, `configs/conf
 
 Differences, all known: the student starts from fresh weights with the "trigflow" conditioning (time input t,
 positional embedding; sCM's identity time transform) where FastGen starts it from the teacher's weights. FastGen
-can, because its EDM ADM embeds EDM's c_noise = ¼·ln σ (`networks/EDM/network.py:776`), whereas the openai ADM
+can, because its EDM ADM embeds EDM's c_noise = ¼·ln σ (`networks/EDM/network.py:775`), whereas the openai ADM
 that cmjax's teacher is embeds 1000·c_noise = 250·ln σ, whose time derivative is 1000× larger and does not train
 stably here (cmjax/parameterization.py, "trigflow_edm"). cmjax's JVP runs in the network's compute dtype
 (bfloat16) with float32 primals and tangents; the network is cmjax's ADM UNet (the teacher's), not the paper's.

@@ -8,8 +8,8 @@ from scratch.
 Settings: neither OpenAI nor NVlabs FastGen published an ImageNet-64 sCT configuration, and the paper's appendix
 was not read, so this recipe is FastGen's ImageNet-64 **sCD** recipe (configs/imagenet64_scd.py, cited there)
 with the sCT objective, and most values are **not confirmed**: τ ~ N(−0.8, 1.6²) (DESIGN §4's ImageNet-64
-proposal; FastGen's ImageNet-64 CM recipe `config_cm_in64.py:42-43` uses the same), dropout 0.2 (FastGen's
-ImageNet-64 CM recipe, `config_cm_in64.py:55`; not confirmed for sCT), Adam lr 7e-5 with betas (0.9, 0.99),
+proposal; FastGen's ImageNet-64 CM recipe `config_cm_in64.py:39-40` uses the same), dropout 0.2 (FastGen's
+ImageNet-64 CM recipe, `config_cm_in64.py:49`; not confirmed for sCT), Adam lr 7e-5 with betas (0.9, 0.99),
 eps 1e-11, inverse-square-root decay after 35k iterations, gradient clipping 10, batch 1024, 600k iterations,
 EMA 0.9999 / 0.99995 / 0.9996, 2-step σ 1.1, tangent warm-up 10k, c = 0.1, the learned log-variance head with
 the prior weight 1/σ (FastGen `config_scm.py:50-59`). The network is cmjax's ADM UNet (the ImageNet-64 teacher's)
