@@ -235,9 +235,11 @@ def _scm_loss(network, params, x, key, step, *, velocity, p_mean, p_std, sigma_d
     Equations as in DESIGN §4 and FastGen's `sCM.py` (`_scm_pred_to_loss`); the paper's appendix was not read,
     so constants are those of FastGen's `config_scm.py` where the paper could not be confirmed.
     `tangent_norm`: "rms" divides ‖g‖ by √D first (FastGen's default `g_norm_spatial_invariance`), "l2" is the
-    plain per-sample norm. `weighting`: "none" (λ = 1) or "prior" (λ = 1/σ, σ = σd·tan t, FastGen's
-    `prior_weighting_enabled`). NOT implemented: sCM's learned adaptive weight e^{w(t)}/D·‖·‖² − w(t) (needs a
-    learned head w_φ(t)); the online and target evaluations share one dropout key.
+    plain per-sample norm. `weighting`: "none" (λ = 1), "prior" (λ = 1/σ, σ = σd·tan t, FastGen's
+    `prior_weighting_enabled`), or sCM's learned adaptive weight (`scm_adaptive_loss`) without ("adaptive") or
+    with ("adaptive_prior", FastGen's default) the prior λ; the adaptive ones read w_φ(t) = −logvar(t) from the
+    network's log-variance head (`config.model.logvar_head`), which trains with the network. The online and
+    target evaluations share one dropout key.
     """
     t_key, noise_key, dropout_key = jax.random.split(key, 3)
     batch = x.shape[0]
@@ -253,8 +255,17 @@ def _scm_loss(network, params, x, key, step, *, velocity, p_mean, p_std, sigma_d
     if parameterization_kind not in parameterization.TRIGFLOW_KINDS:
         raise errors.ConfigError(f"Unknown sCM parameterization_kind {parameterization_kind!r}; choose one of "
                                  f"{list(parameterization.TRIGFLOW_KINDS)}.")
+    if weighting not in SCM_WEIGHTINGS:
+        raise errors.ConfigError(f"Unknown sCM weighting {weighting!r}; choose one of {list(SCM_WEIGHTINGS)}.")
+    adaptive = weighting.startswith("adaptive")
     trig = parameterization.trigflow_network(network, sigma_data, parameterization_kind)
-    online = trig(params, x_t / sigma_data, t, dropout_key)
+    if adaptive:  # the same forward pass, its log-variance head read too (F_trig = −network, as `trig` does)
+        raw, logvar = network(params, x_t / sigma_data,
+                              parameterization.trigflow_time_input(t, sigma_data, parameterization_kind),
+                              dropout_key, with_logvar=True)
+        online, logvar = -jnp.asarray(raw, jnp.float32), jnp.asarray(logvar, jnp.float32)
+    else:
+        online = trig(params, x_t / sigma_data, t, dropout_key)
     frozen = jax.lax.stop_gradient(params)
     target_fn = lambda xt, tt: trig(frozen, xt / sigma_data, tt, dropout_key)  # noqa: E731
     cs = jnp.cos(t) * jnp.sin(t)
@@ -275,16 +286,30 @@ def _scm_loss(network, params, x, key, step, *, velocity, p_mean, p_std, sigma_d
         raise errors.ConfigError(f"Unknown tangent_norm {tangent_norm!r}; choose rms or l2.")
     g = jax.lax.stop_gradient(g / (g_norm + tangent_norm_c))
     per_sample = jnp.mean(jnp.square(online - jax.lax.stop_gradient(f_minus) - g), axis=axes)
-    if weighting == "none":
-        weight = jnp.ones_like(sigma)
-    elif weighting == "prior":
-        weight = 1.0 / sigma
+    weight = 1.0 / sigma if weighting in ("prior", "adaptive_prior") else jnp.ones_like(sigma)
+    metrics = {"mean_sigma": jnp.mean(sigma), "tangent_warmup": r, "mean_tangent_norm": jnp.mean(g_norm)}
+    if adaptive:
+        loss = jnp.mean(scm_adaptive_loss(weight * per_sample, logvar))
+        metrics.update(unweighted_loss=jnp.mean(per_sample), mean_logvar=jnp.mean(logvar))
     else:
-        raise errors.ConfigError(f"Unknown sCM weighting {weighting!r}; choose none or prior.")
-    loss = jnp.mean(weight * per_sample)
-    metrics = {"loss": loss, "mean_sigma": jnp.mean(sigma), "tangent_warmup": r,
-               "mean_tangent_norm": jnp.mean(g_norm)}
+        loss = jnp.mean(weight * per_sample)
+    metrics["loss"] = loss
     return loss, metrics
+
+
+SCM_WEIGHTINGS = ("none", "prior", "adaptive", "adaptive_prior")
+
+
+def scm_adaptive_loss(per_sample, logvar):
+    """sCM's adaptive weighting (Lu & Song 2024 §4.2): e^{w}/D·‖F_θ − F⁻ − g‖² − w with the learned w = w_φ(t),
+    written with logvar = −w as EDM2 and FastGen do (`sCM.py` `_scm_pred_to_loss`: weight/(e^{logvar}·D)·L +
+    logvar). `per_sample` is the (prior-weighted) mean over dimensions, ‖·‖²/D, so the loss is
+    e^{−logvar}·per_sample + logvar; for a fixed residual its minimum over logvar is at logvar = ln per_sample,
+    w = −ln(mean residual²), where the weighted residual is 1: each t's loss normalised by its own scale.
+    FastGen divides the mean by D once more (`divide_x_0_spatial_dim`); a learned logvar absorbs the constant
+    (its optimum shifts by −ln D, the θ-gradient there is the same)."""
+    logvar = jnp.asarray(logvar, jnp.float32)
+    return jnp.exp(-logvar) * per_sample + logvar
 
 
 def sct_loss(network, params, x, key, step, *, target_params=None, teacher_params=None,
@@ -306,10 +331,13 @@ def sct_loss(network, params, x, key, step, *, target_params=None, teacher_param
 def scd_loss(network, params, x, key, step, *, target_params=None, teacher_params=None,
              teacher_network=None, distance_params=None, p_mean=-1.0, p_std=1.4, sigma_data=SIGMA_DATA,
              tangent_warmup_steps=10_000, tangent_norm_c=0.1, tangent_norm="rms", weighting="none",
-             jvp_mode="exact", jvp_fd_step=jvp.FD_STEP, parameterization_kind="trigflow"):
+             jvp_mode="exact", jvp_fd_step=jvp.FD_STEP, parameterization_kind="trigflow", guidance_scale=1.0):
     """sCD (sCM continuous-time consistency distillation): dx_t/dt = σd·F_teacher(x_t/σd, t), the EDM
     teacher read as TrigFlow (`parameterization.trigflow_network_from_edm`, exact), i.e. the PF-ODE velocity
-    (cos t·x_t − D(x_t/cos t, σd·tan t))/sin t of the teacher's denoiser D. No guidance. The online
+    (cos t·x_t − D(x_t/cos t, σd·tan t))/sin t of the teacher's denoiser D. `guidance_scale` s ≠ 1 distils the
+    classifier-free-guided teacher (`guided_velocity`): its velocity mixes the conditional and the unconditional
+    prediction (the teacher called with the null label, `teacher_network(..., unconditional=True)`); 1 = no
+    guidance and no second teacher pass. The online
     network starts from fresh weights: sCM initialises the student from its teacher, which only the
     "trigflow_edm" conditioning can read, and that conditioning does not train stably here (parameterization.py).
     See `_scm_loss`."""
@@ -317,11 +345,27 @@ def scd_loss(network, params, x, key, step, *, target_params=None, teacher_param
     if teacher_network is None:
         raise errors.ConfigError("method 'scd' needs a teacher: set config.teacher.workdir to an EDM run.")
     teacher = parameterization.trigflow_network_from_edm(teacher_network, sigma_data)
-    velocity = lambda x0, z, x_t, t: sigma_data * teacher(teacher_params, x_t / sigma_data, t)  # noqa: E731
+    unconditional = parameterization.trigflow_network_from_edm(
+        lambda p, x_in, t_in: teacher_network(p, x_in, t_in, unconditional=True), sigma_data)
+
+    def velocity(x0, z, x_t, t):
+        del x0, z
+        cond = sigma_data * teacher(teacher_params, x_t / sigma_data, t)
+        if float(guidance_scale) == 1.0:
+            return cond
+        return guided_velocity(cond, sigma_data * unconditional(teacher_params, x_t / sigma_data, t), guidance_scale)
+
     return _scm_loss(network, params, x, key, step, velocity=velocity, p_mean=p_mean, p_std=p_std,
                      sigma_data=sigma_data, tangent_warmup_steps=tangent_warmup_steps,
                      tangent_norm_c=tangent_norm_c, tangent_norm=tangent_norm, weighting=weighting,
                      jvp_mode=jvp_mode, jvp_fd_step=jvp_fd_step, parameterization_kind=parameterization_kind)
+
+
+def guided_velocity(conditional, unconditional, guidance_scale):
+    """Classifier-free guidance (Ho & Salimans 2022) of a teacher's PF-ODE velocity: v_u + s·(v_c − v_u), as
+    FastGen's sCD does it (`sCM.py` `_compute_scm_loss`: dxt_dt + (s − 1)·(dxt_dt − neg_dxt_dt), the same mix);
+    s = 1 is the conditional velocity, s = 0 the unconditional one."""
+    return unconditional + guidance_scale * (conditional - unconditional)
 
 
 OBJECTIVES: dict[str, Callable] = {

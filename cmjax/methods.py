@@ -109,8 +109,21 @@ def settings(config) -> dict[str, Any]:
 
 
 def objective_from_config(config) -> Callable:
-    """The objective `config.method.name` with its settings bound."""
-    return losses.make_objective(config.method.name, **settings(config))
+    """The objective `config.method.name` with its settings bound; settings the network cannot serve (sCM's
+    adaptive weight without a log-variance head, guidance without class labels) are errors here, before a run
+    directory is touched."""
+    s = settings(config)
+    name = config.method.name
+    if str(s.get("weighting", "")).startswith("adaptive") and not config.model.get("logvar_head"):
+        raise errors.ConfigError(
+            f"config.method.{name}.weighting={s['weighting']!r} learns the weight w(t) with the network's "
+            f"log-variance head, and config.model ({config.model.name!r}) has none: set "
+            "config.model.logvar_head=True, or choose weighting 'none' or 'prior'.")
+    if float(s.get("guidance_scale", 1.0)) != 1.0 and not config.model.get("num_classes"):
+        raise errors.ConfigError(
+            f"config.method.{name}.guidance_scale={s['guidance_scale']} guides a class-conditional teacher, and "
+            "this run is unconditional (config.model.num_classes = 0): set guidance_scale=1.0.")
+    return losses.make_objective(name, **s)
 
 
 def parameterization_of(name: str, method_settings: Mapping[str, Any]) -> str:

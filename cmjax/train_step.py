@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cmjax import distances, errors, methods, sharding, train_state
+from cmjax import distances, errors, methods, models, sharding, train_state
 from cmjax.data import pipeline
 
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
@@ -38,14 +38,33 @@ def make_train_step(config, module, objective, optimizer, learning_rate_fn, teac
         # (seed, step) → key: a resumed run draws the same noise as an uninterrupted one.
         key = jax.random.fold_in(base_key, state.step)
 
-        def network(params, x_in, t_in, dropout_key):
-            return module.apply({"params": params}, x_in, t_in, labels, train=True,
-                                rngs={"dropout": dropout_key})
+        def network(params, x_in, t_in, dropout_key, with_logvar=False):
+            if not with_logvar:
+                return module.apply({"params": params}, x_in, t_in, labels, train=True,
+                                    rngs={"dropout": dropout_key})
+            # (F, logvar): the adaptive weightings of sCT/sCD read the network's log-variance head too.
+            out, logvar = models.apply_with_logvar(module, {"params": params}, x_in, t_in, labels, train=True,
+                                                   rngs={"dropout": dropout_key})
+            if logvar is None:
+                raise errors.ConfigError(
+                    f"config.method.{config.method.name}.weighting="
+                    f"{config.method[config.method.name].get('weighting')!r} learns the weight w(t) with the "
+                    f"network's log-variance head, and config.model ({config.model.name!r}) has none: set "
+                    "config.model.logvar_head=True, or choose weighting 'none' or 'prior'.")
+            return out, logvar
 
         teacher_network = None
         if teacher_module is not None:
-            teacher_network = lambda p, x_in, t_in: teacher_module.apply(  # noqa: E731
-                {"params": p}, x_in, t_in, labels, train=False)
+            def teacher_network(p, x_in, t_in, unconditional=False):
+                if not unconditional:
+                    return teacher_module.apply({"params": p}, x_in, t_in, labels, train=False)
+                # Classifier-free guidance: the null label (models.NULL_LABEL) drops the class embedding.
+                if labels is None:
+                    raise errors.ConfigError(
+                        f"config.method.{config.method.name}.guidance_scale needs a class-conditional teacher "
+                        "(config.model.num_classes > 0); this run is unconditional: set guidance_scale=1.0.")
+                null = jnp.full_like(labels, models.NULL_LABEL)
+                return teacher_module.apply({"params": p}, x_in, t_in, null, train=False)
 
         def loss_fn(params):
             return objective(network, params, x, key, state.step, target_params=state.target_params,

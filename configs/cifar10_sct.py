@@ -8,11 +8,14 @@ config_sct_cifar10.py`; /work/research/fidelity_facts.md §4.1), the paper's app
 σd = 0.5; t = arctan(e^τ/σd), τ ~ N(−1.0, 1.4²) (FastGen: 1.8 when starting sCT from an EDM checkpoint);
 tangent warm-up 10k steps; tangent normalisation c = 0.1 on the spatially invariant norm; RAdam lr 1e-4,
 betas (0.9, 0.99), no warm-up, weight decay 0; dropout 0.2; batch 512; 350k iterations; EMA 0.9999; 2-step
-sampler [80, 0.821, 0] in σ. Differences, all known: no learned adaptive weight w(t) (weighting "none");
-cmjax's NCSN++ (the CM release's, Fourier scale 16) rather than the paper's network; the "trigflow" time
-conditioning feeds the network time_input = t, which cmjax's NCSN++ embeds as c_noise = t/1000 (sCM's
-c_noise(t) = t would be time_input = 1000·t; the right Fourier scale for it is not confirmed) — this recipe's
-time embedding is therefore untested at full size and may need tuning.
+sampler [80, 0.821, 0] in σ; the learned log-variance head w(t) with the prior weight 1/σ (FastGen's
+`prior_weighting_enabled` default and its always-on logvar term, `config_scm.py:54-59`, `sCM.py`
+`_scm_pred_to_loss`). Network: cmjax's NCSN++ (the CM release's) rather than FastGen's DDPM++, with sCM's
+options: the "trigflow" time input t embedded positionally as given (`model.time_embedding="positional"`, sCM's
+identity time transform; FastGen's DDPM++ embeds EDM's c_noise = ¼·ln σ positionally, values of the same O(1)
+scale; the release's Fourier features of t/1000 would barely change with t) and the log-variance head.
+Not confirmed: FastGen starts this sCT from an EDM checkpoint (`config_sct_cifar10.py:17`) with P_std 1.8 noted
+for that case; cmjax trains from scratch with 1.4.
 
 Published FID (50k samples): DESIGN §4 quotes 2.97 (1 step) / 2.06 (2 steps); FastGen's README quotes the paper's
 1-step 2.85 (its own run 3.23) — check against the paper's table. cmjax: not yet measured.
@@ -28,6 +31,8 @@ def get_config(arg: str | None = None):
     config.data.name = "cifar10"
     config.data.random_flip = True
     config.model = common.ncsnpp_cifar10(dropout=0.2)
+    config.model.time_embedding = "positional"  # sCM's c_noise(t) = t with positional embeddings
+    config.model.logvar_head = True  # the adaptive weight w(t)
     config.method.name = "sct"
     config.method.sct.p_mean = -1.0
     config.method.sct.p_std = 1.4
@@ -35,7 +40,7 @@ def get_config(arg: str | None = None):
     config.method.sct.tangent_warmup_steps = 10_000
     config.method.sct.tangent_norm_c = 0.1
     config.method.sct.tangent_norm = "rms"
-    config.method.sct.weighting = "none"
+    config.method.sct.weighting = "adaptive_prior"
     config.method.sct.jvp_mode = "exact"
     config.method.sct.parameterization_kind = "trigflow"
     config.batch_size = 512

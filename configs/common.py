@@ -127,11 +127,14 @@ def _tiny_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     recipe's network is, with the recipe's dropout. Convolutional networks take minutes to compile on a
     loaded CPU even when tiny; the full-size networks are checked by shape in tests/test_recipes.py."""
     conditional = bool(model.get("num_classes"))
-    return ml_collections.ConfigDict({
+    tiny = ml_collections.ConfigDict({
         "name": "mlp", "hidden_dim": 32, "num_layers": 1, "time_embed_dim": 16,
         "num_classes": 10 if conditional else 0,  # digits has 10 classes
         "dropout": float(model.get("dropout", 0.0)), "dtype": "float32", "remat": False,
     })
+    if model.get("logvar_head"):  # sCM's adaptive weight needs the head
+        tiny.logvar_head = True
+    return tiny
 
 
 def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

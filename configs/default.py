@@ -73,6 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_classes = 0  # 0: unconditional
     config.model.dtype = "float32"  # compute dtype; parameters stay float32 (bfloat16 on TPU)
     config.model.remat = False  # rematerialise each block in the backward pass (saves memory, costs FLOPs)
+    # sCM's log-variance head w(t) (every network; read only by sCT/sCD's adaptive weightings); False: none.
+    config.model.logvar_head = False
 
     config.method = ml_collections.ConfigDict()
     config.method.name = "ict"  # edm | cd | ct | ict | ect | sct | scd (cmjax/methods.py, cmjax/losses.py)
@@ -156,7 +158,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.method.sct.tangent_warmup_steps = 10_000  # r = min(1, step / this); 0: r = 1 throughout
     config.method.sct.tangent_norm_c = 0.1  # c of g/(‖g‖ + c)
     config.method.sct.tangent_norm = "rms"  # rms: ‖g‖/√D (FastGen's spatial invariance) | l2: plain ‖g‖
-    config.method.sct.weighting = "none"  # none | prior (1/σ); sCM's learned adaptive weight: not implemented
+    # none | prior (1/σ) | adaptive (sCM's learned e^{w}/D·‖·‖² − w; needs config.model.logvar_head) |
+    # adaptive_prior (both: FastGen's default)
+    config.method.sct.weighting = "none"
     config.method.sct.jvp_mode = "exact"  # exact (jax.jvp) | finite_difference (central, step jvp_fd_step)
     config.method.sct.jvp_fd_step = 1e-3  # 1e-4 for trigflow_edm (cmjax/jvp.py)
     # trigflow: c_noise(t) = t (stable) | trigflow_edm: EDM's 250·ln σ (reads EDM weights exactly; unstable here)
@@ -169,11 +173,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.method.scd.tangent_warmup_steps = 10_000  # r = min(1, step / this); 0: r = 1 throughout
     config.method.scd.tangent_norm_c = 0.1  # c of g/(‖g‖ + c)
     config.method.scd.tangent_norm = "rms"  # rms: ‖g‖/√D (FastGen's spatial invariance) | l2: plain ‖g‖
-    config.method.scd.weighting = "none"  # none | prior (1/σ); sCM's learned adaptive weight: not implemented
+    config.method.scd.weighting = "none"  # as sct's
     config.method.scd.jvp_mode = "exact"  # exact (jax.jvp) | finite_difference (central, step jvp_fd_step)
     config.method.scd.jvp_fd_step = 1e-3  # 1e-4 for trigflow_edm (cmjax/jvp.py)
     # trigflow: c_noise(t) = t (stable) | trigflow_edm: EDM's 250·ln σ (reads EDM weights exactly; unstable here)
     config.method.scd.parameterization_kind = "trigflow"
+    # Classifier-free guidance of a class-conditional teacher: v_u + s·(v_c − v_u), v_u from the null label; 1: off
+    config.method.scd.guidance_scale = 1.0
 
     # The teacher of CD and ECT: an EDM run's workdir (its config.json and newest checkpoint).
     config.teacher = ml_collections.ConfigDict()

@@ -3,6 +3,7 @@ checked against the analytic consistency function of a Gaussian."""
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -202,7 +203,7 @@ def test_unknown_scm_settings_are_config_errors_and_prior_weighting_reweights():
 
     _, params, network = _mlp()
     x = _points(8) * S
-    for setting in ({"tangent_norm": "l1"}, {"weighting": "adaptive"}, {"jvp_mode": "forward"},
+    for setting in ({"tangent_norm": "l1"}, {"weighting": "learned"}, {"jvp_mode": "forward"},
                     {"parameterization_kind": "edm"}):
         with pytest.raises(errors.ConfigError, match=repr(next(iter(setting.values())))):
             losses.make_objective("sct", **setting)(network, params, x, jax.random.key(0), 0)
@@ -233,11 +234,12 @@ def test_sct_and_scd_read_as_trigflow_by_evaluation_and_export():
     assert not methods.get("sct").needs_teacher and not methods.get("sct").keeps_target
 
 
-def _digits_run(tmp_path, method, **section):
+def _digits_run(tmp_path, method, model=None, **section):
     config = digits.get_config("smoke")
     config.data.data_dir = str(tmp_path / "tfds")
     config.total_steps = 2
     config.log_every = 1
+    config.model.update(model or {})
     methods.select(config, method, **section)
     workdir = str(tmp_path / method)
     final = train.train_and_evaluate(config, workdir)
@@ -249,9 +251,40 @@ def _digits_run(tmp_path, method, **section):
     return workdir, rows
 
 
-def test_sct_trains_two_steps_on_digits(tmp_path):
-    _, rows = _digits_run(tmp_path, "sct", tangent_warmup_steps=1)
+def test_sct_with_the_learned_adaptive_weight_trains_and_samples_on_digits(tmp_path):
+    """sCT through the loop with the head: one compile (r = 0 then 1), logvar logged, and the end-of-run sample
+    grids (which call the network without the head's output) written. (Without the head: tests/test_main.py.)"""
+    workdir, rows = _digits_run(tmp_path, "sct", model={"logvar_head": True}, tangent_warmup_steps=1,
+                                weighting="adaptive_prior")
     assert [r["tangent_warmup"] for r in rows] == [0.0, 1.0]
+    assert all("mean_logvar" in r and np.isfinite(r["unweighted_loss"]) for r in rows)
+    assert rows[0]["mean_logvar"] == 0.0  # zero-initialised (the smoke's learning rate warms up from 0)
+    assert any(name.endswith(".png") for _, _, files in os.walk(workdir) for name in files)
+
+
+def test_settings_the_network_cannot_serve_are_config_errors_before_training():
+    from cmjax import errors
+
+    config = digits.get_config("smoke")
+    methods.select(config, "sct", weighting="adaptive")
+    with pytest.raises(errors.ConfigError, match="logvar_head=True"):
+        methods.objective_from_config(config)
+    config.model.logvar_head = True
+    methods.objective_from_config(config)
+    methods.select(config, "scd", guidance_scale=2.0)
+    with pytest.raises(errors.ConfigError, match="unconditional"):
+        methods.objective_from_config(config)
+
+
+def test_export_leaves_the_training_only_head_out():
+    from cmjax.interop import openai
+
+    unet = models.get({**SCM_NETWORKS["unet"], "emb_norm": "none"})
+    shapes = openai.unet_param_shapes(unet)
+    assert "logvar_linear" in shapes
+    plain = openai.unet_param_shapes(models.get({**SCM_NETWORKS["unet"], "emb_norm": "none", "logvar_head": False}))
+    assert openai.openai_state_dict_shapes(openai.without_training_heads(shapes)) == \
+        openai.openai_state_dict_shapes(plain)
 
 
 def test_scd_distils_an_edm_run_two_steps_on_digits(tmp_path):
@@ -305,3 +338,215 @@ def test_sct_and_scd_learn_the_ring_in_one_step():
     assert untrained > 0.5
     assert sct["one_step"] < 0.15 * untrained and sct["two_step"] < 0.15 * untrained, sct
     assert scd["one_step"] < 2.5 * scd["teacher_edm"], scd
+
+
+# ----------------------------------------------------------------------------------------------
+# sCM's learned adaptive weight, network options for stable JVPs, and classifier-free guidance in sCD.
+
+
+def test_adaptive_weight_is_optimal_at_minus_log_mean_residual():
+    """sCM §4.2: e^{w}·m − w (m = ‖·‖²/D) is minimised at w = −ln m; in the logvar form e^{−logvar}·m + logvar
+    that is logvar = ln m, where the weighted residual is 1. A flipped sign convention has no minimum there."""
+    m = jnp.array([0.01, 0.3, 2.0, 40.0], jnp.float32)
+    best = jnp.log(m)
+    grad = jax.grad(lambda lv: jnp.sum(losses.scm_adaptive_loss(m, lv)))(best)
+    np.testing.assert_allclose(grad, 0.0, atol=1e-5)
+    at = losses.scm_adaptive_loss(m, best)
+    np.testing.assert_allclose(at, 1.0 + jnp.log(m), rtol=1e-6)
+    for shift in (-0.5, 0.5):
+        assert bool(jnp.all(losses.scm_adaptive_loss(m, best + shift) > at + 0.1))
+    # The paper's convention: w = −logvar, so the optimum is w = −ln m.
+    paper = lambda w: jnp.exp(w) * m - w  # noqa: E731
+    np.testing.assert_allclose(paper(-best), at, rtol=1e-6)
+
+
+def _headed_mlp():
+    module = models.get({"name": "mlp", "hidden_dim": 32, "num_layers": 2, "logvar_head": True})
+    params = nn.meta.unbox(module.init({"params": jax.random.key(0)}, jnp.zeros((1, 2)), jnp.zeros((1,)))["params"])
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(8), p.shape), params)
+
+    def network(p, x_in, t_in, dropout_key=None, with_logvar=False):
+        if with_logvar:
+            return models.apply_with_logvar(module, {"params": p}, x_in, t_in)
+        return module.apply({"params": p}, x_in, t_in)
+
+    return module, params, network
+
+
+def test_the_adaptive_sct_loss_trains_the_head_and_has_sCMs_form():
+    module, params, network = _headed_mlp()
+    x = _points(64) * S
+    key = jax.random.key(3)
+    adaptive = losses.make_objective("sct", weighting="adaptive", tangent_warmup_steps=0, sigma_data=SD)
+    plain = losses.make_objective("sct", weighting="none", tangent_warmup_steps=0, sigma_data=SD)
+    (loss, metrics), grads = jax.value_and_grad(adaptive, argnums=1, has_aux=True)(network, params, x, key, 0)
+    head = grads["logvar_linear"]
+    assert float(jnp.max(jnp.abs(head["kernel"]))) > 1e-3 and float(jnp.abs(head["bias"][0])) > 1e-3
+    # The head's value, read from the same forward pass: loss = mean(e^{−logvar}·m + logvar), m the plain loss.
+    _, logvar = network(params, x, pz.trigflow_time_input(jnp.zeros((64,)), SD), with_logvar=True)
+    assert logvar.shape == (64,)
+    plain_loss = float(plain(network, params, x, key, 0)[0])
+    np.testing.assert_allclose(metrics["unweighted_loss"], plain_loss, rtol=1e-5)
+    assert abs(float(loss) - plain_loss) > 1e-3 * plain_loss  # the head's random weights reweight
+    # A head without other changes: zeroing it gives logvar = 0, the adaptive loss is then the plain loss.
+    zeroed = dict(params, logvar_linear=jax.tree.map(jnp.zeros_like, params["logvar_linear"]))
+    np.testing.assert_allclose(adaptive(network, zeroed, x, key, 0)[0], plain(network, zeroed, x, key, 0)[0],
+                               rtol=1e-6)
+    # adaptive_prior multiplies the residual by FastGen's prior 1/σ inside the exponential weight.
+    prior = losses.make_objective("sct", weighting="adaptive_prior", tangent_warmup_steps=0, sigma_data=SD)
+    both = float(prior(network, zeroed, x, key, 0)[0])
+    np.testing.assert_allclose(both, float(losses.make_objective(
+        "sct", weighting="prior", tangent_warmup_steps=0, sigma_data=SD)(network, zeroed, x, key, 0)[0]), rtol=1e-6)
+    # The main output does not depend on the head (samplers, evaluation and export read only it).
+    t_in = jnp.linspace(0.1, 1.4, 64)
+    other = dict(params, logvar_linear=jax.tree.map(lambda a: a + 1.0, params["logvar_linear"]))
+    np.testing.assert_array_equal(network(params, x, t_in), network(other, x, t_in))
+
+
+def test_a_few_steps_move_the_head_to_its_optimum():
+    """Gradient descent on the head alone reaches the first-order condition of its bias: the mean weighted
+    residual E[e^{−logvar}·m] = 1 (at logvar = 0 it is the plain loss, far from 1)."""
+    module, params, network = _headed_mlp()
+    x = _points(256) * S
+    objective = losses.make_objective("sct", weighting="adaptive", tangent_warmup_steps=0, sigma_data=SD)
+    key = jax.random.key(0)
+
+    @jax.jit
+    def step(head):
+        fn = lambda h: objective(network, dict(params, logvar_linear=h), x, key, 0)[0]  # noqa: E731
+        return jax.tree.map(lambda h, g: h - 0.05 * g, head, jax.grad(fn)(head))
+
+    def weighted_residual(head):
+        loss, metrics = objective(network, dict(params, logvar_linear=head), x, key, 0)
+        return float(loss - metrics["mean_logvar"])
+
+    head = jax.tree.map(jnp.zeros_like, params["logvar_linear"])
+    before = weighted_residual(head)
+    for _ in range(150):
+        head = step(head)
+    after = weighted_residual(head)
+    assert abs(before - 1.0) > 0.3 and abs(after - 1.0) < 0.05, (before, after)
+
+
+@pytest.fixture
+def fast_compiles():
+    """XLA's optimisation passes double these tests' compile time and change no property they check."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+SCM_NETWORKS = {
+    # The ADM UNet with attention, sCM's double pixel norm of AdaGN and the head.
+    "unet": dict(name="unet", image_size=8, in_channels=1, out_channels=1, model_channels=32, channel_mult=(1,),
+                 num_res_blocks=1, attention_resolutions=(8,), num_head_channels=16, use_scale_shift_norm=True,
+                 resblock_updown=False, num_classes=0, emb_norm="double_pixel_norm", logvar_head=True),
+    # NCSN++ with attention, positional embeddings of the time input as given, and the head.
+    "ncsnpp": dict(name="ncsnpp", image_size=8, nf=16, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,),
+                   time_embedding="positional", logvar_head=True),
+    "mlp": dict(name="mlp", hidden_dim=32, num_layers=2, logvar_head=True),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SCM_NETWORKS))
+def test_the_jvp_goes_through_every_network_family_with_the_scm_options(family, fast_compiles):
+    """Exact (forward-mode) and finite-difference JVPs of F_trig(x_t/σd, t) agree with sCM's options on, and the
+    head leaves the output unchanged: the same weights without the head give the same F."""
+    cfg = SCM_NETWORKS[family]
+    module = models.get(cfg)
+    shape = (2, 8, 8, 3 if family == "ncsnpp" else 1) if family != "mlp" else (2, 2)
+    x_t = 0.7 * jax.random.normal(jax.random.key(1), shape)
+    params = nn.meta.unbox(module.init({"params": jax.random.key(0)}, x_t, jnp.zeros((2,)))["params"])
+    # Zero-initialised output layers would make F ≡ 0: perturb every weight.
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    params = jax.tree.unflatten(tree, [p + 0.2 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)])
+    network = lambda p, x_in, t_in, *rng: module.apply({"params": p}, x_in, t_in)  # noqa: E731
+    trig = pz.trigflow_network(network, SD, "trigflow")
+    fn = lambda xt, tt: trig(params, xt / SD, tt)  # noqa: E731
+    t = jnp.array([0.3, 1.2])
+    v_x = jax.random.normal(jax.random.key(2), shape)
+    v_t = jnp.cos(t) * jnp.sin(t)
+    _, exact = jvp.value_and_jvp(fn, (x_t, t), (v_x, v_t), mode="exact")
+    _, fd = jvp.value_and_jvp(fn, (x_t, t), (v_x, v_t), mode="finite_difference", step=1e-3)
+    scale = float(jnp.max(jnp.abs(exact)))
+    assert scale > 1e-2
+    np.testing.assert_allclose(fd, exact, rtol=2e-2, atol=5e-3 * scale)
+    # The time tangent matters (the positional embedding of t is differentiated, not dropped).
+    _, no_time = jvp.value_and_jvp(fn, (x_t, t), (v_x, 0.0 * v_t), mode="exact")
+    assert float(jnp.max(jnp.abs(no_time - exact))) > 1e-3 * scale
+    plain = models.get({**cfg, "logvar_head": False})
+    headless = {k: v for k, v in params.items() if k != "logvar_linear"}
+    np.testing.assert_allclose(plain.apply({"params": headless}, x_t, t), module.apply({"params": params}, x_t, t),
+                               rtol=1e-6, atol=1e-6)
+    _, logvar = models.apply_with_logvar(module, {"params": params}, x_t, t)
+    assert logvar.shape == (2,) and bool(jnp.all(jnp.isfinite(logvar)))
+    assert models.apply_with_logvar(plain, {"params": headless}, x_t, t)[1] is None
+
+
+def test_network_option_defaults_are_unchanged_and_checked():
+    from cmjax import errors
+    from cmjax.models import layers
+
+    for cfg in ({"name": "mlp"}, {"name": "ncsnpp"}, {"name": "unet"}):
+        module = models.get(cfg)
+        assert module.logvar_head is False
+    assert models.get({"name": "ncsnpp"}).time_embedding == "fourier"
+    assert models.get({"name": "unet"}).emb_norm == "none"
+    # Double pixel norm: scale and shift each at unit RMS (the joint pixel norm is not).
+    v = jnp.array([[3.0, 4.0, 0.1, 0.1]])
+    double = layers.double_pixel_norm(v)
+    np.testing.assert_allclose(jnp.mean(jnp.square(double[:, :2])), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(jnp.mean(jnp.square(double[:, 2:])), 1.0, rtol=1e-5)
+    assert float(jnp.mean(jnp.square(layers.pixel_norm(v)[:, 2:]))) < 0.01
+    x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,))
+    with pytest.raises(errors.ConfigError, match="use_scale_shift_norm"):
+        jax.eval_shape(lambda: models.get({**SCM_NETWORKS["unet"], "use_scale_shift_norm": False}).init(
+            jax.random.key(0), x, t))
+    with pytest.raises(errors.ConfigError, match="time_embedding"):
+        jax.eval_shape(lambda: models.get({**SCM_NETWORKS["ncsnpp"], "time_embedding": "learned"}).init(
+            jax.random.key(0), jnp.zeros((1, 8, 8, 3)), t))
+
+
+# The null label of classifier-free guidance.
+
+
+def test_the_null_label_drops_the_class_embedding():
+    module = models.get({"name": "mlp", "hidden_dim": 32, "num_layers": 1, "num_classes": 10})
+    x, t = _points(4), jnp.linspace(-100.0, 100.0, 4)
+    labels = jnp.array([0, 3, 9, 5])
+    params = nn.meta.unbox(module.init({"params": jax.random.key(0)}, x, t, labels)["params"])
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(1), p.shape), params)
+    null = jnp.full((4,), models.NULL_LABEL)
+    no_labels = dict(params, label_emb=jax.tree.map(jnp.zeros_like, params["label_emb"]))
+    np.testing.assert_allclose(module.apply({"params": params}, x, t, null),
+                               module.apply({"params": no_labels}, x, t, labels), rtol=1e-6)
+    assert float(jnp.max(jnp.abs(module.apply({"params": params}, x, t, labels)
+                                 - module.apply({"params": params}, x, t, null)))) > 1e-2
+
+
+def test_scd_guidance_mixes_the_conditional_and_unconditional_teacher():
+    """Guidance 1 is the conditional teacher; s ≠ 1 distils v_u + s·(v_c − v_u), here checked against a teacher
+    that outputs that mix itself (F_trig and the velocity are linear in the raw network output)."""
+    _, params, network = _mlp()
+    x = _points(32) * S
+
+    def raw(p, x_in, t_in, shift):
+        return network(p, x_in, t_in) + shift
+
+    def teacher(p, x_in, t_in, unconditional=False):  # a class-conditional teacher, two labels' worth
+        return raw(p, x_in, t_in, -0.4 if unconditional else 0.6)
+
+    def loss(scale, teacher_network):
+        objective = losses.make_objective("scd", tangent_warmup_steps=0, sigma_data=SD, guidance_scale=scale)
+        return float(objective(network, params, x, jax.random.key(4), 0, teacher_network=teacher_network,
+                               teacher_params=params)[0])
+
+    conditional_only = lambda p, x_in, t_in: raw(p, x_in, t_in, 0.6)  # noqa: E731
+    assert loss(1.0, teacher) == loss(1.0, lambda p, x_in, t_in, unconditional=False: conditional_only(p, x_in, t_in))
+    for s in (0.0, 2.5):
+        mixed = lambda p, x_in, t_in, unconditional=False, s=s: raw(p, x_in, t_in, -0.4 + s * (0.6 + 0.4))  # noqa
+        np.testing.assert_allclose(loss(s, teacher), loss(1.0, mixed), rtol=1e-5)
+        assert abs(loss(s, teacher) - loss(1.0, teacher)) > 1e-3 * loss(1.0, teacher)
+    np.testing.assert_allclose(losses.guided_velocity(jnp.float32(2.0), jnp.float32(1.0), 3.0), 4.0)

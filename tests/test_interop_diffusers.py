@@ -273,3 +273,64 @@ def test_cli_import_then_export(tmp_path):
     assert_trees_equal(interop_diffusers.from_diffusers_state_dict(state_dict, UNet(**fields)), params)
     assert_trees_equal(interop_openai.load_state_dict(str(tmp_path / "oa" / "ema_0.999_000000.pt")),
                        interop_openai.to_openai_state_dict(params))
+
+
+def _trigflow_f(unet, s):
+    """docs/export.md's PyTorch TrigFlow consistency function, as written there."""
+    import math
+
+    sd = s["sigma_data"]
+
+    @torch.no_grad()
+    def f(x_sigma, sigma, class_labels=None):
+        root = math.sqrt(sigma**2 + sd**2)
+        cos_t, sin_t, t = sd / root, sigma / root, math.atan2(sigma, sd)
+        x_t = cos_t * x_sigma
+        F = -unet(x_t / sd, torch.full((x_t.shape[0],), t), class_labels=class_labels).sample
+        x0 = cos_t * x_t - sin_t * sd * F
+        return x0.clamp(-1, 1) if s["clip"] else x0
+
+    return f
+
+
+def test_trigflow_export_samples_equal_cmjax(tmp_path):
+    """An sCT UNet with the adaptive-weight head: the exported unet/ (head left out) plus the documented
+    PyTorch sampler give cmjax's 1- and 2-step samples (`multistep_sample` on the run's TrigFlow denoiser)."""
+    import math
+
+    config = run_config({**TINY["cond_scaleshift_resnet"], "logvar_head": True}, method="sct")
+    config.sample.two_step_sigma = 1.1
+    assert runs.exported_parameterization(config) == "trigflow"
+    unet = interop_openai.unet_from_model_config(config.model, "test")
+    params = _randomized(interop_openai.unet_param_shapes(unet), seed=21)
+    assert "logvar_linear" in params
+    exported = interop_openai.without_training_heads(params)
+    settings = runs.trigflow_sampler_settings(config)
+    paths = interop_diffusers.write_trigflow_unet(str(tmp_path / "sct"), exported, unet, settings)
+    assert not os.path.exists(tmp_path / "sct" / "model_index.json")  # no pipeline claims to sample it
+    with open(paths["sampler"]) as fh:
+        s = json.load(fh)
+    assert s == settings and s["parameterization"] == "trigflow" and s["sigma_max"] == 80.0
+    theirs_unet = diffusers.UNet2DModel.from_pretrained(str(tmp_path / "sct"), subfolder="unet").eval()
+    f = _trigflow_f(theirs_unet, s)
+
+    module = models.get(config.model)
+    labels = np.array([1, 7])
+    denoise = jax.jit(lambda x, sigma: evaluate.denoiser_for(module, params, labels, "trigflow", sigma_data=0.5,
+                                                             sigma_min=0.002)(x, sigma))
+    shape_nchw = (2, 3, SIZE, SIZE)
+    gen = torch.Generator().manual_seed(0)
+    draws = [torch.randn(shape_nchw, generator=gen) for _ in range(2)]
+    one = f(s["sigma_max"] * draws[0], s["sigma_max"], torch.from_numpy(labels))
+    tau = s["two_step_sigma"]
+    two = f(one + math.sqrt(tau**2 - s["sigma_min"]**2) * draws[1], tau, torch.from_numpy(labels))
+    assert float((two - one).abs().max()) > 0.1  # the second step changes the sample
+    noise = [jnp.asarray(d.numpy().transpose(0, 2, 3, 1)) for d in draws]
+    for steps, theirs in ((1, one), (2, two)):
+        sigmas = [s["sigma_max"], tau][:steps]
+        ours = sampling.multistep_sample(denoise, None, (2, SIZE, SIZE, 3), sigmas, noise=noise)
+        theirs = theirs.numpy().transpose(0, 2, 3, 1)
+        assert np.mean(np.abs(theirs) < 0.999) > 0.2  # mostly unclipped: a wrong network would show
+        err = np.abs(np.asarray(ours) - theirs).max()
+        print(f"sCT {steps}-step: PyTorch TrigFlow sampler vs cmjax max |diff| = {err:.2e}")
+        assert err < 1e-4

@@ -130,6 +130,9 @@ def test_user_errors_print_one_line_and_exit_2(capfd, tmp_path, data_dir, runs):
         "unknown PRNG": (base + ["--config.rng_impl=philox"], ["config.rng_impl='philox'", "threefry2x32"]),
         "topology for training": (base + ["--topology=v5e:2x2"], ["--mode=train does not take --topology"]),
         "unknown topology": (base + ["--mode=compile", "--topology=v9x:2x2"], ["'v9x:2x2'", "v5p:2x2x2"]),
+        "adaptive weight without a head": (
+            base + ["--config.method.name=sct", "--config.method.sct.weighting=adaptive"],
+            ["weighting='adaptive'", "config.model.logvar_head=True"]),
     }
     for name, (args, fragments) in cases.items():
         code, _, err = run_cli(capfd, *args)

@@ -22,13 +22,14 @@ from configs import common
 SMOKES = {
     "cifar10_edm": "", "cifar10_cd": "l2", "cifar10_ct": "", "cifar10_ict": "", "cifar10_ect": "", "cifar10_sct": "",
     "imagenet64_edm": "", "imagenet64_cd": "l2", "imagenet64_ct": "", "imagenet64_ict": "",
+    "imagenet64_sct": "", "imagenet64_scd": "",
     "lsun_bedroom256_edm": "", "lsun_bedroom256_cd": "l2", "lsun_bedroom256_ct": "",
 }
 # configs/digits.py:smoke (the tiny MLP) runs end to end in
 # tests/test_train.py (the `ict_run` fixture and others); it is not repeated here.
 COVERED_ELSEWHERE = {"digits"}
 TEACHERS = {"cifar10_cd": "cifar10_edm", "cifar10_ect": "cifar10_edm", "imagenet64_cd": "imagenet64_edm",
-            "lsun_bedroom256_cd": "lsun_bedroom256_edm"}
+            "lsun_bedroom256_cd": "lsun_bedroom256_edm", "imagenet64_scd": "imagenet64_edm"}
 RECIPE_FILES = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))
                       if f.endswith(".py") and f not in ("__init__.py", "common.py", "default.py"))
 
@@ -75,7 +76,10 @@ PUBLISHED = {
     "cifar10_ect": (56_395_651, {"method.name": "ect", "method.ect.q": 2.0, "method.ect.k": 8.0, "method.ect.b": 1.0,
                                  "method.ect.stage_steps": 25_000, "method.ect.huber_c": 0.0, "method.ect.p_mean": -1.1,
                                  "method.ect.p_std": 2.0}),
-    "cifar10_sct": (56_395_651, {"method.name": "sct", "method.sct.p_mean": -1.0, "method.sct.p_std": 1.4,
+    # NCSN++ with positional time features (no frozen Fourier W: −128) and the log-variance head (+257).
+    "cifar10_sct": (56_395_780, {"method.name": "sct", "method.sct.weighting": "adaptive_prior",
+                                 "model.logvar_head": True, "model.time_embedding": "positional",
+                                 "method.sct.p_mean": -1.0, "method.sct.p_std": 1.4,
                                  "method.sct.tangent_warmup_steps": 10_000, "method.sct.tangent_norm_c": 0.1,
                                  "batch_size": 512, "total_steps": 350_000, "optim.optimizer": "radam",
                                  "optim.learning_rate": 1e-4, "optim.b2": 0.99, "model.dropout": 0.2,
@@ -85,6 +89,14 @@ PUBLISHED = {
                                     "batch_size": 2048, "total_steps": 600_000, "optim.learning_rate": 8e-6}),
     "imagenet64_ct": (295_899_267, {"method.name": "ct", "method.ct.s0": 2, "method.ct.s1": 200, "method.ct.mu0": 0.95,
                                     "total_steps": 800_000}),
+    # The ADM UNet and the log-variance head on its 192 positional time features (+193).
+    "imagenet64_sct": (295_899_460, {"method.name": "sct", "method.sct.p_mean": -0.8, "method.sct.p_std": 1.6,
+                                     "method.sct.weighting": "adaptive_prior", "batch_size": 1024}),
+    "imagenet64_scd": (295_899_460, {"method.name": "scd", "method.scd.p_mean": -1.0, "method.scd.p_std": 1.6,
+                                     "method.scd.weighting": "adaptive_prior", "optim.optimizer": "adam",
+                                     "optim.learning_rate": 7e-5, "optim.eps": 1e-11, "optim.grad_clip_norm": 10.0,
+                                     "batch_size": 1024, "total_steps": 600_000, "model.dropout": 0.0,
+                                     "sample.two_step_sigma": 1.1}),
     "imagenet64_ict": (295_899_267, {"method.name": "ict", "method.ict.s0": 10, "method.ict.s1": 1280,
                                      "model.dropout": 0.2, "ema_rates": (0.99997,)}),
     "lsun_bedroom256_edm": (526_304_771, {"method.name": "edm", "model.dropout": 0.1}),

@@ -335,6 +335,27 @@ def write_pipeline(output: str, params, unet, scheduler: Mapping[str, Any]) -> d
     return paths
 
 
+TRIGFLOW_SAMPLER_FILE = "cmjax_trigflow_sampler.json"
+
+
+def write_trigflow_unet(output: str, params, unet, sampler: Mapping[str, Any]) -> dict[str, str]:
+    """An sCM (TrigFlow) network for PyTorch: `unet/` as `UNet2DModel.from_pretrained(output, subfolder="unet")`
+    loads it (the pipeline folder's layout, without a pipeline: no diffusers scheduler samples TrigFlow), and
+    `cmjax_trigflow_sampler.json` with the settings of the 1-/2-step sampler documented in docs/export.md."""
+    from safetensors.numpy import save_file
+
+    paths = {
+        "unet_config": _write_json(os.path.join(output, UNET_DIR, "config.json"), {
+            "_class_name": "UNet2DModel", "_diffusers_version": diffusers_version(), **diffusers_unet2d_config(unet)}),
+        "sampler": _write_json(os.path.join(output, TRIGFLOW_SAMPLER_FILE), dict(sampler)),
+    }
+    weights = os.path.join(output, UNET_DIR, UNET_WEIGHTS)
+    arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in to_diffusers_state_dict(params, unet).items()}
+    save_file(arrays, weights, metadata={"format": "pt"})
+    paths["unet_weights"] = weights
+    return paths
+
+
 def read_unet(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(UNet fields, diffusers state dict) of a pipeline folder or its `unet/` folder (safetensors weights)."""
     from safetensors.numpy import load_file

@@ -72,6 +72,16 @@ def _from_torch_layout(path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
     return array
 
 
+# Parameters that only training reads: sCM's log-variance head (`config.model.logvar_head`, the adaptive weight
+# w(t) of sCT/sCD's loss). Samplers never call it, openai's and diffusers' UNets have no such layer: not exported.
+TRAINING_ONLY_PARAMS = ("logvar_linear",)
+
+
+def without_training_heads(params):
+    """`params` without the top-level subtrees in TRAINING_ONLY_PARAMS (a UNet trained with an sCM head)."""
+    return {k: v for k, v in params.items() if k not in TRAINING_ONLY_PARAMS}
+
+
 def openai_state_dict_shapes(params) -> dict[str, tuple[int, ...]]:
     """openai key → torch shape, for a UNet parameter tree (arrays or `jax.eval_shape` structs)."""
     return {openai_name(p): _torch_shape(p, tuple(leaf.shape)) for p, leaf in _flat_params(params).items()}

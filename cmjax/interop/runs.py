@@ -58,6 +58,17 @@ def sampler_settings(config) -> dict[str, Any]:
             "rho": methods.noise_range(config)["rho"]}
 
 
+def trigflow_sampler_settings(config) -> dict[str, Any]:
+    """What docs/export.md's PyTorch TrigFlow sampler reads (`diffusers.TRIGFLOW_SAMPLER_FILE`): cmjax's own
+    1-/2-step sampler for an sCM run (`methods.sampler_settings`, 2-step σ `config.sample.two_step_sigma`)."""
+    from cmjax import methods
+
+    sampler = methods.sampler_settings(config)
+    return {"parameterization": "trigflow", **{k: sampler[k] for k in ("sigma_data", "sigma_min", "sigma_max")},
+            "two_step_sigma": float(config.sample.two_step_sigma), "renoise": sampler["renoise"],
+            "clip": bool(sampler["clip"])}
+
+
 def _io_mesh(config):
     """The mesh that export and import hold parameters on: one device when one process does the work (Orbax
     reshards on restore, so a run trained on any mesh reads it), the run's mesh across several processes."""
@@ -97,19 +108,23 @@ def export_checkpoint(config, workdir: str, *, step: int | None = None, ema_rate
     target = "diffusers' ConsistencyModelPipeline" if format == "diffusers" else "openai's cm UNetModel"
     unet = openai.unet_from_model_config(config.model, target)
     settings = sampler_settings(config)
+    trigflow = exported_parameterization(config) == "trigflow"
     if format == "diffusers":
         diffusers.diffusers_unet2d_config(unet)  # fails here, before reading, on what UNet2DModel cannot hold
-        if not consistency_parameterised(config):
+        if not consistency_parameterised(config) and not trigflow:
             raise errors.ConfigError(
                 f"This {config.method.name!r} run's network is an EDM denoiser, but CMStochasticIterativeScheduler "
                 "applies the consistency boundary scalings (CM App. C) to it; export it with --format=openai "
                 "(e.g. as a CD teacher for openai's cm code).")
     _, params, _, restored_step = workdir_lib.load_params(workdir, _io_mesh(config), step=step, ema_rate=ema_rate,
                                                     config=config)
-    params = _host_tree(params)
+    params = openai.without_training_heads(_host_tree(params))
     rate = "online" if ema_rate in ("online", "params") else _ema_key(config, ema_rate)
     result: dict[str, Any] = {"format": format, "step": int(restored_step), "ema_rate": rate}
     if jax.process_index() != 0:
+        return result
+    if format == "diffusers" and trigflow:  # sCM: the UNet2DModel folder and the TrigFlow sampler's settings
+        result.update(diffusers.write_trigflow_unet(output, params, unet, trigflow_sampler_settings(config)))
         return result
     if format == "diffusers":
         result.update(diffusers.write_pipeline(output, params, unet, diffusers.scheduler_config(**settings)))

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from cmjax import errors
+from cmjax.models import layers
+from cmjax.models.layers import NULL_LABEL  # noqa: F401  (the null class of classifier-free guidance)
 
 # name -> "module:Class"; imported lazily so that a heavy network costs nothing until selected.
 _REGISTRY = {
@@ -43,6 +45,14 @@ def get(model_config: Mapping[str, Any]) -> nn.Module:
             f"Model {name!r} has no setting(s) {unknown} (config.model); its settings are {sorted(fields)}."
         )
     return cls(**cfg)
+
+
+def apply_with_logvar(module: nn.Module, variables, *args, **kwargs):
+    """(output, logvar_b) of `module.apply(variables, *args, **kwargs)`: the value its log-variance head
+    (`logvar_head=True`, `layers.logvar_head`) sows, or None for a network without one."""
+    out, state = module.apply(variables, *args, mutable=["intermediates"], **kwargs)
+    sown = state.get("intermediates", {}).get(layers.LOGVAR)
+    return out, None if sown is None else sown[0]
 
 
 # ----------------------------------------------------------------------------------------------

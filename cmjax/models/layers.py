@@ -111,10 +111,50 @@ def pixel_norm(x, axis: int = -1, eps: float = 1e-8):
     return (x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps))).astype(x.dtype)
 
 
+def double_pixel_norm(scale_shift):
+    """sCM §4.1's "adaptive double normalisation" of AdaGN: the scale half and the shift half of the per-block
+    [scale | shift] vector each pixel-normalised on its own (`pixel_norm` of the whole vector mixes the two)."""
+    scale, shift = jnp.split(scale_shift, 2, axis=-1)
+    return jnp.concatenate([pixel_norm(scale), pixel_norm(shift)], axis=-1)
+
+
 # Hooks selected by name from `config.model`: how the time input becomes features, and how the per-block
 # AdaGN scale/shift vector is normalised before use. The ADM UNet uses "positional" and "none".
 TIME_EMBEDDINGS: dict[str, Callable[..., Any]] = {"positional": timestep_embedding}
-EMB_NORMS: dict[str, Callable[[Any], Any]] = {"none": lambda e: e, "pixel_norm": pixel_norm}
+EMB_NORMS: dict[str, Callable[[Any], Any]] = {"none": lambda e: e, "pixel_norm": pixel_norm,
+                                              "double_pixel_norm": double_pixel_norm}
+
+# ----------------------------------------------------------------------------------------------
+# The log-variance head (`logvar_head` of every network): sCM's learned adaptive weight w_φ(t) = −logvar(t)
+# (Lu & Song 2024 §4.2; EDM2's `logvar_linear`). As in FastGen (`fastgen/networks/EDM/network.py:487,571` for
+# DDPM++/NCSN++, `:678` for ADM), one linear layer maps the network's own time features (the embedding of its
+# time input, before the embedding MLP) to one scalar per sample. The network's output is unchanged: the value
+# is sown into the "intermediates" collection, which only a caller that asks for it (`apply_with_logvar`) sees,
+# so samplers, evaluation and export read the main output alone.
+LOGVAR = "logvar"
+
+
+def logvar_head(time_features_bc):
+    """logvar_b = Dense(1)(time features) in float32, zero-initialised (logvar = 0: weight 1 at the start)."""
+    out = dense(1, name="logvar_linear", zero_init=True)(jnp.asarray(time_features_bc, jnp.float32))
+    return out[:, 0]
+
+
+def sow_logvar(module: nn.Module, time_features_bc) -> None:
+    """Builds the head inside `module`'s compact call and sows its value as intermediates["logvar"]."""
+    module.sow("intermediates", LOGVAR, logvar_head(time_features_bc))
+
+
+# The null class of classifier-free guidance: a class-conditional network given this label adds no class
+# embedding (EDM's networks read an all-zero one-hot label the same way). Labels >= 0 are unchanged.
+NULL_LABEL = -1
+
+
+def label_embedding(embed: nn.Module, class_labels_b):
+    """`embed(labels)`, zero for the null label (NULL_LABEL, or any negative label)."""
+    labels = jnp.asarray(class_labels_b)
+    vectors = embed(jnp.maximum(labels, 0))
+    return jnp.where((labels >= 0)[:, None], vectors, jnp.zeros_like(vectors))
 
 
 def upsample_nearest_2x(x_bhwc):

@@ -9,7 +9,11 @@ network never reads them, and score_sde's `centered` is gone from it (inputs arr
 
 Time input: the release feeds its Fourier embedding `cond_t = 0.25·ln σ` (EDM's c_noise; `jcm/models/utils.py:
 get_denoiser_fn`), not log σ as score_sde's VE NCSN++ did. cmjax hands every network `time_input =
-250·ln(σ + 1e-44) = 1000·c_noise`, so this module embeds `time_input / 1000`.
+250·ln(σ + 1e-44) = 1000·c_noise`, so this module embeds `time_input / 1000`. Option `time_embedding="positional"`
+embeds the time input as given with openai's sinusoidal embedding instead: sCM's (Lu & Song 2024 §4.1)
+identity time transform with positional embeddings, for the "trigflow" conditioning whose time input is t ∈ [0, π/2]
+(there, the release's Fourier features of t/1000 at scale 16 barely change with t). `logvar_head=True` adds sCM's
+adaptive-weight head (`layers.logvar_head`).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cmjax import errors
+from cmjax.models import layers
 from cmjax.models import ncsnpp_layers as L
 
 # cmjax's time input is 1000·c_noise (openai's ADM convention); the release's NCSN++ embeds c_noise itself.
@@ -51,6 +56,11 @@ class NCSNpp(nn.Module):
     init_scale: float = 0.0
     dtype: Any = jnp.float32
     remat: bool = False
+    # How the time input becomes features: "fourier" (the release's: Gaussian Fourier features, scale
+    # fourier_scale, of c_noise = time_input/1000) | "positional" (openai's sinusoidal embedding, 2·nf channels, of
+    # the time input as given: sCM's identity time transform c_noise(t) = t for the "trigflow" conditioning).
+    time_embedding: str = "fourier"
+    logvar_head: bool = False  # sCM's log-variance head w_φ(t) on the time features (layers.logvar_head)
 
     def _check(self, x_bhwc, class_labels_b):
         if class_labels_b is not None:
@@ -71,6 +81,7 @@ class NCSNpp(nn.Module):
             ("progressive", self.progressive, ("none", "output_skip", "residual")),
             ("progressive_input", self.progressive_input, ("none", "input_skip", "residual")),
             ("progressive_combine", self.progressive_combine, ("sum", "cat")),
+            ("time_embedding", self.time_embedding, ("fourier", "positional")),
         ):
             if value not in allowed:
                 raise errors.ConfigError(f"NCSNpp {key}={value!r} is not one of {allowed}.")
@@ -82,8 +93,13 @@ class NCSNpp(nn.Module):
         nf, num_levels = self.nf, len(self.ch_mult)
 
         # Time embedding, float32: Fourier features of c_noise, then (if conditional) two dense layers.
-        c_noise_b = jnp.asarray(time_input_b, jnp.float32) / TIME_INPUT_PER_C_NOISE
-        temb = L.GaussianFourierProjection(nf, self.fourier_scale, name="time_fourier")(c_noise_b)
+        if self.time_embedding == "fourier":
+            c_noise_b = jnp.asarray(time_input_b, jnp.float32) / TIME_INPUT_PER_C_NOISE
+            temb = L.GaussianFourierProjection(nf, self.fourier_scale, name="time_fourier")(c_noise_b)
+        else:
+            temb = layers.timestep_embedding(time_input_b, 2 * nf)
+        if self.logvar_head:
+            layers.sow_logvar(self, temb)
         if self.conditional:
             temb = L.dense(4 * nf, name="time_dense_0", dtype=jnp.float32)(temb)
             temb = L.dense(4 * nf, name="time_dense_1", dtype=jnp.float32)(nn.swish(temb))

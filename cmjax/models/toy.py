@@ -33,6 +33,7 @@ class MLP(nn.Module):
     dropout: float = 0.0
     dtype: Any = jnp.float32
     remat: bool = False
+    logvar_head: bool = False  # sCM's log-variance head w_φ(t) on the time features (layers.logvar_head)
 
     def _dense(self, features, name, zero_init=False):
         init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
@@ -50,12 +51,15 @@ class MLP(nn.Module):
         batch_shape = x.shape
         h = x.reshape(x.shape[0], -1).astype(self.dtype)
         emb = sinusoidal_embedding(time_input, self.time_embed_dim)
+        if self.logvar_head:
+            layers.sow_logvar(self, emb)
         emb = nn.silu(self._dense(self.hidden_dim, "time_embed_0")(emb))
         emb = self._dense(self.hidden_dim, "time_embed_1")(emb)
         if self.num_classes:
             if class_labels is None:
                 raise errors.ConfigError("This MLP is class-conditional (num_classes > 0): pass class_labels.")
-            emb = emb + nn.Embed(self.num_classes, self.hidden_dim, name="label_emb")(class_labels)
+            emb = emb + layers.label_embedding(nn.Embed(self.num_classes, self.hidden_dim, name="label_emb"),
+                                               class_labels)
         elif class_labels is not None:
             raise errors.ConfigError("class_labels given to an unconditional MLP (num_classes = 0).")
         h = self._dense(self.hidden_dim, "input")(h)

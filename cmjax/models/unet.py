@@ -6,6 +6,12 @@ for openai's `weight`/`bias`; `cmjax.interop.openai` turns one into the other by
 
 Precision follows openai's fp16 recipe: the time/label embedding and the output head run in float32, the
 torso (input, middle and output blocks) in `dtype`; GroupNorm always normalises in float32.
+
+sCM options (Lu & Song 2024 §4.1), all off by default: the positional time embedding takes the time input as
+given, so the "trigflow" conditioning (time input t ∈ [0, π/2]) is sCM's identity time transform c_noise(t) = t
+with positional embeddings, on the same O(1) scale as EDM's c_noise = ¼·ln σ that EDM's own ADM embeds;
+`emb_norm="double_pixel_norm"` pixel-normalises AdaGN's scale and shift separately (sCM's adaptive double
+normalisation); `logvar_head=True` adds the adaptive-weight head (`layers.logvar_head`).
 """
 from __future__ import annotations
 
@@ -132,6 +138,8 @@ class UNet(nn.Module):
     # Hooks (cmjax.models.layers): how the time input is embedded, how AdaGN scale/shift is normalised.
     time_embedding: str = "positional"
     emb_norm: str = "none"
+    # sCM's log-variance head w_φ(t) on the time features (layers.logvar_head); False: none (openai's network).
+    logvar_head: bool = False
 
     def _heads(self, channels: int) -> int:
         if self.num_head_channels == -1:
@@ -149,6 +157,9 @@ class UNet(nn.Module):
         ):
             if value not in choices:
                 raise errors.ConfigError(f"UNet {field}={value!r} is not one of {sorted(choices)}.")
+        if self.emb_norm == "double_pixel_norm" and not self.use_scale_shift_norm:
+            raise errors.ConfigError("UNet emb_norm='double_pixel_norm' normalises AdaGN's scale and shift: it needs "
+                                     "use_scale_shift_norm=True (or use emb_norm='pixel_norm' / 'none').")
         dtype = jnp.dtype(self.dtype)
         res_block = nn.remat(ResBlock) if self.remat else ResBlock
         attn_block = nn.remat(AttentionBlock) if self.remat else AttentionBlock
@@ -174,6 +185,8 @@ class UNet(nn.Module):
         # Time (and label) embedding in float32, as openai keeps `time_embed` out of its fp16 conversion.
         time_embed_dim = 4 * self.model_channels
         t_features = layers.TIME_EMBEDDINGS[self.time_embedding](time_input_b, self.model_channels)
+        if self.logvar_head:
+            layers.sow_logvar(self, t_features)
         emb = layers.dense(time_embed_dim, name="time_embed_0")(t_features)
         emb = layers.dense(time_embed_dim, name="time_embed_2")(nn.silu(emb))
         if self.num_classes:
@@ -187,7 +200,7 @@ class UNet(nn.Module):
                 embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), layers.EMBEDDING_AXES),
                 name="label_emb",
             )
-            emb = emb + label_emb(class_labels_b)
+            emb = emb + layers.label_embedding(label_emb, class_labels_b)
 
         ch = int(self.channel_mult[0] * self.model_channels)
         h = layers.conv(ch, 3, name="input_blocks_0_0", dtype=dtype)(x_bhwc.astype(dtype))
