@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cmjax import errors
+from cmjax.models import layers
 from cmjax.models import ncsnpp_layers as L
 
 # cmjax's time input is 1000·c_noise (openai's ADM convention); the release's NCSN++ embeds c_noise itself.
@@ -83,7 +84,9 @@ class NCSNpp(nn.Module):
 
         # Time embedding, float32: Fourier features of c_noise, then (if conditional) two dense layers.
         c_noise_b = jnp.asarray(time_input_b, jnp.float32) / TIME_INPUT_PER_C_NOISE
-        temb = L.GaussianFourierProjection(nf, self.fourier_scale, name="time_fourier")(c_noise_b)
+        # A [B, K] time input (MeanFlow's (t, t − r)): the same Fourier features of each column, concatenated.
+        fourier = L.GaussianFourierProjection(nf, self.fourier_scale, name="time_fourier")
+        temb = layers.embed_times(lambda c, _: fourier(c), c_noise_b, nf)
         if self.conditional:
             temb = L.dense(4 * nf, name="time_dense_0", dtype=jnp.float32)(temb)
             temb = L.dense(4 * nf, name="time_dense_1", dtype=jnp.float32)(nn.swish(temb))

@@ -1,4 +1,5 @@
-"""Toy networks for low-dimensional data (2-D mixtures): an MLP with a sinusoidal time embedding."""
+"""Toy networks for low-dimensional data (2-D mixtures): an MLP with a sinusoidal time embedding (of each column
+of a [B, K] time input, e.g. MeanFlow's (t, t − r), concatenated: `layers.embed_times`)."""
 from __future__ import annotations
 
 import math
@@ -33,6 +34,7 @@ class MLP(nn.Module):
     dropout: float = 0.0
     dtype: Any = jnp.float32
     remat: bool = False
+    null_label: bool = False  # one more label row, index num_classes = "no class" (MeanFlow's guidance)
 
     def _dense(self, features, name, zero_init=False):
         init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
@@ -49,13 +51,14 @@ class MLP(nn.Module):
     def __call__(self, x, time_input, class_labels=None, train: bool = False):
         batch_shape = x.shape
         h = x.reshape(x.shape[0], -1).astype(self.dtype)
-        emb = sinusoidal_embedding(time_input, self.time_embed_dim)
+        emb = layers.embed_times(sinusoidal_embedding, time_input, self.time_embed_dim)
         emb = nn.silu(self._dense(self.hidden_dim, "time_embed_0")(emb))
         emb = self._dense(self.hidden_dim, "time_embed_1")(emb)
         if self.num_classes:
             if class_labels is None:
                 raise errors.ConfigError("This MLP is class-conditional (num_classes > 0): pass class_labels.")
-            emb = emb + nn.Embed(self.num_classes, self.hidden_dim, name="label_emb")(class_labels)
+            labels = self.num_classes + int(self.null_label)
+            emb = emb + nn.Embed(labels, self.hidden_dim, name="label_emb")(class_labels)
         elif class_labels is not None:
             raise errors.ConfigError("class_labels given to an unconditional MLP (num_classes = 0).")
         h = self._dense(self.hidden_dim, "input")(h)

@@ -132,6 +132,8 @@ class UNet(nn.Module):
     # Hooks (cmjax.models.layers): how the time input is embedded, how AdaGN scale/shift is normalised.
     time_embedding: str = "positional"
     emb_norm: str = "none"
+    # One more label row, index num_classes = "no class", for classifier-free guidance trained in (MeanFlow).
+    null_label: bool = False
 
     def _heads(self, channels: int) -> int:
         if self.num_head_channels == -1:
@@ -173,7 +175,7 @@ class UNet(nn.Module):
 
         # Time (and label) embedding in float32, as openai keeps `time_embed` out of its fp16 conversion.
         time_embed_dim = 4 * self.model_channels
-        t_features = layers.TIME_EMBEDDINGS[self.time_embedding](time_input_b, self.model_channels)
+        t_features = layers.embed_times(layers.TIME_EMBEDDINGS[self.time_embedding], time_input_b, self.model_channels)
         emb = layers.dense(time_embed_dim, name="time_embed_0")(t_features)
         emb = layers.dense(time_embed_dim, name="time_embed_2")(nn.silu(emb))
         if self.num_classes:
@@ -182,7 +184,7 @@ class UNet(nn.Module):
                     f"This UNet is class-conditional (num_classes={self.num_classes}); pass class_labels_b."
                 )
             label_emb = nn.Embed(
-                self.num_classes,
+                self.num_classes + int(self.null_label),
                 time_embed_dim,
                 embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), layers.EMBEDDING_AXES),
                 name="label_emb",
