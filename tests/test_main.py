@@ -61,7 +61,7 @@ def _train(capfd, runs, data_dir, method, *extra):
     return workdir, code, out, err
 
 
-@pytest.mark.parametrize("method", ["edm", "cd", "ct", "ict", "ect", "sct", "scd"])
+@pytest.mark.parametrize("method", ["edm", "cd", "ct", "ict", "ect", "sct", "scd", "meanflow"])
 def test_every_method_trains_on_digits_from_the_command_line(method, runs, data_dir, capfd):
     if method in ("cd", "ect", "scd"):
         if "edm" not in runs:  # the EDM run of this module is the teacher
