@@ -1,7 +1,8 @@
 """XLA-counted FLOPs of the compiled train step divided by one forward pass of the network.
 
 Expected about 3 for edm (forward + backward), 4 for ict (plus one target forward) and 6 for cd with the
-Heun teacher (plus two teacher forwards); a ratio well above these is wasted work.
+Heun teacher (plus two teacher forwards); meanflow: the forward is the primal of one JVP (its tangent pass costs
+about one forward more), plus the backward, about 4; a ratio well above these is wasted work.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python bench/flops.py [--channels 64]
 """
@@ -14,7 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from cmjax import losses, methods, models, optim, sharding, train_step  # noqa: E402
 from cmjax import workdir as workdir_lib  # noqa: E402
-from configs import digits  # noqa: E402
+from configs import default, digits  # noqa: E402
 
 
 def flops(compiled) -> float:
@@ -30,6 +31,7 @@ def main():
     args = parser.parse_args()
 
     config = digits.get_config()
+    config.model = default.get_config().model  # the digits UNet (configs/digits.py itself now trains an MLP)
     config.model.model_channels = args.channels
     config.model.num_head_channels = args.channels
     config.batch_size = args.batch
@@ -43,8 +45,9 @@ def main():
           f"forward {forward_flops / 1e9:.3f} GFLOPs")
     batch = {"image": jax.ShapeDtypeStruct((args.batch, *models.image_shape(config)), jnp.uint8),
              "label": jax.ShapeDtypeStruct((args.batch,), jnp.int32)}
-    expected = {"edm": 3, "ict": 4, "cd": 6}
-    for name, settings in [("edm", {}), ("ict", {}), ("cd", {"num_scales": 18, "teacher_solver": "heun"})]:
+    expected = {"edm": 3, "ict": 4, "cd": 6, "meanflow": 4}
+    for name, settings in [("edm", {}), ("ict", {}), ("cd", {"num_scales": 18, "teacher_solver": "heun"}),
+                           ("meanflow", {})]:
         methods.select(config, name, **settings)
         objective = losses.make_objective(name, **settings, **({"total_steps": 1000} if name == "ict" else {}))
         optimizer, lr_fn = optim.make_optimizer(config.optim, config.total_steps)

@@ -105,6 +105,14 @@ def test_user_errors_print_one_line_and_exit_2(capfd, tmp_path, data_dir, runs):
         "unknown method": (base + ["--config.method.name=lcm"], ["'lcm'", "ict"]),
         "missing dataset": (base + ["--config.data.name=cifar10"], ["cifar10"]),
         "flag a mode does not take": (base + ["--step=3"], ["--mode=train does not take --step"]),
+        "MeanFlow guidance, unconditional": (base + ["--config.method.name=meanflow",
+                                                     "--config.method.meanflow.guidance=cfg"],
+                                             ["guidance='cfg'", "class-conditional"]),
+        "MeanFlow labels without a null label": (
+            base + ["--config.method.name=meanflow", "--config.model.num_classes=10"], ["null_label=True"]),
+        "ImageNet-256 MeanFlow before its network": (
+            ["--config=configs/imagenet256_meanflow.py:b2", f"--workdir={workdir}"],
+            ["imagenet256_latents", "latent-space issue"]),
     }
     for name, (args, fragments) in cases.items():
         code, _, err = run_cli(capfd, *args)

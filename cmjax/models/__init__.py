@@ -26,6 +26,11 @@ _REGISTRY = {
 }
 
 
+# Names recipes already use for networks that do not exist yet, with what they need.
+PLANNED = {"dit": "the DiT/SiT transformer family comes with the latent-space issue; configs/imagenet256_meanflow.py "
+           "and configs/imagenet256_imf.py need it (their :smoke variants run now)."}
+
+
 def names() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -34,6 +39,8 @@ def get(model_config: Mapping[str, Any]) -> nn.Module:
     """Builds the network named by `model_config["name"]` with the remaining keys as its fields."""
     cfg = dict(model_config)
     name = cfg.pop("name", None)
+    if name in PLANNED:
+        raise errors.ConfigError(f"Network {name!r} is not in cmjax yet: {PLANNED[name]}")
     if name not in _REGISTRY:
         raise errors.ConfigError(f"Unknown config.model.name {name!r}; choose one of {names()}.")
     module_path, cls_name = _REGISTRY[name].split(":")
