@@ -117,6 +117,10 @@ def settings(config) -> dict[str, Any]:
         result["total_steps"] = int(config.total_steps)
     if "num_classes" in accepted:
         result["num_classes"] = int(config.model.get("num_classes") or 0)
+        if not result["num_classes"] and result.get("guidance", "none") != "none":
+            raise errors.ConfigError(
+                f"config.method.{name}.guidance={result['guidance']!r} needs a class-conditional model "
+                "(config.model.num_classes > 0); use guidance='none'.")
         drops = result.get("class_dropout", 0) > 0 or result.get("guidance", "none") != "none"
         if result["num_classes"] and drops and not config.model.get("null_label"):
             raise errors.ConfigError(
