@@ -100,9 +100,9 @@ def run_2d(problem_name: str, steps: dict, eval_samples: int, seed: int, log=pri
 # Step counts: iCT is configs/digits.py itself (the `make demo` run, 18k steps); the others ~1–2 min each on
 # an idle 2-core machine. Each uses that config's Adam 1e-3 with cosine decay over its steps, except EDM (constant).
 DIGITS_STEPS = {"edm": 3000, "cd": 3000, "ct": 3000, "ict": 18000, "ect": 3000}
-# MeanFlow (configs/digits.py with method meanflow, its ImageNet defaults): a step costs about 1.5 iCT steps on this
-# CPU (one forward + a JVP + the backward, against iCT's two forwards + backward), so 12k steps is iCT's budget.
-DIGITS_STEPS["meanflow"] = 12000
+# MeanFlow (configs/digits.py with method meanflow, its ImageNet defaults): its step costs what iCT's does (4.05
+# against 4.04 forward passes, bench/results/flops_cpu.md), so iCT's 18k steps are the same CPU budget.
+DIGITS_STEPS["meanflow"] = 18000
 DIGITS_METHODS = tuple(DIGITS_STEPS)
 DIGITS_EMA = 0.998  # the evaluation EMA reported (configs/digits.py keeps 0.998 and 0.999)
 # 4,096 samples: a class fraction near 14 % has a standard error of 0.5 points (1.1 at 1,024, where one draw of
