@@ -6,6 +6,8 @@ objective) is forward + backward + one JVP of the target network: with `jvp_mode
 primal and a tangent pass, and XLA shares the primal with the online forward (same inputs, same dropout key), so
 about 4 (measured 4.05, bench/results/flops_cpu.md); with "finite_difference" the JVP is three forwards (value,
 +h, −h), so about 6; sCD adds one teacher forward (two with classifier-free guidance).
+MeanFlow: the forward is the primal of one JVP (its tangent pass costs about one forward more), plus the
+backward, about 4.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python bench/flops.py [--channels 64]
 (configs/default.py's digits UNet: configs/digits.py trains an MLP since the demo moved to it)
@@ -48,12 +50,12 @@ def main():
           f"forward {forward_flops / 1e9:.3f} GFLOPs")
     batch = {"image": jax.ShapeDtypeStruct((args.batch, *models.image_shape(config)), jnp.uint8),
              "label": jax.ShapeDtypeStruct((args.batch,), jnp.int32)}
-    expected = {"edm": "3", "ict": "4", "cd": "6", "sct": "4", "sct fd": "6", "scd": "5"}
+    expected = {"edm": "3", "ict": "4", "cd": "6", "sct": "4", "sct fd": "6", "scd": "5", "meanflow": "4"}
     scm = {"tangent_warmup_steps": 10_000}
     for label, name, settings in [
         ("edm", "edm", {}), ("ict", "ict", {}), ("cd", "cd", {"num_scales": 18, "teacher_solver": "heun"}),
         ("sct", "sct", {**scm, "jvp_mode": "exact"}), ("sct fd", "sct", {**scm, "jvp_mode": "finite_difference"}),
-        ("scd", "scd", {**scm, "jvp_mode": "exact"}),
+        ("scd", "scd", {**scm, "jvp_mode": "exact"}), ("meanflow", "meanflow", {}),
     ]:
         methods.select(config, name, **settings)
         objective = losses.make_objective(name, **settings, **({"total_steps": 1000} if name == "ict" else {}))

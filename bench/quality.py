@@ -100,6 +100,9 @@ def run_2d(problem_name: str, steps: dict, eval_samples: int, seed: int, log=pri
 # Step counts: iCT is configs/digits.py itself (the `make demo` run, 18k steps); the others ~1–2 min each on
 # an idle 2-core machine. Each uses that config's Adam 1e-3 with cosine decay over its steps, except EDM (constant).
 DIGITS_STEPS = {"edm": 3000, "cd": 3000, "ct": 3000, "ict": 18000, "ect": 3000}
+# MeanFlow (configs/digits.py with method meanflow, its ImageNet defaults): its step costs what iCT's does (4.05
+# against 4.04 forward passes, bench/results/flops_cpu.md), so iCT's 18k steps are the same CPU budget.
+DIGITS_STEPS["meanflow"] = 18000
 DIGITS_METHODS = tuple(DIGITS_STEPS)
 DIGITS_EMA = 0.998  # the evaluation EMA reported (configs/digits.py keeps 0.998 and 0.999)
 # 4,096 samples: a class fraction near 14 % has a standard error of 0.5 points (1.1 at 1,024, where one draw of
@@ -136,6 +139,8 @@ def digits_method_config(method: str, steps: int, teacher_workdir: str) -> ml_co
             # The bench's CD was measured from a fresh init (README, docs/quality.md); the releases' CD starts
             # from the teacher (cmjax's default since, docs/fidelity.md): kept fresh so the numbers stand.
             config.teacher.init_student = False
+    elif method == "meanflow":
+        methods.select(config, "meanflow")  # the ImageNet JAX release's defaults (configs/default.py)
     elif method != "ict":
         raise ValueError(f"Unknown method {method!r}.")
     if method == "edm":
@@ -176,6 +181,15 @@ def digits_quality(workdir: str, method: str, seed: int) -> dict:
 
     kind = methods.parameterization_kind(config)
     sigma_max = methods.noise_range(config)["sigma_max"]  # where the run's sampling starts
+    if kind == parameterization.MEANFLOW:  # MeanFlow samples by time: x = ε − u(ε, 0, 1), and 1 → 0.5 → 0
+        def sample_times(times, key):
+            return evaluate.generate(module, params, key, mesh=mesh, num_images=DIGITS_SAMPLES, image_shape=shape,
+                                     sigmas=times, parameterization_kind=kind)[0]
+
+        key = jax.random.key(seed)
+        two = quality(sample_times([1.0, 0.5], key))
+        return {"one_step": quality(sample_times([1.0], key)), "two_step_default": two, "two_step_chosen": two,
+                "middle_sigma": "t 0.5", "selection": {}, "steps": step}
 
     def sample(sigmas, key):
         images, _ = evaluate.generate(module, params, key, mesh=mesh, num_images=DIGITS_SAMPLES, image_shape=shape,
@@ -351,7 +365,7 @@ def markdown(results: dict, commands: list, wall: float, load: tuple) -> str:
             f"| edm teacher ({r['edm']['nfe']} evaluations) | {r['edm']['steps']} | {_fmt(t['frechet'], 1)} | "
             f"{t['confident']:.1%} | {t['class_min']:.1%}–{t['class_max']:.1%} | | | | | | "
             f"{_seconds(r['edm'])} |"]
-        for method in (m for m in CONSISTENCY_METHODS if m in r):
+        for method in (m for m in (*CONSISTENCY_METHODS, "meanflow") if m in r):
             m = r[method]
             o, d, c = m["one_step"], m["two_step_default"], m["two_step_chosen"]
             lines.append(f"| {method} | {m['steps']} | {_fmt(o['frechet'], 1)} | {o['confident']:.1%} | "

@@ -1,6 +1,6 @@
 """Seconds-long learning proofs on 2-D problems with exactly known densities, for every objective.
 
-`train` runs any objective of `cmjax.losses` (edm, cd, ct, ict, ect, sct, scd) on an MLP over 2-D points drawn
+`train` runs any objective of `cmjax.losses` (edm, cd, ct, ict, ect, sct, scd, meanflow) on an MLP over 2-D points drawn
 fresh every step, as chunks of steps inside one `lax.scan` (tiny networks are dispatch-bound). The
 teacher of CD is either the mixture's exact denoiser or a trained EDM MLP; ECT starts from an EDM MLP's
 weights. Quality is the sliced Wasserstein distance to fresh data, beside the distance between two fresh
@@ -41,6 +41,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # sCM's CIFAR-10 time proposal and c = 0.1; the tangent warm-up is a tenth of the run (filled in below).
     "sct": {"p_mean": -1.0, "p_std": 1.4},
     "scd": {"p_mean": -1.0, "p_std": 1.4},
+    # MeanFlow: the ImageNet JAX release's defaults (logit-normal (−0.4, 1.0), 75 % r = t, p = 1, c = 0.01).
+    "meanflow": {},
 }
 
 
@@ -63,8 +65,9 @@ class Demo2DConfig:
 
     def objective_settings(self, sigma_data: float) -> dict[str, Any]:
         """RECIPES[method] with this run's overrides, σ_data and curriculum lengths filled in."""
-        settings = dict(RECIPES[self.method], sigma_data=sigma_data, **dict(self.settings))
         accepted = losses.objective_settings(self.method)
+        data_scale = {"sigma_data": sigma_data} if "sigma_data" in accepted else {}  # MeanFlow's path has none
+        settings = dict(RECIPES[self.method], **data_scale, **dict(self.settings))
         if "total_steps" in accepted:
             settings.setdefault("total_steps", self.steps)
         if "stage_steps" in accepted:  # ECT: Δt halves four times over the run
@@ -81,11 +84,16 @@ class Model2D:
     module: Any
     params: Any
     sigma_data: float
-    kind: str  # "edm" | "consistency" | "trigflow" | "trigflow_edm"
+    kind: str  # "edm" | "consistency" | "trigflow" | "trigflow_edm" | "meanflow"
     sigma_max: float = pz.SIGMA_MAX  # where 1-step and 2-step sampling start: the objective's σ_max
 
     def apply(self, params, x_in, t_in):
         return self.module.apply({"params": params}, x_in, t_in)
+
+    def average_velocity(self) -> Callable:
+        """z, r, t ↦ u(z, r, t) of a MeanFlow model."""
+        u = pz.meanflow_network(self.apply)
+        return lambda z, r, t: u(self.params, z, r, t)
 
     def denoiser(self) -> Callable:
         return lambda x, s: pz.denoise(self.apply, self.params, x, s, kind=self.kind,
@@ -124,7 +132,9 @@ def train(config: Demo2DConfig, problem, *, teacher=None, init_params=None, log=
     teacher_network, teacher_params = teacher if teacher is not None else (None, None)
     key = jax.random.key(config.seed)
     if init_params is None:
-        init_params = module.init({"params": key}, jnp.zeros((1, problem.dim)), jnp.zeros((1,)))["params"]
+        k = methods.time_inputs(config.method)
+        init_params = module.init({"params": key}, jnp.zeros((1, problem.dim)),
+                                  jnp.zeros((1,) if k == 1 else (1, k)))["params"]
     optimizer = make_optimizer(config)
     keeps_target = methods.get(config.method).keeps_target
     state = {"params": init_params, "ema": init_params, "opt": optimizer.init(init_params),
@@ -172,12 +182,16 @@ def train(config: Demo2DConfig, problem, *, teacher=None, init_params=None, log=
 
 
 def one_step(model: Model2D, key, num: int):
-    """x = f(σmax·z, σmax), unclipped (2-D data is not confined to [−1, 1])."""
+    """x = f(σmax·z, σmax), unclipped (2-D data is not confined to [−1, 1]); MeanFlow: x = ε − u(ε, 0, 1)."""
+    if model.kind == pz.MEANFLOW:
+        return sampling.meanflow_sample(model.average_velocity(), key, (num, 2), [1.0])
     return sampling.one_step_sample(model.denoiser(), key, (num, 2), model.sigma_max, clip=False)
 
 
-def two_step(model: Model2D, key, num: int, middle_sigma: float):
-    """CM Algorithm 1 through [σmax, middle_sigma], unclipped."""
+def two_step(model: Model2D, key, num: int, middle_sigma: float, middle_time: float = 0.5):
+    """CM Algorithm 1 through [σmax, middle_sigma], unclipped; MeanFlow: jumps 1 → middle_time → 0."""
+    if model.kind == pz.MEANFLOW:
+        return sampling.meanflow_sample(model.average_velocity(), key, (num, 2), [1.0, middle_time])
     return sampling.multistep_sample(model.denoiser(), key, (num, 2), [model.sigma_max, middle_sigma],
                                      sigma_max=model.sigma_max, clip=False)
 

@@ -35,13 +35,30 @@ def denoiser_for(module, params, class_labels, kind: str, *, sigma_data, sigma_m
     return consistency_fn_for(module, params, class_labels, sigma_data=sigma_data, sigma_min=sigma_min)
 
 
+def average_velocity_for(module, params, class_labels):
+    """z, r, t ↦ u_θ(z, r, t) of a MeanFlow network in evaluation mode (dropout off)."""
+    apply_fn = lambda p, x_in, t_in: module.apply({"params": p}, x_in, t_in, class_labels, train=False)  # noqa: E731
+    u = parameterization.meanflow_network(apply_fn)
+    return lambda z, r, t: u(params, z, r, t)
+
+
+def _draw(module, params, labels, kind, key, shape, levels, *, sigma_data, sigma_min, sigma_max, clip, renoise):
+    """One sampler's images: MeanFlow's jumps through the times `levels` (kind "meanflow"), else CM Algorithm 1
+    through the noise levels `levels`."""
+    if kind == parameterization.MEANFLOW:
+        return sampling.meanflow_sample(average_velocity_for(module, params, labels), key, shape, levels)
+    fn = denoiser_for(module, params, labels, kind, sigma_data=sigma_data, sigma_min=sigma_min)
+    return sampling.multistep_sample(fn, key, shape, levels, sigma_min, sigma_max, clip=clip, renoise_kind=renoise)
+
+
 def generate(module, params, key, *, mesh: Mesh, num_images: int, image_shape: Sequence[int],
              sigmas: Sequence[float], num_classes: int = 0, sigma_data=parameterization.SIGMA_DATA,
              sigma_min=parameterization.SIGMA_MIN, sigma_max=parameterization.SIGMA_MAX,
              parameterization_kind="consistency", renoise="cm", clip=True):
     """`num_images` samples in [−1, 1] from the multistep sampler at `sigmas` ([σmax] = one step), sharded
     over the mesh's batch axes (`renoise`, `clip`: as `sampling.multistep_sample`; a run's own are
-    `methods.sampler_settings(config)`). Returns (images [N, H, W, C] float32 global array, labels or None)."""
+    `methods.sampler_settings(config)`); for parameterization_kind "meanflow", `sigmas` are MeanFlow times from 1.
+    Returns (images [N, H, W, C] float32 global array, labels or None)."""
     devices = sharding.batch_device_count(mesh)
     if num_images % devices:
         raise errors.ConfigError(f"num_images={num_images} must divide over the {devices} devices of the mesh.")
@@ -52,9 +69,8 @@ def generate(module, params, key, *, mesh: Mesh, num_images: int, image_shape: S
     def _generate(params, key):
         label_key, noise_key = jax.random.split(key)
         labels = jax.random.randint(label_key, (num_images,), 0, num_classes) if num_classes else None
-        fn = denoiser_for(module, params, labels, parameterization_kind, sigma_data=sigma_data, sigma_min=sigma_min)
-        images = sampling.multistep_sample(fn, noise_key, shape, sigmas, sigma_min, sigma_max, clip=clip,
-                                           renoise_kind=renoise)
+        images = _draw(module, params, labels, parameterization_kind, noise_key, shape, sigmas,
+                       sigma_data=sigma_data, sigma_min=sigma_min, sigma_max=sigma_max, clip=clip, renoise=renoise)
         images = jax.lax.with_sharding_constraint(images, out_sharding)
         return images, labels
 
@@ -110,6 +126,17 @@ def save_png(path: str, grid_uint8: np.ndarray, scale: int = 1) -> None:
 def sampler_sigmas(two_step_sigma: float, sigma_max=parameterization.SIGMA_MAX) -> dict[str, list[float]]:
     """The samplers every evaluation reports: one step from σmax, and two steps via `two_step_sigma`."""
     return {"1step": [sigma_max], "2step": [sigma_max, two_step_sigma]}
+
+
+def sampler_levels(config, sigma_max=parameterization.SIGMA_MAX) -> dict[str, list[float]]:
+    """The run's 1-step and 2-step samplers: `sampler_sigmas` (noise levels), or for MeanFlow its times
+    [1] and [1, config.sample.two_step_time] (x = ε − u(ε, 0, 1); two jumps via t = 0.5 by default, the
+    midpoint of Lyy-iiis/imeanflow imf.py `generate`'s linspace(1, 0, num_steps + 1))."""
+    from cmjax import methods
+
+    if methods.is_meanflow(config):
+        return {"1step": [1.0], "2step": [1.0, float(config.sample.two_step_time)]}
+    return sampler_sigmas(config.sample.two_step_sigma, sigma_max)
 
 
 def as_dict(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -363,10 +390,9 @@ class Evaluator:
         def one(params, key):
             label_key, noise_key = jax.random.split(key)
             label = jax.random.randint(label_key, (1,), 0, num_classes) if num_classes else None
-            fn = denoiser_for(self.module, params, label, self.kind, sigma_data=self.sigma_data,
-                              sigma_min=self.sigma_min)
-            x = sampling.multistep_sample(fn, noise_key, shape, cache_key[0], self.sigma_min, self.sigma_max,
-                                          clip=self.clip, renoise_kind=self.renoise)
+            x = _draw(self.module, params, label, self.kind, noise_key, shape, cache_key[0],
+                      sigma_data=self.sigma_data, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
+                      clip=self.clip, renoise=self.renoise)
             return x[0], label[0] if num_classes else jnp.int32(0)
 
         @jax.jit
@@ -418,6 +444,9 @@ class Evaluator:
         """openai's ternary search for the 2-step sampler's middle time: ts = [0, i, steps−1] on a `steps`-point
         Karras grid (default config.eval.search_steps), i minimising the metric's primary value (FID) on
         `num_samples` samples."""
+        if self.kind == parameterization.MEANFLOW:
+            raise errors.ConfigError("config.eval.two_step_search walks a Karras σ grid; a MeanFlow run samples by "
+                                     "time: set config.eval.two_step_search=0 and choose config.sample.two_step_time.")
         steps = int(steps or self.config.eval.search_steps)
         sigma_of = lambda i: [float(s) for s in sampling.openai_ts_sigmas(  # noqa: E731
             [0, i, steps - 1], steps, self.sigma_min, self.sigma_max)[:2]]
@@ -465,7 +494,7 @@ def sample_checkpoint(config, workdir: str, *, step: int | None = None, ema_rate
     num_samples = int(num_samples or config.sample.num_images)
     tag = _rate_tag(ema_rate if ema_rate is not None else config.ema_rates[0])
     written: dict[str, Any] = {"step": step}
-    for name, sigmas in sampler_sigmas(config.sample.two_step_sigma, evaluator.sigma_max).items():
+    for name, sigmas in sampler_levels(config, evaluator.sigma_max).items():
         samples = evaluator.samples(params, sigmas, num_samples, eval_key(config.seed))
         stem = os.path.join(output, f"{tag}_{name}_{step:08d}")
         if jax.process_index() == 0:
@@ -491,7 +520,7 @@ def evaluate_checkpoint(config, workdir: str, *, step: int | None = None, ema_ra
         module, params, _, step_used = workdir_lib.load_params(workdir, mesh, step=step, ema_rate=rate, config=config)
         evaluator = evaluator or Evaluator(config, module, mesh)
         metric = evaluator.metric()
-        samplers = sampler_sigmas(config.sample.two_step_sigma, evaluator.sigma_max)
+        samplers = sampler_levels(config, evaluator.sigma_max)
         if config.eval.two_step_search:
             search = evaluator.two_step_search(params, int(config.eval.two_step_search), metric)
             results.update({f"{_rate_tag(rate)}_2step_search/{k}": v for k, v in search.items()})
@@ -536,7 +565,7 @@ class PeriodicEvaluator:
         results: dict[str, Any] = {}
         for rate in config.ema_rates:
             params = train_state.ema_params(state, rate)
-            for name, sigmas in sampler_sigmas(config.sample.two_step_sigma, evaluator.sigma_max).items():
+            for name, sigmas in sampler_levels(config, evaluator.sigma_max).items():
                 tag = f"{_rate_tag(rate)}_{name}"
                 grid = image_grid(evaluator.samples(params, sigmas, config.sample.num_images,
                                                     eval_key(config.seed))["image"])

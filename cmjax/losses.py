@@ -1,4 +1,4 @@
-"""Training objectives: edm, cd, ct (2023), ict, ect, sct, scd (distances: `cmjax.distances`).
+"""Training objectives: edm, cd, ct (2023), ict, ect, sct, scd, meanflow (distances: `cmjax.distances`).
 
 Every objective has the signature
     objective(network, params, x, key, step, *, target_params=None, teacher_params=None,
@@ -366,11 +366,103 @@ def guided_velocity(conditional, unconditional, guidance_scale):
     FastGen's sCD does it (`sCM.py` `_compute_scm_loss`: dxt_dt + (s − 1)·(dxt_dt − neg_dxt_dt), the same mix);
     s = 1 is the conditional velocity, s = 0 the unconditional one."""
     return unconditional + guidance_scale * (conditional - unconditional)
+# ----------------------------------------------------------------------------------------------
+# MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling") and improved MeanFlow (iMF, Geng,
+# Lu et al. 2025, "Improved Mean Flows: On the Challenges of Fastforward Generative Models"). The path, the
+# network reading and the σ form are in `parameterization` (MeanFlow section).
+
+MEANFLOW_TANGENTS = ("sample", "predicted")
+MEANFLOW_GUIDANCE = ("none", "cfg")
+
+
+def meanflow_target(u_fn, z, r, t, velocity, *, jvp_mode="exact", jvp_fd_step=jvp.FD_STEP):
+    """(u(z, r, t), u_tgt) with the MeanFlow identity u_tgt = v − (t − r)·(v·∂_z u + ∂_t u) (MeanFlow eq. 8): one
+    JVP of `u_fn(z, r, t)` along the tangents (v, 0, 1) for (z, r, t) (`jvp.value_and_jvp`). The value keeps the
+    gradient of whatever `u_fn` closes over; u_tgt is stop-gradient, with t − r clipped to [0, 1] as
+    Gsunshine/meanflow meanflow.py:235."""
+    batch = z.shape[0]
+    u, du_dt = jvp.value_and_jvp(u_fn, (z, r, t), (velocity, jnp.zeros((batch,)), jnp.ones((batch,))),
+                                 mode=jvp_mode, step=jvp_fd_step)
+    gap = broadcast_per_sample(jnp.clip(t - r, 0.0, 1.0), z)
+    return u, jax.lax.stop_gradient(velocity - gap * du_dt)
+
+
+def meanflow_loss(network, params, x, key, step, *, target_params=None, teacher_params=None,
+                  teacher_network=None, distance_params=None, time_dist="logit_normal", p_mean_t=-0.4,
+                  p_std_t=1.0, p_mean_r=-0.4, p_std_r=1.0, equal_fraction=0.75, tr_order="sort", norm_p=1.0,
+                  norm_eps=0.01, tangent="sample", guidance="none", omega=1.0, kappa=0.5, t_start=0.0, t_end=1.0,
+                  class_dropout=0.1, num_classes=0, jvp_mode="exact", jvp_fd_step=jvp.FD_STEP):
+    """MeanFlow: z = (1 − t)·x + t·ε, v = ε − x, per-sample ‖u_θ(z, r, t) − sg(u_tgt)‖² summed over pixels and
+    weighted by sg(1/(‖Δ‖² + c)^p) (norm_eps c, norm_p p; Gsunshine/meanflow meanflow.py:206-246); (r, t) from
+    `schedules.meanflow_times`. Defaults are the ImageNet JAX release's (configs/default.py:52-71): logit-normal
+    (−0.4, 1.0) for both times, 75 % of samples with r = t, p = 1, c = 0.01.
+
+    tangent "sample": the JVP runs along the (guided) conditional velocity, as MeanFlow; "predicted": along the
+    network's own instantaneous velocity v_θ(z, t) = u_θ(z, t, t) (sg), iMF §4.1 (Lyy-iiis/imeanflow imf.py,
+    `iMeanFlow.forward`: the JVP tangent is the predicted v_c). With it the loss is iMF's v-loss
+    ‖u_θ + (t − r)·sg(du_θ/dt) − v_g‖², which equals ‖u_θ − sg(u_tgt)‖² in value and gradient. iMF's auxiliary
+    v-head is not implemented (cmjax networks have one head; v_θ = u_θ(z, t, t) is the boundary condition).
+
+    Class-conditional models (num_classes > 0, from config.model.num_classes; the network needs the extra "no
+    class" label, config.model.null_label): labels are dropped with probability class_dropout, and guidance "cfg"
+    folds classifier-free guidance into the target (MeanFlow §4.2, meanflow.py:171-200): inside the interval
+    [t_start, t_end], v_g = ω·v + (1 − ω − κ)·u_θ(z, t, t | ∅) + κ·u_θ(z, t, t | c) (sg), outside it v_g = v;
+    samples whose label was dropped keep v_g = v. iMF's guidance as a conditioning input (ω and the interval fed
+    to the network, ω drawn per sample) is not implemented.
+    """
+    del step, target_params, teacher_params, teacher_network, distance_params
+    for name, value, choices in (("tangent", tangent, MEANFLOW_TANGENTS), ("guidance", guidance, MEANFLOW_GUIDANCE)):
+        if value not in choices:
+            raise errors.ConfigError(f"Unknown MeanFlow {name} {value!r}; choose one of {list(choices)}.")
+    if not num_classes and guidance != "none":
+        raise errors.ConfigError(f"MeanFlow guidance={guidance!r} needs a class-conditional model "
+                                 "(config.model.num_classes > 0); use guidance='none'.")
+    time_key, noise_key, drop_key, dropout_key = jax.random.split(key, 4)
+    batch = x.shape[0]
+    t, r = schedules.meanflow_times(time_key, batch, dist=time_dist, p_mean_t=p_mean_t, p_std_t=p_std_t,
+                                    p_mean_r=p_mean_r, p_std_r=p_std_r, equal_fraction=equal_fraction,
+                                    order=tr_order)
+    eps = jax.random.normal(noise_key, x.shape, jnp.float32)
+    tb = broadcast_per_sample(t, x)
+    z = (1.0 - tb) * x + tb * eps
+    v = eps - x
+    u_net = parameterization.meanflow_network(network)
+    frozen = jax.lax.stop_gradient(params)
+    label_kwargs, v_g = {}, v
+    if num_classes:
+        dropped = jax.random.uniform(drop_key, (batch,)) < class_dropout
+        if guidance == "cfg":
+            def instantaneous(drop):  # u_θ(z, t, t) with the JVP's dropout key (the release's DiT has no dropout)
+                return u_net(frozen, z, t, t, dropout_key, label_drop=drop)
+
+            inside = (t >= t_start) & (t <= t_end)
+            w = broadcast_per_sample(jnp.where(inside, omega, 1.0), x)
+            k = broadcast_per_sample(jnp.where(inside, kappa, 0.0), x)
+            v_uncond = instantaneous(jnp.ones((batch,), bool))
+            v_cond = instantaneous(jnp.zeros((batch,), bool)) if kappa else jnp.zeros_like(v)
+            v_g = jax.lax.stop_gradient(w * v + (1.0 - w - k) * v_uncond + k * v_cond)
+        v_g = jnp.where(broadcast_per_sample(dropped, x), v, v_g)
+        label_kwargs = {"label_drop": dropped}
+    if tangent == "predicted":
+        direction = jax.lax.stop_gradient(u_net(frozen, z, t, t, dropout_key, **label_kwargs))
+    else:
+        direction = v_g
+    u_fn = lambda zz, rr, tt: u_net(params, zz, rr, tt, dropout_key, **label_kwargs)  # noqa: E731
+    u, u_tgt = meanflow_target(u_fn, z, r, t, direction, jvp_mode=jvp_mode, jvp_fd_step=jvp_fd_step)
+    if tangent == "predicted":  # the target velocity stays the conditional one, v_g (iMF's v-loss)
+        u_tgt = jax.lax.stop_gradient(u_tgt + (v_g - direction))
+    axes = tuple(range(1, x.ndim))
+    per_sample = jnp.sum(jnp.square(u - u_tgt), axis=axes)
+    weight = jax.lax.stop_gradient(1.0 / jnp.power(per_sample + norm_eps, norm_p))
+    loss = jnp.mean(weight * per_sample)
+    metrics = {"loss": loss, "mean_squared_error": jnp.mean(per_sample) / float(jnp.size(x) // batch),
+               "mean_t": jnp.mean(t), "mean_gap": jnp.mean(t - r)}
+    return loss, metrics
 
 
 OBJECTIVES: dict[str, Callable] = {
     "edm": edm_loss, "cd": cd_loss, "ct": ct_loss, "ict": ict_loss, "ect": ect_loss,
-    "sct": sct_loss, "scd": scd_loss,
+    "sct": sct_loss, "scd": scd_loss, "meanflow": meanflow_loss,
 }
 _CALL_ARGS = {"target_params", "teacher_params", "teacher_network", "distance_params"}
 

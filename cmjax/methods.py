@@ -1,7 +1,7 @@
 """The one table of method facts, and a run's method settings read from its config.
 
 `config.method.name` selects a method; its settings live in their own section `config.method.<name>`
-(`config.method.ict.s1`), so switching `--config.method.name=edm|cd|ct|ict|ect|sct|scd` on any recipe runs that
+(`config.method.ict.s1`), so switching `--config.method.name=edm|cd|ct|ict|ect|sct|scd|meanflow` on any recipe runs that
 method with its own defaults. What a method *is* — whether it needs a teacher, keeps a target network θ⁻,
 starts from the teacher's weights, which parameterisation its online network has, the Karras grid its
 sampler's scheduler knows — is written once here and read by train, evaluate, interop, bench and demo_2d.
@@ -47,6 +47,9 @@ class Method:
     parameterization: str
     summary: str
     sampling: Sampling = Sampling()
+    # Scalars the network is conditioned on: 1 = the noise level's time input [B]; MeanFlow 2 = (t, t − r), a
+    # time input [B, 2] (models.sample_inputs shapes the init input by it; cmjax.models.layers.embed_times).
+    time_inputs: int = 1
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -69,9 +72,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            summary="continuous-time consistency training, sCT (Lu & Song 2024)"),
     Method("scd", needs_teacher=True, keeps_target=False, starts_from_teacher=False, parameterization="setting",
            summary="continuous-time consistency distillation, sCD (Lu & Song 2024)"),
+    # MeanFlow (Geng et al. 2025) and its improved form iMF (options of the same objective, losses.meanflow_loss):
+    # the network is the average velocity u(z_t, r, t) of the flow-matching path, conditioned on (t, t − r);
+    # sampled by its own sampler, z_r = z_t − (t − r)·u(z_t, r, t) from t = 1 (sampling.meanflow_sample).
+    Method("meanflow", needs_teacher=False, keeps_target=False, starts_from_teacher=False,
+           parameterization="meanflow", summary="MeanFlow / improved MeanFlow, average-velocity one-step flows "
+           "(Geng et al. 2025)", sampling=Sampling(clip=False), time_inputs=2),
 )}
 # Settings a method takes from elsewhere in the config rather than from its own section.
-_FROM_CONFIG = {"total_steps"}
+# MeanFlow's `num_classes` (label dropout and guidance need a class-conditional network) is config.model's.
+_FROM_CONFIG = {"total_steps", "num_classes"}
 
 
 def names() -> list[str]:
@@ -105,6 +115,18 @@ def settings(config) -> dict[str, Any]:
     result = {**accepted, **section}
     if "total_steps" in accepted:
         result["total_steps"] = int(config.total_steps)
+    if "num_classes" in accepted:
+        result["num_classes"] = int(config.model.get("num_classes") or 0)
+        if not result["num_classes"] and result.get("guidance", "none") != "none":
+            raise errors.ConfigError(
+                f"config.method.{name}.guidance={result['guidance']!r} needs a class-conditional model "
+                "(config.model.num_classes > 0); use guidance='none'.")
+        drops = result.get("class_dropout", 0) > 0 or result.get("guidance", "none") != "none"
+        if result["num_classes"] and drops and not config.model.get("null_label"):
+            raise errors.ConfigError(
+                f"Method {name!r} drops class labels to the 'no class' label {result['num_classes']} (class_dropout="
+                f"{result.get('class_dropout')}, guidance={result.get('guidance')!r}), which the network lacks: set "
+                f"--config.model.null_label=True, or config.method.{name}.class_dropout=0 and guidance='none'.")
     return result
 
 
@@ -134,6 +156,16 @@ def parameterization_of(name: str, method_settings: Mapping[str, Any]) -> str:
         return method_settings.get("parameterization_kind",
                                    losses.objective_settings(name)["parameterization_kind"])
     return method.parameterization
+
+
+def time_inputs(name: str) -> int:
+    """How many time scalars method `name`'s network is conditioned on (1, or MeanFlow's 2: (t, t − r))."""
+    return get(name).time_inputs
+
+
+def is_meanflow(config) -> bool:
+    """Whether the run's network is a MeanFlow average velocity, sampled by `sampling.meanflow_sample`."""
+    return parameterization_kind(config) == parameterization.MEANFLOW
 
 
 def parameterization_kind(config) -> str:

@@ -219,6 +219,49 @@ def trigflow_denoise(apply_fn: NetworkFn, params, x, sigma, sigma_data=SIGMA_DAT
     return cos_t * x_t - sin_t * sigma_data * trig_out
 
 
+# ----------------------------------------------------------------------------------------------
+# MeanFlow (Geng et al. 2025; DESIGN §4): the flow-matching path z_t = (1 − t)·x + t·ε, t ∈ [0, 1], ε ~ N(0, I),
+# conditional velocity v = ε − x. The raw network IS the average velocity u_θ(z_t, r, t) = 1/(t − r)·∫_r^t v dτ,
+# with no preconditioning, conditioned on two times: its time input is [B, 2] = (t, t − r), each column
+# embedded by the network's own time embedding (cmjax.models.layers.embed_times). Both releases condition on
+# (t, t − r): the ImageNet DiT embeds t and h = t − r separately and sums them (Gsunshine/meanflow
+# models/models_dit.py:218-221), the CIFAR-10 UNet concatenates their positional embeddings
+# (Gsunshine/py-meanflow meanflow/models/unet.py:368-374). Both feed t ∈ [0, 1] unscaled, as cmjax does (NCSN++
+# embeds time_input/1000: a MeanFlow NCSN++ scales its Fourier features by 1000 instead, configs/cifar10_meanflow.py).
+# In the EDM σ form, x_σ = x + σ·ε is the same point as z_t = x_σ/(1 + σ) at t = σ/(1 + σ), so one jump to r = 0,
+# x̂ = z_t − t·u(z_t, 0, t), is MeanFlow's clean estimate f(x_σ, σ) (`meanflow_denoise`), exact for every σ.
+MEANFLOW = "meanflow"
+
+
+def meanflow_time_input(r, t):
+    """The two-time network input [B, 2]: (t, t − r)."""
+    r, t = jnp.asarray(r, jnp.float32), jnp.asarray(t, jnp.float32)
+    return jnp.stack([t, t - r], axis=-1)
+
+
+def meanflow_network(network):
+    """u(params, z, r, t, *rng, **kw) = network(params, z, (t, t − r), *rng, **kw) of a raw network."""
+
+    def u(params, z, r, t, *rng, **kwargs):
+        r = jnp.broadcast_to(jnp.asarray(r, jnp.float32), z.shape[:1])
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
+        out = network(params, z, meanflow_time_input(r, t), *rng, **kwargs)
+        return jnp.asarray(out, jnp.float32)
+
+    return u
+
+
+def meanflow_denoise(apply_fn: NetworkFn, params, x, sigma):
+    """MeanFlow's clean estimate as a function of (x_σ, σ): z_t − t·u(z_t, 0, t) with t = σ/(1 + σ),
+    z_t = x_σ/(1 + σ) (for the EDM-form samplers; `sampling.meanflow_sample` is MeanFlow's own)."""
+    x = jnp.asarray(x, jnp.float32)
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
+    t = sigma / (1.0 + sigma)
+    z = x / broadcast_per_sample(1.0 + sigma, x)
+    u = meanflow_network(apply_fn)(params, z, jnp.zeros_like(t), t)
+    return z - broadcast_per_sample(t, x) * u
+
+
 def denoise(
     apply_fn: NetworkFn,
     params,
@@ -237,5 +280,7 @@ def denoise(
         return consistency_denoise(apply_fn, params, x, sigma, sigma_data, sigma_min)
     if kind in TRIGFLOW_KINDS:
         return trigflow_denoise(apply_fn, params, x, sigma, sigma_data, kind)
+    if kind == MEANFLOW:
+        return meanflow_denoise(apply_fn, params, x, sigma)
     raise ValueError(f"Unknown parameterization {kind!r}; choose 'edm', 'consistency', 'trigflow' or "
                      "'trigflow_edm'.")

@@ -120,3 +120,30 @@ def openai_multistep_sample(
     if final > sigma_min * (1 + 1e-6):  # the grid's last point is σmin up to float64 rounding
         x = renoise(x, final, _noise(noise, key, len(sigmas) - 1, shape), sigma_min, sigma_max)
     return x
+
+
+# ----------------------------------------------------------------------------------------------
+# MeanFlow (Geng et al. 2025): the network is an average velocity, sampled by jumping along it.
+
+AverageVelocityFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]  # u(z, r, t)
+
+
+def meanflow_times(times: Sequence[float]) -> list[float]:
+    """A MeanFlow time grid: `times` decreasing from 1 (pure noise) within (0, 1], with 0 appended as the end."""
+    times = [float(t) for t in times]
+    if not times or any(a <= b for a, b in zip(times, times[1:])) or times[0] != 1.0 or times[-1] <= 0.0:
+        raise ValueError(f"MeanFlow sampling times must decrease from 1.0 within (0, 1], got {times}.")
+    return times + [0.0]
+
+
+def meanflow_sample(u_fn: AverageVelocityFn, key, shape, times: Sequence[float] = (1.0,), noise=None):
+    """z = ε ~ N(0, I) at t = times[0]; for each later time r (and finally 0): z ← z − (t − r)·u(z, r, t)
+    (MeanFlow Algorithm 2 / eq. 12; Gsunshine/meanflow meanflow.py:102-113, Lyy-iiis/imeanflow imf.py
+    `sample_one_step`): [1.0] is 1-step x = ε − u(ε, 0, 1), len(times) evaluations, deterministic. The noise is
+    drawn from `jax.random.fold_in(key, 0)` (as `multistep_sample`'s first step), or is `noise[0]`."""
+    grid = meanflow_times(times)
+    z = _noise(noise, key, 0, shape)
+    for t, r in zip(grid[:-1], grid[1:]):
+        batch = jnp.full(shape[:1], t, jnp.float32)
+        z = z - (t - r) * u_fn(z, jnp.full(shape[:1], r, jnp.float32), batch)
+    return z

@@ -173,3 +173,39 @@ def ema_rate_from_half_life(half_life_images: float, batch_size: int) -> float:
     if half_life_images <= 0:
         raise ValueError(f"EMA half-life must be positive, got {half_life_images}.")
     return 0.5 ** (batch_size / half_life_images)
+
+
+# ----------------------------------------------------------------------------------------------
+# MeanFlow (Geng et al. 2025) two-time sampler.
+
+MEANFLOW_TIME_DISTS = ("logit_normal", "uniform")
+MEANFLOW_TR_ORDERS = ("sort", "min")
+
+
+def meanflow_time(key, batch_size: int, dist: str, p_mean: float, p_std: float):
+    """t ∈ (0, 1): logit-normal sigmoid(Pm + Ps·n), n ~ N(0, 1), or uniform (Gsunshine/meanflow meanflow.py:138-145)."""
+    if dist == "logit_normal":
+        return jax.nn.sigmoid(p_mean + p_std * jax.random.normal(key, (batch_size,), jnp.float32))
+    if dist == "uniform":
+        return jax.random.uniform(key, (batch_size,), jnp.float32)
+    raise ValueError(f"Unknown MeanFlow time distribution {dist!r}; choose one of {list(MEANFLOW_TIME_DISTS)}.")
+
+
+def meanflow_times(key, batch_size: int, *, dist: str = "logit_normal", p_mean_t: float = -0.4, p_std_t: float = 1.0,
+                   p_mean_r: float = -0.4, p_std_r: float = 1.0, equal_fraction: float = 0.75, order: str = "sort"):
+    """(t, r) with 0 ≤ r ≤ t ≤ 1, each [B]: t and r drawn independently, the first ⌊B·equal_fraction⌋ samples
+    get r = t (flow matching). order "sort": t, r = max, min of the two draws, then r = t on that fraction
+    (Gsunshine/meanflow meanflow.py:147-157; py-meanflow time_sampler.py:22-39, "v0", the paper's); "min": r = t
+    on the fraction, then r = min(t, r), so t keeps its own distribution (py-meanflow time_sampler.py:42-59, "v1").
+    The ImageNet JAX code fixes the count of r = t samples as here; the CIFAR-10 PyTorch code draws it per
+    sample with the same probability."""
+    t_key, r_key = jax.random.split(key)
+    t = meanflow_time(t_key, batch_size, dist, p_mean_t, p_std_t)
+    r = meanflow_time(r_key, batch_size, dist, p_mean_r, p_std_r)
+    equal = jnp.arange(batch_size) < int(batch_size * equal_fraction)
+    if order == "sort":
+        t, r = jnp.maximum(t, r), jnp.minimum(t, r)
+        return t, jnp.where(equal, t, r)
+    if order == "min":
+        return t, jnp.minimum(t, jnp.where(equal, t, r))
+    raise ValueError(f"Unknown MeanFlow (t, r) order {order!r}; choose one of {list(MEANFLOW_TR_ORDERS)}.")

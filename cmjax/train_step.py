@@ -29,7 +29,8 @@ def step_base_key(config) -> jax.Array:
 def make_train_step(config, module, objective, optimizer, learning_rate_fn, teacher_module=None):
     """The pure step (state, batch, teacher_params, distance_params) → (state, metrics); jitted by the caller.
     `distance_params` (the LPIPS network's weights, or None) are step arguments like the teacher's."""
-    conditional = bool(config.model.get("num_classes"))
+    num_classes = int(config.model.get("num_classes") or 0)
+    conditional = bool(num_classes)
     base_key = step_base_key(config)
 
     def step_fn(state: train_state.TrainState, batch, teacher_params, distance_params=None):
@@ -38,12 +39,14 @@ def make_train_step(config, module, objective, optimizer, learning_rate_fn, teac
         # (seed, step) → key: a resumed run draws the same noise as an uninterrupted one.
         key = jax.random.fold_in(base_key, state.step)
 
-        def network(params, x_in, t_in, dropout_key, with_logvar=False):
+        def network(params, x_in, t_in, dropout_key, with_logvar=False, label_drop=None):
+            # label_drop [B] bool: those samples get the "no class" label num_classes (MeanFlow's guidance and
+            # label dropout; the network needs its extra row, config.model.null_label).
+            y = labels if label_drop is None or labels is None else jnp.where(label_drop, num_classes, labels)
             if not with_logvar:
-                return module.apply({"params": params}, x_in, t_in, labels, train=True,
-                                    rngs={"dropout": dropout_key})
+                return module.apply({"params": params}, x_in, t_in, y, train=True, rngs={"dropout": dropout_key})
             # (F, logvar): the adaptive weightings of sCT/sCD read the network's log-variance head too.
-            out, logvar = models.apply_with_logvar(module, {"params": params}, x_in, t_in, labels, train=True,
+            out, logvar = models.apply_with_logvar(module, {"params": params}, x_in, t_in, y, train=True,
                                                    rngs={"dropout": dropout_key})
             if logvar is None:
                 raise errors.ConfigError(

@@ -6,8 +6,9 @@ The defaults train iCT on the embedded digits dataset (8×8, no download) with a
 `config.model` holds exactly the fields of the network `config.model.name` selects (`cmjax/models/`).
 `config.method.name` selects the objective; each objective's settings live in its own section
 `config.method.<name>` (`cmjax.losses.objective_settings(name)` lists them with the objective's defaults), so
-`--config.method.name=edm|cd|ct|ict|ect|sct|scd` switches any recipe to that method with these defaults. The teacher
-(CD, ECT) and the LPIPS weights are files, not objective settings: `config.teacher`, `config.distance_weights`.
+`--config.method.name=edm|cd|ct|ict|ect|sct|scd|meanflow` switches any recipe to that method with these defaults.
+The teacher (CD, ECT) and the LPIPS weights are files, not objective settings: `config.teacher`,
+`config.distance_weights`.
 
 Configs import only ml_collections: parsing one starts neither JAX nor TensorFlow.
 """
@@ -77,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.logvar_head = False
 
     config.method = ml_collections.ConfigDict()
-    config.method.name = "ict"  # edm | cd | ct | ict | ect | sct | scd (cmjax/methods.py, cmjax/losses.py)
+    config.method.name = "ict"  # edm | cd | ct | ict | ect | sct | scd | meanflow (cmjax/methods.py, losses.py)
     # Shared by the sections below: σ range of the Karras grids, σ_data, ρ (DESIGN §4).
     sigma_min, sigma_max, sigma_data, rho = 0.002, 80.0, 0.5, 7.0
 
@@ -181,6 +182,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Classifier-free guidance of a class-conditional teacher: v_u + s·(v_c − v_u), v_u from the null label; 1: off
     config.method.scd.guidance_scale = 1.0
 
+    # MeanFlow / improved MeanFlow (Geng et al. 2025; cmjax.losses.meanflow_loss): z = (1 − t)·x + t·ε, the network
+    # is the average velocity u(z, r, t) conditioned on (t, t − r); target u_tgt = v − (t − r)·du/dt from one JVP
+    # along (v, 0, 1). Defaults: the ImageNet JAX release (Gsunshine/meanflow configs/default.py:52-71).
+    config.method.meanflow = ml_collections.ConfigDict()
+    config.method.meanflow.time_dist = "logit_normal"  # logit_normal: t = sigmoid(p_mean + p_std·n) | uniform
+    config.method.meanflow.p_mean_t = -0.4
+    config.method.meanflow.p_std_t = 1.0
+    config.method.meanflow.p_mean_r = -0.4  # r's own draw (CIFAR-10: −2.0 / 2.0, the paper's; v1: −4.0 / 1.6)
+    config.method.meanflow.p_std_r = 1.0
+    config.method.meanflow.equal_fraction = 0.75  # fraction of samples with r = t (CIFAR-10: 0.25; iMF: 0.5)
+    config.method.meanflow.tr_order = "sort"  # sort: t, r = max, min, the paper's | min: r = min(t, r) (v1)
+    config.method.meanflow.norm_p = 1.0  # adaptive weight sg(1/(‖Δ‖² + norm_eps)^norm_p) (CIFAR-10: p = 0.75)
+    config.method.meanflow.norm_eps = 0.01  # (CIFAR-10 PyTorch release: 1e-3)
+    config.method.meanflow.tangent = "sample"  # sample: JVP along v = ε − x (MeanFlow) | predicted: u_θ(z, t, t) (iMF)
+    # Class-conditional models (config.model.num_classes > 0, config.model.null_label = True):
+    config.method.meanflow.guidance = "none"  # none | cfg: ω, κ folded into the target on [t_start, t_end]
+    config.method.meanflow.omega = 1.0
+    config.method.meanflow.kappa = 0.5
+    config.method.meanflow.t_start = 0.0
+    config.method.meanflow.t_end = 1.0
+    config.method.meanflow.class_dropout = 0.1  # labels dropped to "no class" with this probability
+    config.method.meanflow.jvp_mode = "exact"  # exact (jax.jvp) | finite_difference (central, step jvp_fd_step)
+    config.method.meanflow.jvp_fd_step = 1e-3
+
     # The teacher of CD and ECT: an EDM run's workdir (its config.json and newest checkpoint).
     config.teacher = ml_collections.ConfigDict()
     config.teacher.workdir = ""
@@ -216,6 +241,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sample = ml_collections.ConfigDict()
     config.sample.num_images = 64  # images in each sample grid
     config.sample.two_step_sigma = 0.8  # the second noise level of the 2-step sampler
+    config.sample.two_step_time = 0.5  # MeanFlow's 2-step sampler: 1 → two_step_time → 0 (iMF's linspace midpoint)
     # Samples in [−1, 1] → uint8 (grids, .npz, FID): round | floor (the CM releases truncate: openai's
     # image_sample.py, the CIFAR-10 JAX evaluate.py; ECT rounds half up).
     config.sample.quantize = "round"

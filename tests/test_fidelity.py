@@ -24,6 +24,9 @@ RECIPES = [
     "imagenet64_ct:init_teacher", "imagenet64_ict", "imagenet64_sct", "imagenet64_scd",
     "lsun_bedroom256_edm", "lsun_bedroom256_cd:lpips",
     "lsun_bedroom256_cd:l2", "lsun_bedroom256_ct", "lsun_bedroom256_ct:init_teacher",
+    "cifar10_meanflow", "imagenet256_meanflow", "imagenet256_meanflow:b4", "imagenet256_meanflow:b2",
+    "imagenet256_meanflow:m2", "imagenet256_meanflow:l2", "imagenet256_imf", "imagenet256_imf:b2",
+    "imagenet256_imf:m2", "imagenet256_imf:l2",
 ]
 REQUIRED_ROWS = {
     "optimizer", "learning rate", "lr schedule", "warm-up", "batch", "steps", "EMA rates", "dropout", "σ range",

@@ -61,7 +61,7 @@ def _train(capfd, runs, data_dir, method, *extra):
     return workdir, code, out, err
 
 
-@pytest.mark.parametrize("method", ["edm", "cd", "ct", "ict", "ect", "sct", "scd"])
+@pytest.mark.parametrize("method", ["edm", "cd", "ct", "ict", "ect", "sct", "scd", "meanflow"])
 def test_every_method_trains_on_digits_from_the_command_line(method, runs, data_dir, capfd):
     if method in ("cd", "ect", "scd"):
         if "edm" not in runs:  # the EDM run of this module is the teacher
@@ -133,6 +133,14 @@ def test_user_errors_print_one_line_and_exit_2(capfd, tmp_path, data_dir, runs):
         "adaptive weight without a head": (
             base + ["--config.method.name=sct", "--config.method.sct.weighting=adaptive"],
             ["weighting='adaptive'", "config.model.logvar_head=True"]),
+        "MeanFlow guidance, unconditional": (base + ["--config.method.name=meanflow",
+                                                     "--config.method.meanflow.guidance=cfg"],
+                                             ["guidance='cfg'", "class-conditional"]),
+        "MeanFlow labels without a null label": (
+            base + ["--config.method.name=meanflow", "--config.model.num_classes=10"], ["null_label=True"]),
+        "ImageNet-256 MeanFlow before its network": (
+            ["--config=configs/imagenet256_meanflow.py:b2", f"--workdir={workdir}"],
+            ["imagenet256_latents", "latent-space issue"]),
     }
     for name, (args, fragments) in cases.items():
         code, _, err = run_cli(capfd, *args)
@@ -161,3 +169,24 @@ def test_user_errors_print_one_line_and_exit_2(capfd, tmp_path, data_dir, runs):
             app.run(cli.main, argv=sys.argv, flags_parser=cli._parse_flags)
     finally:
         sys.argv = saved_argv
+
+
+def test_meanflow_samples_and_evaluates_from_the_command_line(runs, data_dir, capfd, tmp_path):
+    """--mode=sample and --mode=eval of a MeanFlow run use MeanFlow's sampler: 1 step x = ε − u(ε, 0, 1) from
+    t = 1 and 2 steps through config.sample.two_step_time; the digits metric scores both."""
+    import numpy as np
+
+    workdir = runs.get("meanflow") or _train(capfd, runs, data_dir, "meanflow")[0]
+    common = [f"--config={SMOKE}", f"--workdir={workdir}", *QUICK, f"--config.data.data_dir={data_dir}",
+              "--config.method.name=meanflow", "--num_samples=16"]
+    code, out, err = run_cli(capfd, *common, "--mode=sample", f"--output={tmp_path / 'samples'}")
+    assert code == 0, err[-3000:]
+    stems = sorted(f for f in os.listdir(tmp_path / "samples") if f.endswith(".npz"))
+    assert [s.split("_")[1] for s in stems] == ["1step", "2step"], stems
+    one, two = (np.load(tmp_path / "samples" / s)["images"] for s in stems)
+    assert one.shape == two.shape == (16, 8, 8, 1) and one.dtype == np.uint8  # (2 steps trained: u ≈ 0, x ≈ ε)
+    code, out, err = run_cli(capfd, *common[:-1], "--num_samples=128", "--mode=eval", f"--output={tmp_path / 'eval'}")
+    assert code == 0, err[-3000:]
+    with open(next((tmp_path / "eval").glob("metrics_*.json"))) as f:
+        metrics = json.load(f)
+    assert metrics["metric"] == "digits" and {"ema0.999_1step/frechet", "ema0.999_2step/frechet"} <= set(metrics)

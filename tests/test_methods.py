@@ -12,7 +12,8 @@ def test_every_objective_has_a_row_and_every_section_holds_exactly_its_settings(
     config = default.get_config()
     assert methods.names() == sorted(losses.OBJECTIVES)
     for name in methods.names():
-        accepted = set(losses.objective_settings(name)) - {"total_steps"}  # K is config.total_steps
+        # K is config.total_steps; MeanFlow's num_classes is config.model.num_classes
+        accepted = set(losses.objective_settings(name)) - {"total_steps", "num_classes"}
         assert set(config.method[name]) == accepted, name
 
 
@@ -21,7 +22,8 @@ def test_facts():
     assert [m for m in methods.names() if methods.get(m).needs_teacher] == ["cd", "scd"]
     assert [m for m in methods.names() if methods.get(m).keeps_target] == ["cd", "ct"]
     assert [m for m in methods.names() if methods.get(m).starts_from_teacher] == ["cd", "ect"]  # as the releases
-    with pytest.raises(errors.ConfigError, match=r"'lcm'.*\['cd', 'ct', 'ect', 'edm', 'ict', 'scd', 'sct'\]"):
+    known = r"\['cd', 'ct', 'ect', 'edm', 'ict', 'meanflow', 'scd', 'sct'\]"
+    with pytest.raises(errors.ConfigError, match=r"'lcm'.*" + known):
         methods.get("lcm")
 
 

@@ -24,6 +24,7 @@ SMOKES = {
     "imagenet64_edm": "", "imagenet64_cd": "l2", "imagenet64_ct": "", "imagenet64_ict": "",
     "imagenet64_sct": "", "imagenet64_scd": "",
     "lsun_bedroom256_edm": "", "lsun_bedroom256_cd": "l2", "lsun_bedroom256_ct": "",
+    "cifar10_meanflow": "", "imagenet256_meanflow": "", "imagenet256_imf": "",
 }
 # configs/digits.py:smoke (the tiny MLP) runs end to end in
 # tests/test_train.py (the `ict_run` fixture and others); it is not repeated here.
@@ -84,6 +85,10 @@ PUBLISHED = {
                                  "batch_size": 512, "total_steps": 350_000, "optim.optimizer": "radam",
                                  "optim.learning_rate": 1e-4, "optim.b2": 0.99, "model.dropout": 0.2,
                                  "sample.two_step_sigma": 0.821}),
+    # MeanFlow: cmjax's NCSN++ with the standard encoder and a two-time embedding (the release's DDPM++ is ~55M).
+    "cifar10_meanflow": (55_929_475, {"method.name": "meanflow", "method.meanflow.p_mean_t": -2.0,
+                                      "method.meanflow.equal_fraction": 0.25, "method.meanflow.norm_p": 0.75,
+                                      "batch_size": 1024, "optim.learning_rate": 6e-4, "model.dropout": 0.2}),
     "imagenet64_edm": (295_899_267, {"method.name": "edm", "batch_size": 4096, "model.dropout": 0.1}),
     "imagenet64_cd": (295_899_267, {"method.name": "cd", "method.cd.num_scales": 40, "method.cd.target_ema": 0.95,
                                     "batch_size": 2048, "total_steps": 600_000, "optim.learning_rate": 8e-6}),
@@ -127,6 +132,24 @@ def test_published_settings_and_network_size(name):
         assert count == expected_params
     assert models.image_shape(config)  # the network fits the dataset's images
     assert config.batch_size % 8 == 0
+
+
+@pytest.mark.parametrize("name,size,depth", [("imagenet256_meanflow", "b2", 12), ("imagenet256_meanflow", "xl2", 28),
+                                             ("imagenet256_imf", "b2", 12), ("imagenet256_imf", "xl2", 48)])
+def test_imagenet256_meanflow_recipes_say_what_they_need(name, size, depth):
+    """Their settings load (docs/fidelity.md checks them); the network and the latents are the latent-space
+    issue's, and asking for either names it."""
+    from cmjax import errors
+    from cmjax.data import datasets
+
+    config = get_config(name, size)
+    assert config.model.depth == depth and config.model.num_classes == 1000 and config.model.null_label
+    assert config.method.name == "meanflow" and methods.time_inputs("meanflow") == 2
+    methods.objective_from_config(config)
+    with pytest.raises(errors.ConfigError, match="latent-space issue"):
+        models.get(config.model)
+    with pytest.raises(errors.ConfigError, match="latent-space issue"):
+        datasets.get_spec(config.data.name)
 
 
 def test_variants():

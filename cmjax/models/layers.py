@@ -166,3 +166,14 @@ def avg_pool_2x(x_bhwc):
     """2×2 average pooling with stride 2 (`avg_pool_nd(kernel_size=2, stride=2)`)."""
     b, h, w, c = x_bhwc.shape
     return x_bhwc.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def embed_times(embed_fn: Callable[..., Any], time_input, dim: int):
+    """A time input [B] → embed_fn(t, dim) [B, dim]; a two-time (or K-scalar) input [B, K] → the K embeddings
+    of its columns concatenated, [B, K·dim], for the network's first embedding layer to mix (MeanFlow's
+    (t, t − r): the CIFAR-10 release concatenates the two positional embeddings the same way, Gsunshine/py-meanflow
+    meanflow/models/unet.py:370-374). A network's parameters differ only in that layer's input width."""
+    time_input = jnp.asarray(time_input, jnp.float32)
+    if time_input.ndim == 1:
+        return embed_fn(time_input, dim)
+    return jnp.concatenate([embed_fn(time_input[:, k], dim) for k in range(time_input.shape[1])], axis=-1)

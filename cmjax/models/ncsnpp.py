@@ -95,9 +95,11 @@ class NCSNpp(nn.Module):
         # Time embedding, float32: Fourier features of c_noise, then (if conditional) two dense layers.
         if self.time_embedding == "fourier":
             c_noise_b = jnp.asarray(time_input_b, jnp.float32) / TIME_INPUT_PER_C_NOISE
-            temb = L.GaussianFourierProjection(nf, self.fourier_scale, name="time_fourier")(c_noise_b)
+            # A [B, K] time input (MeanFlow's (t, t − r)): the same Fourier features of each column, concatenated.
+            fourier = L.GaussianFourierProjection(nf, self.fourier_scale, name="time_fourier")
+            temb = layers.embed_times(lambda c, _: fourier(c), c_noise_b, nf)
         else:
-            temb = layers.timestep_embedding(time_input_b, 2 * nf)
+            temb = layers.embed_times(layers.timestep_embedding, time_input_b, 2 * nf)
         if self.logvar_head:
             layers.sow_logvar(self, temb)
         if self.conditional:

@@ -1,4 +1,5 @@
-"""Toy networks for low-dimensional data (2-D mixtures): an MLP with a sinusoidal time embedding."""
+"""Toy networks for low-dimensional data (2-D mixtures): an MLP with a sinusoidal time embedding (of each column
+of a [B, K] time input, e.g. MeanFlow's (t, t − r), concatenated: `layers.embed_times`)."""
 from __future__ import annotations
 
 import math
@@ -34,6 +35,7 @@ class MLP(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     logvar_head: bool = False  # sCM's log-variance head w_φ(t) on the time features (layers.logvar_head)
+    null_label: bool = False  # one more label row, index num_classes = "no class" (MeanFlow's guidance)
 
     def _dense(self, features, name, zero_init=False):
         init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
@@ -50,7 +52,7 @@ class MLP(nn.Module):
     def __call__(self, x, time_input, class_labels=None, train: bool = False):
         batch_shape = x.shape
         h = x.reshape(x.shape[0], -1).astype(self.dtype)
-        emb = sinusoidal_embedding(time_input, self.time_embed_dim)
+        emb = layers.embed_times(sinusoidal_embedding, time_input, self.time_embed_dim)
         if self.logvar_head:
             layers.sow_logvar(self, emb)
         emb = nn.silu(self._dense(self.hidden_dim, "time_embed_0")(emb))
@@ -58,8 +60,8 @@ class MLP(nn.Module):
         if self.num_classes:
             if class_labels is None:
                 raise errors.ConfigError("This MLP is class-conditional (num_classes > 0): pass class_labels.")
-            emb = emb + layers.label_embedding(nn.Embed(self.num_classes, self.hidden_dim, name="label_emb"),
-                                               class_labels)
+            emb = emb + layers.label_embedding(
+                nn.Embed(self.num_classes + int(self.null_label), self.hidden_dim, name="label_emb"), class_labels)
         elif class_labels is not None:
             raise errors.ConfigError("class_labels given to an unconditional MLP (num_classes = 0).")
         h = self._dense(self.hidden_dim, "input")(h)

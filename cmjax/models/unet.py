@@ -140,6 +140,8 @@ class UNet(nn.Module):
     emb_norm: str = "none"
     # sCM's log-variance head w_φ(t) on the time features (layers.logvar_head); False: none (openai's network).
     logvar_head: bool = False
+    # One more label row, index num_classes = "no class", for classifier-free guidance trained in (MeanFlow).
+    null_label: bool = False
 
     def _heads(self, channels: int) -> int:
         if self.num_head_channels == -1:
@@ -184,7 +186,7 @@ class UNet(nn.Module):
 
         # Time (and label) embedding in float32, as openai keeps `time_embed` out of its fp16 conversion.
         time_embed_dim = 4 * self.model_channels
-        t_features = layers.TIME_EMBEDDINGS[self.time_embedding](time_input_b, self.model_channels)
+        t_features = layers.embed_times(layers.TIME_EMBEDDINGS[self.time_embedding], time_input_b, self.model_channels)
         if self.logvar_head:
             layers.sow_logvar(self, t_features)
         emb = layers.dense(time_embed_dim, name="time_embed_0")(t_features)
@@ -195,7 +197,7 @@ class UNet(nn.Module):
                     f"This UNet is class-conditional (num_classes={self.num_classes}); pass class_labels_b."
                 )
             label_emb = nn.Embed(
-                self.num_classes,
+                self.num_classes + int(self.null_label),
                 time_embed_dim,
                 embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), layers.EMBEDDING_AXES),
                 name="label_emb",

@@ -1,0 +1,85 @@
+"""Improved MeanFlow (iMF; Geng, Lu et al. 2025, arXiv 2512.02012) on class-conditional ImageNet 256×256 in SD-VAE
+latent space: one variant per iMF size, `:b2`, `:m2`, `:l2`, `:xl2` (default).
+
+  python -m cmjax.main --config=configs/imagenet256_imf.py:b2 --workdir=gs://BUCKET/runs/in256_imf_b2
+  python -m cmjax.main --config=configs/imagenet256_imf.py:smoke --workdir=/tmp/imf256_smoke   # CPU, digits
+
+NEEDS what cmjax does not have yet (the latent-space issue): a transformer family (`config.model.name = "dit"`;
+iMF's own is an in-context-conditioned DiT with RMSNorm, RoPE, SwiGLU and an auxiliary v-head,
+Lyy-iiis/imeanflow models/imfDiT.py, models/mit.py) and the ImageNet-256 latents (`imagenet256_latents`). Until
+then the recipe loads and `--mode=train` stops with a ConfigError naming them; `:smoke` trains the objective on the
+embedded digits with a tiny class-conditional MLP.
+
+iMF in cmjax is MeanFlow's objective with iMF's options (losses.meanflow_loss): the JVP runs along the network's
+own velocity v_θ = u_θ(z, t, t) (`tangent = "predicted"`, iMF §4.1, imf.py `forward`), which makes the loss iMF's
+v-loss ‖u_θ + (t − r)·sg(du_θ/dt) − v‖²; r = t for 50 % of each batch. Release settings (configs/default.py and
+configs/train_config.yml): Adam lr 1e-4, b2 0.95, batch 1024, 640 epochs (800,729 steps), 10 warm-up epochs (12,511
+steps), EMA 0.9999, logit-normal (−0.4, 1.0) for both times, class dropout 0.1, adaptive weight p = 1, c = 0.01;
+1-NFE sampling from t = 1 (imf.py `generate`: linspace(1, 0, steps + 1)).
+NOT implemented, so this recipe is not yet the published one: iMF's guidance as conditioning (§5: ω drawn per
+sample from a power law up to 7 with `cfg_beta` 1.0, guidance interval t_min ~ U(0, 0.5), t_max ~ U(0.5, 1), all
+three fed to the network, sampled at ω = 7.5 on [0.4, 0.65] for B/2), its auxiliary v-head, and its network; the
+recipe therefore trains unguided (guidance "none", labels still dropped with p = 0.1 to the null label).
+iMF sizes (models/imfDiT.py, `imfDiT_*`): B/2 12 × 768 (12 heads), M/2 24 × 768, L/2 32 × 1024 (16 heads),
+XL/2 48 × 1024, each with an 8-block v-head.
+
+Published FID (50k samples, 1-NFE; the release README "this repo / paper"): iMF-B/2 3.37 / 3.39, M/2 2.27 / 2.27,
+L/2 1.85 / 1.86, XL/2 1.70 / 1.72 (2-NFE 1.53 / 1.54). cmjax: not measured (no transformer, no latents).
+"""
+import ml_collections
+
+from configs import common, default
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+# name: (depth, width, heads, patch) — Lyy-iiis/imeanflow models/imfDiT.py (`imfDiT_B_2` … `imfDiT_XL_2`).
+IMF_SIZES = {"b2": (12, 768, 12, 2), "m2": (24, 768, 12, 2), "l2": (32, 1024, 16, 2), "xl2": (48, 1024, 16, 2)}
+
+
+def transformer(size: str) -> ml_collections.ConfigDict:
+    """iMF's transformer on 32×32×4 latents, class-conditional with the null label (the latent-space issue)."""
+    depth, width, heads, patch = IMF_SIZES[size]
+    return ml_collections.ConfigDict({
+        "name": "dit", "image_size": 32, "in_channels": 4, "out_channels": 4, "depth": depth, "hidden_size": width,
+        "num_heads": heads, "patch_size": patch, "num_classes": 1000, "null_label": True, "dropout": 0.0,
+        "dtype": "bfloat16"})
+
+
+def get_config(arg: str | None = None):
+    chosen = common.variants(arg, (*IMF_SIZES, "smoke"), "imagenet256_imf")
+    sizes = [s for s in IMF_SIZES if s in chosen] or ["xl2"]
+    if len(sizes) > 1:
+        raise ValueError(f"configs/imagenet256_imf.py takes one size, got {sizes}.")
+    config = default.get_config()
+    config.data.name = "imagenet256_latents"
+    config.data.random_flip = True  # not confirmed (precomputed latents)
+    config.model = transformer(sizes[0])
+    config.method.name = "meanflow"
+    config.method.meanflow.time_dist = "logit_normal"
+    config.method.meanflow.p_mean_t = -0.4
+    config.method.meanflow.p_std_t = 1.0
+    config.method.meanflow.p_mean_r = -0.4
+    config.method.meanflow.p_std_r = 1.0
+    config.method.meanflow.equal_fraction = 0.5
+    config.method.meanflow.tr_order = "sort"
+    config.method.meanflow.norm_p = 1.0
+    config.method.meanflow.norm_eps = 0.01
+    config.method.meanflow.tangent = "predicted"
+    config.method.meanflow.guidance = "none"
+    config.method.meanflow.class_dropout = 0.1
+    config.batch_size = 1024
+    config.total_steps = 640 * IMAGENET_TRAIN_IMAGES // 1024
+    config.optim.optimizer = "adam"
+    config.optim.learning_rate = 1e-4
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.95
+    config.optim.warmup_steps = 10 * IMAGENET_TRAIN_IMAGES // 1024
+    config.optim.decay = "constant"
+    config.ema_rates = (0.9999,)
+    config.sample.two_step_time = 0.5
+    config.log_every = 100
+    config.ckpt_every = 10_000
+    config.eval_every = 50_000
+    config = common.finish(config, chosen)
+    if "smoke" in chosen:  # the tiny class-conditional MLP needs the "no class" row too
+        config.model.null_label = True
+    return config
