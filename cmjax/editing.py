@@ -531,7 +531,9 @@ def edit_checkpoint(config, workdir: str, *, task: str | None = None, images=Non
                      alphas=np.linspace(0.0, 1.0, frames), count=count)
     output = output or os.path.join(workdir, "edit")
     grid, written = _write(output, task, inputs, out, shape)
-    return {"step": step, "task": task, "sigmas": [round(s, 4) for s in sigmas], "grid": grid,
+    shown = [round(s, 4) for s in sigmas]
+    shown = shown if len(shown) <= 6 else f"{len(shown)} from {shown[0]} to {shown[-1]}"
+    return {"step": step, "task": task, "sigmas": shown, "grid": grid,
             "results": f"{written} PNG files in {output}"}
 
 

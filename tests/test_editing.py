@@ -196,6 +196,26 @@ def test_edit_batch_spreads_images_over_every_device_and_matches_one_device():
     assert float(np.abs(results[0] - results[1]).max()) > 1e-3
 
 
+@pytest.mark.parametrize("method", ["ect", "sct"])
+def test_ect_and_scm_runs_are_edited_as_they_sample(method):
+    """ECT (boundary scalings at σ_min 0.003, x + τ·z renoising, unclipped) and sCM's TrigFlow f go through the same
+    program: the kept pixels stay exact and the edit is finite."""
+    config = digits.get_config("smoke")
+    methods.select(config, method)
+    sampler = editing.consistency_sampler(config)
+    module = toy.MLP(hidden_dim=16, num_layers=1, time_embed_dim=16)
+    params = _perturbed(module.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)))["params"])
+    images = np.asarray(_images((8, 8, 8, 1)))
+    mask = np.zeros_like(images)
+    mask[:, :, 4:] = 1.0
+    sigmas = editing.ts_sigmas([0, 20, 39], 40, sampler)
+    out = editing.edit_batch(module, params, "inpaint", {"image": images, "mask": mask}, None, jax.random.key(0),
+                             mesh=sharding.make_mesh({"data": -1, "fsdp": 1}), sampler=sampler,
+                             image_shape=(8, 8, 1), sigmas=sigmas)["result"]
+    assert np.all(np.isfinite(out)) and np.array_equal(out[:, :, :4], images[:, :, :4])
+    assert sampler["renoise"] == ("plain" if method == "ect" else "cm")
+
+
 @pytest.mark.parametrize("method", ["cd", "ct", "ict", "ect", "sct", "scd", "edm"])
 def test_every_consistency_method_can_be_edited_and_edm_cannot(method):
     config = digits.get_config("smoke")
