@@ -76,6 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.remat = False  # rematerialise each block in the backward pass (saves memory, costs FLOPs)
     # sCM's log-variance head w(t) (every network; read only by sCT/sCD's adaptive weightings); False: none.
     config.model.logvar_head = False
+    # Class-conditional networks: labels replaced by the null label in training (classifier-free guidance).
+    config.model.label_dropout = 0.0
 
     config.method = ml_collections.ConfigDict()
     config.method.name = "ict"  # edm | cd | ct | ict | ect | sct | scd | meanflow (cmjax/methods.py, losses.py)

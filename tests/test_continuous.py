@@ -526,6 +526,27 @@ def test_the_null_label_drops_the_class_embedding():
                                  - module.apply({"params": params}, x, t, null)))) > 1e-2
 
 
+def test_label_dropout_trains_the_unconditional_prediction_only_in_training():
+    module = models.get({"name": "mlp", "hidden_dim": 32, "num_layers": 1, "num_classes": 10, "label_dropout": 1.0})
+    x, t = _points(4), jnp.linspace(-100.0, 100.0, 4)
+    labels = jnp.array([0, 3, 9, 5])
+    params = nn.meta.unbox(module.init({"params": jax.random.key(0)}, x, t, labels)["params"])
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(1), p.shape), params)
+    rngs = {"dropout": jax.random.key(2)}
+    null = jnp.full((4,), models.NULL_LABEL)
+    np.testing.assert_allclose(module.apply({"params": params}, x, t, labels, train=True, rngs=rngs),
+                               module.apply({"params": params}, x, t, null), rtol=1e-6)
+    kept = models.get({"name": "mlp", "hidden_dim": 32, "num_layers": 1, "num_classes": 10})
+    np.testing.assert_allclose(module.apply({"params": params}, x, t, labels),
+                               kept.apply({"params": params}, x, t, labels), rtol=1e-6)
+    half = models.get({"name": "mlp", "hidden_dim": 32, "num_layers": 1, "num_classes": 10, "label_dropout": 0.5})
+    big = _points(512, seed=3)
+    out, drop = (half.apply({"params": params}, big, jnp.zeros((512,)), jnp.full((512,), 3), train=True, rngs=rngs),
+                 kept.apply({"params": params}, big, jnp.zeros((512,)), jnp.full((512,), models.NULL_LABEL)))
+    dropped = np.mean(np.all(np.isclose(out, drop, rtol=1e-6), axis=1))
+    assert 0.4 < dropped < 0.6, dropped
+
+
 def test_scd_guidance_mixes_the_conditional_and_unconditional_teacher():
     """Guidance 1 is the conditional teacher; s ≠ 1 distils v_u + s·(v_c − v_u), here checked against a teacher
     that outputs that mix itself (F_trig and the velocity are linear in the raw network output)."""

@@ -150,6 +150,15 @@ def sow_logvar(module: nn.Module, time_features_bc) -> None:
 NULL_LABEL = -1
 
 
+def drop_labels(module: nn.Module, class_labels_b, rate: float, train: bool):
+    """Classifier-free guidance training (EDM's `label_dropout`, DiT's `class_dropout_prob`): in training, each
+    label becomes the null label with probability `rate` (drawn from the "dropout" stream); unchanged otherwise."""
+    if not rate or not train:
+        return class_labels_b
+    drop = jax.random.bernoulli(module.make_rng("dropout"), rate, jnp.shape(class_labels_b))
+    return jnp.where(drop, NULL_LABEL, class_labels_b)
+
+
 def label_embedding(embed: nn.Module, class_labels_b):
     """`embed(labels)`, zero for the null label (NULL_LABEL, or any negative label)."""
     labels = jnp.asarray(class_labels_b)

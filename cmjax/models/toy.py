@@ -36,6 +36,7 @@ class MLP(nn.Module):
     remat: bool = False
     logvar_head: bool = False  # sCM's log-variance head w_φ(t) on the time features (layers.logvar_head)
     null_label: bool = False  # one more label row, index num_classes = "no class" (MeanFlow's guidance)
+    label_dropout: float = 0.0  # training only: labels replaced by the null label (layers.drop_labels)
 
     def _dense(self, features, name, zero_init=False):
         init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
@@ -61,7 +62,8 @@ class MLP(nn.Module):
             if class_labels is None:
                 raise errors.ConfigError("This MLP is class-conditional (num_classes > 0): pass class_labels.")
             emb = emb + layers.label_embedding(
-                nn.Embed(self.num_classes + int(self.null_label), self.hidden_dim, name="label_emb"), class_labels)
+                nn.Embed(self.num_classes + int(self.null_label), self.hidden_dim, name="label_emb"),
+                layers.drop_labels(self, class_labels, self.label_dropout, train))
         elif class_labels is not None:
             raise errors.ConfigError("class_labels given to an unconditional MLP (num_classes = 0).")
         h = self._dense(self.hidden_dim, "input")(h)

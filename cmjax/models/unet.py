@@ -142,6 +142,9 @@ class UNet(nn.Module):
     logvar_head: bool = False
     # One more label row, index num_classes = "no class", for classifier-free guidance trained in (MeanFlow).
     null_label: bool = False
+    # Training only: the fraction of class labels replaced by the null label (layers.drop_labels), so the
+    # network also learns the unconditional prediction that classifier-free guidance needs (EDM's label_dropout).
+    label_dropout: float = 0.0
 
     def _heads(self, channels: int) -> int:
         if self.num_head_channels == -1:
@@ -202,7 +205,8 @@ class UNet(nn.Module):
                 embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), layers.EMBEDDING_AXES),
                 name="label_emb",
             )
-            emb = emb + layers.label_embedding(label_emb, class_labels_b)
+            emb = emb + layers.label_embedding(
+                label_emb, layers.drop_labels(self, class_labels_b, self.label_dropout, train))
 
         ch = int(self.channel_mult[0] * self.model_channels)
         h = layers.conv(ch, 3, name="input_blocks_0_0", dtype=dtype)(x_bhwc.astype(dtype))
