@@ -81,7 +81,8 @@ def _meanflow_and_teacher(seed, steps):
 
 
 def test_meanflow_one_step_within_2x_of_edm_teacher():
-    """MeanFlow from scratch (no teacher): x = ε − u(ε, 0, 1) after 2k steps on the ring (seed 0 measured 1.18×)."""
+    """MeanFlow from scratch: x = ε − u(ε, 0, 1) after 2k steps on the ring, against the exact denoiser's
+    35-evaluation EDM sampler (seed 0 measured 1.18×)."""
     metrics = _meanflow_and_teacher(0, 2000)
     print(metrics)
     assert metrics["one_step"] < 2.0 * metrics["teacher_edm"], metrics
@@ -89,10 +90,10 @@ def test_meanflow_one_step_within_2x_of_edm_teacher():
 
 @pytest.mark.slow
 def test_meanflow_one_step_within_2x_of_edm_teacher_over_seeds():
-    """The same bar on the means over three seeds, 4k steps each (docs/quality.md)."""
+    """The same bar on the means over three seeds (measured 1.49×; seed 1 alone is 2.28×, docs/quality.md)."""
     import numpy as np
 
-    runs = [_meanflow_and_teacher(seed, 4000) for seed in (0, 1, 2)]
+    runs = [_meanflow_and_teacher(seed, 2000) for seed in (0, 1, 2)]
     print(runs)
     one, teacher = (float(np.mean([r[k] for r in runs])) for k in ("one_step", "teacher_edm"))
     assert one < 2.0 * teacher, runs

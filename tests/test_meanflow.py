@@ -21,21 +21,22 @@ def velocity(z, t):
 
 
 @jax.jit
-def average_velocity(z, r, t, steps=64):
-    """u(z, r, t) = (z_t − z_r)/(t − r), z_r from integrating dz/dτ = v(z, τ) backwards from t to r (RK4): a numerical
-    average velocity, differentiable in (z, r, t)."""
-    h = (r - t)[:, None] / steps
+def average_velocity(z, r, t):
+    """u(z, r, t) = (z_t − z_r)/(t − r), z_r from integrating dz/dτ = v(z, τ) backwards from t to r (64 RK4 steps): a
+    numerical average velocity, differentiable in (z, r, t)."""
+    steps = 64
+    dt = (r - t) / steps
+    h = dt[:, None]
 
-    def rk4_step(i, y):  # a loop, not 64 unrolled steps: unrolled, the JVP's compile took > 20 GB of memory
-        tau = t + (r - t) * i / steps
+    def rk4(i, y):
+        tau = t + dt * i
         k1 = velocity(y, tau)
-        k2 = velocity(y + 0.5 * h * k1, tau + 0.5 * (r - t) / steps)
-        k3 = velocity(y + 0.5 * h * k2, tau + 0.5 * (r - t) / steps)
-        k4 = velocity(y + h * k3, tau + (r - t) / steps)
+        k2 = velocity(y + 0.5 * h * k1, tau + 0.5 * dt)
+        k3 = velocity(y + 0.5 * h * k2, tau + 0.5 * dt)
+        k4 = velocity(y + h * k3, tau + dt)
         return y + h * (k1 + 2 * k2 + 2 * k3 + k4) / 6.0
 
-    y = jax.lax.fori_loop(0, steps, rk4_step, z)
-    return (z - y) / (t - r)[:, None]
+    return (z - jax.lax.fori_loop(0, steps, rk4, z)) / (t - r)[:, None]
 
 
 def _times(n=32):
