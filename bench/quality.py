@@ -35,12 +35,15 @@ import numpy as np  # noqa: E402
 
 from cmjax import demo_2d, toy_problems  # noqa: E402
 
-CONSISTENCY_METHODS = ("cd", "ct", "ict", "ect")
+CONSISTENCY_METHODS = ("cd", "ct", "ict", "ect", "sct", "scd")
 MIDDLE_SIGMAS = (0.1, 0.2, 0.4, 0.8, 1.6)  # the 2-step grid searched (openai searched `ts` likewise)
 DEFAULT_MIDDLE_SIGMA = 0.8  # configs' sample.two_step_sigma
 # Training steps per method in 2-D. CT and iCT learn from scratch without a teacher and need more: iCT's ring
 # 1-step distance is 0.058 after 3k steps and 0.028 after 10k (cosine decay; docs/quality.md).
 STEPS_2D = {"edm": 3000, "cd": 3000, "ct": 10000, "ict": 10000, "ect": 3000}
+# sCT learns from scratch (its ring 1-step distance is 0.062 after 1k steps, tests/test_continuous.py); sCD
+# distils the EDM model like CD.
+STEPS_2D.update(sct=4000, scd=3000)
 
 PROBLEMS_2D = {
     "ring": lambda: toy_problems.ring_of_gaussians(num_modes=8, radius=1.0, std=0.1),
@@ -60,7 +63,8 @@ def best_middle_sigma(model, problem, num: int, seed: int) -> tuple[float, dict[
     return min(scores, key=scores.get), scores
 
 
-def run_2d(problem_name: str, steps: dict, eval_samples: int, seed: int, log=print) -> dict:
+def run_2d(problem_name: str, steps: dict, eval_samples: int, seed: int, log=print,
+           methods=CONSISTENCY_METHODS) -> dict:
     """Trains EDM, then CD/CT/iCT/ECT on one 2-D problem (`steps[method]` steps each); returns distances."""
     problem = PROBLEMS_2D[problem_name]()
     base = demo_2d.Demo2DConfig(eval_samples=eval_samples, seed=seed)
@@ -76,11 +80,11 @@ def run_2d(problem_name: str, steps: dict, eval_samples: int, seed: int, log=pri
     if isinstance(problem, toy_problems.GaussianMixture):  # the exact denoiser through the same sampler
         results["exact_teacher"] = score(demo_2d.edm_sample(problem.denoise, keys[1], eval_samples)[0])
 
-    for method in CONSISTENCY_METHODS:
+    for method in (m for m in CONSISTENCY_METHODS if m in methods):
         start = time.time()
         config = dataclasses.replace(base, method=method, steps=steps[method])
         model = demo_2d.train(config, problem, log=log,
-                              teacher=demo_2d.model_teacher(edm) if method == "cd" else None,
+                              teacher=demo_2d.model_teacher(edm) if method in ("cd", "scd") else None,
                               init_params=edm.params if method == "ect" else None)
         chosen, selection = best_middle_sigma(model, problem, eval_samples, seed)
         results[method] = {
@@ -103,6 +107,10 @@ DIGITS_STEPS = {"edm": 3000, "cd": 3000, "ct": 3000, "ict": 18000, "ect": 3000}
 # MeanFlow (configs/digits.py with method meanflow, its ImageNet defaults): its step costs what iCT's does (4.05
 # against 4.04 forward passes, bench/results/flops_cpu.md), so iCT's 18k steps are the same CPU budget.
 DIGITS_STEPS["meanflow"] = 18000
+# sCT's step costs what iCT's does (4.05 forwards, bench/results/flops_cpu.md): iCT's 18k steps; sCD's adds a
+# teacher forward (5.05): 14k steps is the same budget. Both with configs/default.py's sCM settings, the
+# learned adaptive weight (the MLP's log-variance head) as cifar10_sct.py trains.
+DIGITS_STEPS.update(sct=18000, scd=14000)
 DIGITS_METHODS = tuple(DIGITS_STEPS)
 DIGITS_EMA = 0.998  # the evaluation EMA reported (configs/digits.py keeps 0.998 and 0.999)
 # 4,096 samples: a class fraction near 14 % has a standard error of 0.5 points (1.1 at 1,024, where one draw of
@@ -141,6 +149,11 @@ def digits_method_config(method: str, steps: int, teacher_workdir: str) -> ml_co
             config.teacher.init_student = False
     elif method == "meanflow":
         methods.select(config, "meanflow")  # the ImageNet JAX release's defaults (configs/default.py)
+    elif method in ("sct", "scd"):
+        methods.select(config, method, weighting="adaptive_prior")
+        config.model.logvar_head = True
+        if method == "scd":
+            config.teacher.workdir = teacher_workdir
     elif method != "ict":
         raise ValueError(f"Unknown method {method!r}.")
     if method == "edm":
@@ -258,8 +271,9 @@ def summarize_2d(by_seed: dict) -> dict:
     def mean(get):
         return float(np.mean([get(r) for r in runs]))
 
-    summary = {"seeds": seeds, "floor": mean(lambda r: r["floor"]), "teacher": mean(lambda r: r["edm"]["teacher"])}
-    for method in CONSISTENCY_METHODS:
+    summary = {"seeds": seeds, "floor": mean(lambda r: r["floor"]), "teacher": mean(lambda r: r["edm"]["teacher"]),
+               "methods": [m for m in CONSISTENCY_METHODS if all(m in r for r in runs)]}
+    for method in summary["methods"]:
         m = {k: mean(lambda r: r[method][k]) for k in ("one_step", "two_step_default", "two_step_chosen", "seconds")}
         m["ratio"] = m["one_step"] / summary["teacher"]
         m["ratio_per_seed"] = [r[method]["one_step"] / r["edm"]["teacher"] for r in runs]
@@ -273,11 +287,11 @@ def checks_2d(by_seed: dict) -> list[str]:
     the teacher (mean 1-step distance ÷ mean teacher distance)."""
     s = summarize_2d(by_seed)
     notes = []
-    for method in CONSISTENCY_METHODS:
+    for method in s["methods"]:
         m = s[method]
         bars = [f"2-step < 1-step: {'yes' if m['two_step_chosen'] < m['one_step'] else 'NO'} "
                 f"({m['two_beats_one']} of {len(s['seeds'])} seeds)"]
-        if method in ("cd", "ict"):
+        if method in ("cd", "ict", "sct", "scd"):
             bars.append(f"1-step ≤ 2× teacher: {'yes' if m['ratio'] <= 2 else 'NO'} ({m['ratio']:.2f}× on the "
                         f"means; per seed " + ", ".join(f"{x:.2f}" for x in m["ratio_per_seed"]) + ")")
         notes.append(f"{method}: " + ", ".join(bars))
@@ -313,6 +327,7 @@ def markdown(results: dict, commands: list, wall: float, load: tuple) -> str:
         by_seed = results[name]  # seed → run_2d's result
         s = summarize_2d(by_seed)
         runs = [by_seed[seed] for seed in s["seeds"]]
+        trained = s["methods"]  # the consistency methods every seed of this problem trained
         nfe, edm_steps = runs[0]["edm"]["nfe"], runs[0]["edm"]["steps"]
         exact = all("exact_teacher" in r for r in runs)
         lines += [f"## 2-D {name}: sliced Wasserstein distance to {results['eval_samples']} fresh points "
@@ -321,21 +336,21 @@ def markdown(results: dict, commands: list, wall: float, load: tuple) -> str:
                   "the bars are judged on the means over seeds. 1-step distances per seed (the floor is two "
                   f"fresh data sets; the EDM teacher ({edm_steps} steps) samples with {nfe} evaluations):", "",
                   "| seed | floor | EDM teacher | " + ("exact denoiser, same sampler | " if exact else "")
-                  + " | ".join(CONSISTENCY_METHODS) + " |",
-                  "|---|" + "---:|" * (2 + exact + len(CONSISTENCY_METHODS))]
+                  + " | ".join(trained) + " |",
+                  "|---|" + "---:|" * (2 + exact + len(trained))]
         for seed, r in zip(s["seeds"], runs):
             lines.append(f"| {seed} | {_fmt(r['floor'])} | {_fmt(r['edm']['teacher'])} | "
                          + (f"{_fmt(r['exact_teacher'])} | " if exact else "")
-                         + " | ".join(_fmt(r[m]["one_step"]) for m in CONSISTENCY_METHODS) + " |")
+                         + " | ".join(_fmt(r[m]["one_step"]) for m in trained) + " |")
         if len(runs) > 1:
             exact_mean = float(np.mean([r["exact_teacher"] for r in runs])) if exact else 0.0
             lines.append(f"| **mean** | **{_fmt(s['floor'])}** | **{_fmt(s['teacher'])}** | "
                          + (f"{_fmt(exact_mean)} | " if exact else "")
-                         + " | ".join(f"**{_fmt(s[m]['one_step'])}**" for m in CONSISTENCY_METHODS) + " |")
+                         + " | ".join(f"**{_fmt(s[m]['one_step'])}**" for m in trained) + " |")
         lines += ["", "Means over the seeds:", "",
                   "| method | steps | 1-step | 2-step, σ_mid = 0.8 | 2-step, chosen σ_mid | chosen σ_mid per seed | "
                   "1-step / teacher | per seed | train s |", "|---|---:|---:|---:|---:|---|---:|---|---:|"]
-        for method in CONSISTENCY_METHODS:
+        for method in trained:
             m = s[method]
             lines.append(f"| {method} | {runs[0][method]['steps']} | {_fmt(m['one_step'])} | "
                          f"{_fmt(m['two_step_default'])} | {_fmt(m['two_step_chosen'])} | "
@@ -346,7 +361,7 @@ def markdown(results: dict, commands: list, wall: float, load: tuple) -> str:
         for seed, r in zip(s["seeds"], runs):
             lines.append(f"- seed {seed}: " + "; ".join(
                 f"{m}: " + ", ".join(f"{sig}→{_fmt(v)}" for sig, v in r[m]["selection"].items())
-                for m in CONSISTENCY_METHODS))
+                for m in trained))
         lines.append("")
     if "digits" in results:
         r = results["digits"]
@@ -392,6 +407,8 @@ def main(argv=None):
     parser.add_argument("--workroot", default="/tmp/cmjax_quality")
     parser.add_argument("--out", default="")
     parser.add_argument("--problems", default=",".join(PROBLEMS_2D))
+    parser.add_argument("--methods_2d", default=",".join(CONSISTENCY_METHODS),
+                        help="2-D: the consistency methods to train beside the EDM teacher")
     parser.add_argument("--digits_steps", default="",
                         help="override step counts, e.g. edm=600,cd=400 (default: DIGITS_STEPS)")
     parser.add_argument("--digits_methods", default=",".join(DIGITS_METHODS),
@@ -409,21 +426,22 @@ def main(argv=None):
     if args.part in ("2d", "all"):
         steps_2d = parse_steps(args.steps_2d, STEPS_2D)
         for name in args.problems.split(","):
-            results[name] = run_2d(name, steps_2d, args.eval_samples, args.seed)
+            results[name] = run_2d(name, steps_2d, args.eval_samples, args.seed,
+                                   methods=args.methods_2d.split(","))
     if args.part in ("digits", "all"):
         results["digits"] = run_digits(args.workroot, args.seed, parse_steps(args.digits_steps, DIGITS_STEPS),
                                        methods=args.digits_methods.split(","), score_only=args.digits_score_only)
     wall = time.time() - start
     command = "nice -n 5 .venv/bin/python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results.update(command=command.strip(), wall=wall, load=os.getloadavg())
+    if args.json:  # first: the raw results survive a failure of the report below
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=float)
     report = markdown(_by_seed([results]), [results["command"]], wall, results["load"])
     print(report)
     if args.out:
         with open(args.out, "w") as f:
             f.write(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, default=float)
 
 
 def parse_steps(spec: str, defaults: dict) -> dict:
