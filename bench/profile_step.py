@@ -32,11 +32,15 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# vs_pytorch first: it imports torch and diffusers before anything imports TensorFlow (after it, diffusers'
+# import segfaults; see its note).
+import vs_pytorch  # noqa: E402
+
+# isort: split
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import throughput  # noqa: E402
 import torch  # noqa: E402
-import vs_pytorch  # noqa: E402  (imports torch and diffusers before tensorflow: see its note)
 
 from cmjax.data import pipeline  # noqa: E402
 

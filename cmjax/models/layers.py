@@ -81,13 +81,21 @@ class GroupNorm32(nn.Module):
             "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), NORM_AXES), (channels,), jnp.float32
         )
         x = x_bhwc.astype(jnp.float32)
-        grouped = x.reshape(x.shape[:-1] + (self.num_groups, channels // self.num_groups))
-        reduce_axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
-        mean = grouped.mean(axis=reduce_axes, keepdims=True)
+        batch, groups = x.shape[0], self.num_groups
+        spatial = tuple(range(1, x.ndim - 1))
+        count = x.size // (batch * groups)
+
+        # Per-channel sums over the spatial axes first (a reduction over major axes with channels minor), then
+        # over each group's channels: 1.6× faster forward + backward on XLA:CPU than one reduction over the
+        # (spatial, channel-in-group) axes of an [B, H, W, G, C/G] view (docs/performance.md), same numbers.
+        def group_mean(per_channel_sum):  # [B, C] → [B, 1, …, 1, C]: each channel gets its group's mean
+            group = per_channel_sum.reshape(batch, groups, channels // groups).sum(-1) / count
+            return jnp.repeat(group, channels // groups, axis=-1).reshape((batch,) + (1,) * len(spatial) + (channels,))
+
+        centered = x - group_mean(x.sum(spatial))
         # Two-pass variance, as PyTorch computes it; E[x²]−E[x]² loses digits on large activations.
-        var = jnp.square(grouped - mean).mean(axis=reduce_axes, keepdims=True)
-        normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-        return (normed * scale + bias).astype(x_bhwc.dtype)
+        var = group_mean(jnp.square(centered).sum(spatial))
+        return (centered * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(x_bhwc.dtype)
 
 
 def timestep_embedding(time_input_b, dim: int, max_period: float = 10000.0):
