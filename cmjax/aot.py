@@ -71,12 +71,15 @@ def topology_devices(topology: str):
                                "pip install 'cmjax[tpu]' (or 'jax[tpu]' at the installed jax version).") from None
     from jax.experimental import topologies
 
+    # libtpu takes a machine-wide lock file unless told otherwise; compiling for a topology touches no chip, so
+    # several processes (test workers, a compile beside a run) may hold it at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return list(topologies.get_topology_desc(topology, "tpu").devices)
     except Exception as err:  # libtpu's own message for an unknown chip or shape
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise errors.ConfigError(f"--topology={topology!r} is not a TPU slice libtpu knows ({first}); names are "
-                                 "chip:shape, e.g. v5p:2x2x2, v5e:4x4, v6e:2x2, v4:2x2x1.") from None
+        raise errors.ConfigError(f"--topology={topology!r}: libtpu gave no devices for it ({first}); TPU slices are "
+                                 "named chip:shape, e.g. v5p:2x2x2, v5e:4x4, v6e:2x2, v4:2x2x1.") from None
 
 
 def _teacher_abstract(config, module, mesh):
