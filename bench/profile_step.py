@@ -29,6 +29,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -235,8 +236,6 @@ def main():
         labels = (torch.from_numpy(np.array(step.batch["label"])).long()
                   if config.model.get("num_classes") else None)
         side.run(x, labels, 1)
-        import time
-
         start = time.perf_counter()
         side.run(x, labels, args.steps)
         torch_wall = 1e3 * (time.perf_counter() - start) / args.steps

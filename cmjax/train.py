@@ -105,10 +105,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     first_step_seconds = None
     while step < config.total_steps:
         batch = next(data_iter)
-        started = time.time() if first_step_seconds is None else None
+        started = time.time()
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             state, metrics = compiled_step(state, batch, teacher_params, distance_params)
-        if started is not None:  # the first step compiles (or loads the executable from the compilation cache)
+        if step == start_step:  # the first step compiles (or loads the executable from the compilation cache)
             jax.block_until_ready(metrics)
             first_step_seconds = time.time() - started
             logging.info("First step %.1f s (compile included; %s).", first_step_seconds,
