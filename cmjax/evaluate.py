@@ -35,18 +35,28 @@ def denoiser_for(module, params, class_labels, kind: str, *, sigma_data, sigma_m
     return consistency_fn_for(module, params, class_labels, sigma_data=sigma_data, sigma_min=sigma_min)
 
 
-def average_velocity_for(module, params, class_labels):
-    """z, r, t ↦ u_θ(z, r, t) of a MeanFlow network in evaluation mode (dropout off)."""
+def average_velocity_for(module, params, class_labels, guidance=None):
+    """z, r, t ↦ u_θ(z, r, t) of a MeanFlow network in evaluation mode (dropout off); `guidance` (ω, t_min,
+    t_max) conditions an iMF network (`methods.sampler_settings`' "guidance", config.sample.guidance_scale and
+    guidance_interval), the same for every sample."""
     apply_fn = lambda p, x_in, t_in: module.apply({"params": p}, x_in, t_in, class_labels, train=False)  # noqa: E731
     u = parameterization.meanflow_network(apply_fn)
-    return lambda z, r, t: u(params, z, r, t)
+    if guidance is None:
+        return lambda z, r, t: u(params, z, r, t)
+
+    def guided(z, r, t):
+        omega, t_min, t_max = (jnp.full(z.shape[:1], g, jnp.float32) for g in guidance)
+        return u(params, z, r, t, guidance=parameterization.imf_guidance_input(omega, t_min, t_max))
+
+    return guided
 
 
-def _draw(module, params, labels, kind, key, shape, levels, *, sigma_data, sigma_min, sigma_max, clip, renoise):
-    """One sampler's images: MeanFlow's jumps through the times `levels` (kind "meanflow"), else CM Algorithm 1
-    through the noise levels `levels`."""
+def _draw(module, params, labels, kind, key, shape, levels, *, sigma_data, sigma_min, sigma_max, clip, renoise,
+          guidance=None):
+    """One sampler's images: MeanFlow's jumps through the times `levels` (kind "meanflow"; `guidance` for an iMF
+    network), else CM Algorithm 1 through the noise levels `levels`."""
     if kind == parameterization.MEANFLOW:
-        return sampling.meanflow_sample(average_velocity_for(module, params, labels), key, shape, levels)
+        return sampling.meanflow_sample(average_velocity_for(module, params, labels, guidance), key, shape, levels)
     fn = denoiser_for(module, params, labels, kind, sigma_data=sigma_data, sigma_min=sigma_min)
     return sampling.multistep_sample(fn, key, shape, levels, sigma_min, sigma_max, clip=clip, renoise_kind=renoise)
 
@@ -54,7 +64,7 @@ def _draw(module, params, labels, kind, key, shape, levels, *, sigma_data, sigma
 def generate(module, params, key, *, mesh: Mesh, num_images: int, image_shape: Sequence[int],
              sigmas: Sequence[float], num_classes: int = 0, sigma_data=parameterization.SIGMA_DATA,
              sigma_min=parameterization.SIGMA_MIN, sigma_max=parameterization.SIGMA_MAX,
-             parameterization_kind="consistency", renoise="cm", clip=True):
+             parameterization_kind="consistency", renoise="cm", clip=True, guidance=None):
     """`num_images` samples in [−1, 1] from the multistep sampler at `sigmas` ([σmax] = one step), sharded
     over the mesh's batch axes (`renoise`, `clip`: as `sampling.multistep_sample`; a run's own are
     `methods.sampler_settings(config)`); for parameterization_kind "meanflow", `sigmas` are MeanFlow times from 1.
@@ -70,7 +80,8 @@ def generate(module, params, key, *, mesh: Mesh, num_images: int, image_shape: S
         label_key, noise_key = jax.random.split(key)
         labels = jax.random.randint(label_key, (num_images,), 0, num_classes) if num_classes else None
         images = _draw(module, params, labels, parameterization_kind, noise_key, shape, sigmas,
-                       sigma_data=sigma_data, sigma_min=sigma_min, sigma_max=sigma_max, clip=clip, renoise=renoise)
+                       sigma_data=sigma_data, sigma_min=sigma_min, sigma_max=sigma_max, clip=clip, renoise=renoise,
+                       guidance=guidance)
         images = jax.lax.with_sharding_constraint(images, out_sharding)
         return images, labels
 
@@ -365,6 +376,7 @@ class Evaluator:
         # and σ range, or its release's (ECT: boundary scalings at σ_min 0.003, x + τ·z, no clipping).
         sampler = methods.sampler_settings(config)
         self.kind, self.renoise, self.clip = sampler["parameterization"], sampler["renoise"], sampler["clip"]
+        self.guidance = sampler["guidance"]
         self.sigma_data, self.sigma_min, self.sigma_max = (sampler["sigma_data"], sampler["sigma_min"],
                                                            sampler["sigma_max"])
         self.quantize = str(config.sample.quantize)
@@ -392,7 +404,7 @@ class Evaluator:
             label = jax.random.randint(label_key, (1,), 0, num_classes) if num_classes else None
             x = _draw(self.module, params, label, self.kind, noise_key, shape, cache_key[0],
                       sigma_data=self.sigma_data, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
-                      clip=self.clip, renoise=self.renoise)
+                      clip=self.clip, renoise=self.renoise, guidance=self.guidance)
             return x[0], label[0] if num_classes else jnp.int32(0)
 
         @jax.jit

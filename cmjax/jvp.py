@@ -28,18 +28,27 @@ MODES = ("exact", "finite_difference")
 
 
 def value_and_jvp(fn: Callable, primals: Sequence, tangents: Sequence, *, mode: str = "exact",
-                  step: float = FD_STEP):
-    """(fn(*primals), d/dh fn(*(p + h·v))|_{h=0}) in float32, by `mode` ("exact" or "finite_difference")."""
+                  step: float = FD_STEP, has_aux: bool = False):
+    """(fn(*primals), d/dh fn(*(p + h·v))|_{h=0}) in float32, by `mode` ("exact" or "finite_difference").
+    has_aux: `fn` returns (value, aux) and the result is (value, derivative, aux), aux at the primals (for a
+    network head that rides along, iMF's v-head: `jax.jvp(..., has_aux=True)` as Lyy-iiis/imeanflow imf.py)."""
     primals = tuple(jnp.asarray(p, jnp.float32) for p in primals)
     tangents = tuple(jnp.asarray(v, jnp.float32) for v in tangents)
     if len(primals) != len(tangents):
         raise ValueError(f"{len(primals)} primals but {len(tangents)} tangents.")
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     if mode == "exact":
+        if has_aux:
+            value, derivative, aux = jax.jvp(fn, primals, tangents, has_aux=True)
+            return f32(value), f32(derivative), aux
         value, derivative = jax.jvp(fn, primals, tangents)
-        return jnp.asarray(value, jnp.float32), jnp.asarray(derivative, jnp.float32)
+        return f32(value), f32(derivative)
     if mode == "finite_difference":
-        value = jnp.asarray(fn(*primals), jnp.float32)
-        plus = jnp.asarray(fn(*(p + step * v for p, v in zip(primals, tangents))), jnp.float32)
-        minus = jnp.asarray(fn(*(p - step * v for p, v in zip(primals, tangents))), jnp.float32)
-        return value, (plus - minus) / (2.0 * step)
+        value_only = (lambda *a: fn(*a)[0]) if has_aux else fn
+        center = fn(*primals)
+        value, aux = (center[0], center[1]) if has_aux else (center, None)
+        plus = f32(value_only(*(p + step * v for p, v in zip(primals, tangents))))
+        minus = f32(value_only(*(p - step * v for p, v in zip(primals, tangents))))
+        derivative = (plus - minus) / (2.0 * step)
+        return (f32(value), derivative, aux) if has_aux else (f32(value), derivative)
     raise errors.ConfigError(f"Unknown jvp_mode {mode!r}; choose one of {list(MODES)}.")

@@ -372,43 +372,59 @@ def guided_velocity(conditional, unconditional, guidance_scale):
 # network reading and the σ form are in `parameterization` (MeanFlow section).
 
 MEANFLOW_TANGENTS = ("sample", "predicted")
-MEANFLOW_GUIDANCE = ("none", "cfg")
+MEANFLOW_GUIDANCE = ("none", "cfg", "conditioned")
 
 
-def meanflow_target(u_fn, z, r, t, velocity, *, jvp_mode="exact", jvp_fd_step=jvp.FD_STEP):
+def meanflow_target(u_fn, z, r, t, velocity, *, jvp_mode="exact", jvp_fd_step=jvp.FD_STEP, has_aux=False):
     """(u(z, r, t), u_tgt) with the MeanFlow identity u_tgt = v − (t − r)·(v·∂_z u + ∂_t u) (MeanFlow eq. 8): one
     JVP of `u_fn(z, r, t)` along the tangents (v, 0, 1) for (z, r, t) (`jvp.value_and_jvp`). The value keeps the
     gradient of whatever `u_fn` closes over; u_tgt is stop-gradient, with t − r clipped to [0, 1] as
-    Gsunshine/meanflow meanflow.py:235."""
+    Gsunshine/meanflow meanflow.py:235. has_aux: `u_fn` returns (u, aux) and the result is (u, u_tgt, aux)."""
     batch = z.shape[0]
-    u, du_dt = jvp.value_and_jvp(u_fn, (z, r, t), (velocity, jnp.zeros((batch,)), jnp.ones((batch,))),
-                                 mode=jvp_mode, step=jvp_fd_step)
+    out = jvp.value_and_jvp(u_fn, (z, r, t), (velocity, jnp.zeros((batch,)), jnp.ones((batch,))),
+                            mode=jvp_mode, step=jvp_fd_step, has_aux=has_aux)
+    u, du_dt = out[0], out[1]
     gap = broadcast_per_sample(jnp.clip(t - r, 0.0, 1.0), z)
-    return u, jax.lax.stop_gradient(velocity - gap * du_dt)
+    u_tgt = jax.lax.stop_gradient(velocity - gap * du_dt)
+    return (u, u_tgt, out[2]) if has_aux else (u, u_tgt)
+
+
+def adaptive_weighted(per_sample, norm_eps, norm_p):
+    """MeanFlow's adaptive loss weighting sg(1/(‖Δ‖² + c)^p)·‖Δ‖² per sample (MeanFlow §4.1, eq. 22;
+    Gsunshine/meanflow meanflow.py:240-246)."""
+    return jax.lax.stop_gradient(1.0 / jnp.power(per_sample + norm_eps, norm_p)) * per_sample
 
 
 def meanflow_loss(network, params, x, key, step, *, target_params=None, teacher_params=None,
                   teacher_network=None, distance_params=None, time_dist="logit_normal", p_mean_t=-0.4,
                   p_std_t=1.0, p_mean_r=-0.4, p_std_r=1.0, equal_fraction=0.75, tr_order="sort", norm_p=1.0,
                   norm_eps=0.01, tangent="sample", guidance="none", omega=1.0, kappa=0.5, t_start=0.0, t_end=1.0,
-                  class_dropout=0.1, num_classes=0, jvp_mode="exact", jvp_fd_step=jvp.FD_STEP):
+                  cfg_max=7.0, cfg_beta=1.0, class_dropout=0.1, num_classes=0, velocity_head=False,
+                  jvp_mode="exact", jvp_fd_step=jvp.FD_STEP):
     """MeanFlow: z = (1 − t)·x + t·ε, v = ε − x, per-sample ‖u_θ(z, r, t) − sg(u_tgt)‖² summed over pixels and
     weighted by sg(1/(‖Δ‖² + c)^p) (norm_eps c, norm_p p; Gsunshine/meanflow meanflow.py:206-246); (r, t) from
     `schedules.meanflow_times`. Defaults are the ImageNet JAX release's (configs/default.py:52-71): logit-normal
     (−0.4, 1.0) for both times, 75 % of samples with r = t, p = 1, c = 0.01.
 
     tangent "sample": the JVP runs along the (guided) conditional velocity, as MeanFlow; "predicted": along the
-    network's own instantaneous velocity v_θ(z, t) = u_θ(z, t, t) (sg), iMF §4.1 (Lyy-iiis/imeanflow imf.py,
-    `iMeanFlow.forward`: the JVP tangent is the predicted v_c). With it the loss is iMF's v-loss
-    ‖u_θ + (t − r)·sg(du_θ/dt) − v_g‖², which equals ‖u_θ − sg(u_tgt)‖² in value and gradient. iMF's auxiliary
-    v-head is not implemented (cmjax networks have one head; v_θ = u_θ(z, t, t) is the boundary condition).
+    network's own instantaneous velocity v_θ(z, t) (sg), iMF §4.1 (Lyy-iiis/imeanflow imf.py, `iMeanFlow.forward`:
+    the JVP tangent is the predicted v_c). With it the loss is iMF's v-loss ‖u_θ + (t − r)·sg(du_θ/dt) − v_g‖²,
+    which equals ‖u_θ − sg(u_tgt)‖² in value and gradient. v_θ is the network's auxiliary v-head where it has one
+    (`velocity_head`, config.model's; iMF's design), evaluated at t − r = 0, else u_θ(z, t, t) (the boundary
+    condition u(z, t, t) = v). With a v-head the loss adds iMF's auxiliary v-loss: the head's output at the same
+    inputs as u, adaptively weighted on its own, ‖v_θ − v_g‖² (imf.py `forward`: loss = loss_u + loss_v).
 
     Class-conditional models (num_classes > 0, from config.model.num_classes; the network needs the extra "no
-    class" label, config.model.null_label): labels are dropped with probability class_dropout, and guidance "cfg"
-    folds classifier-free guidance into the target (MeanFlow §4.2, meanflow.py:171-200): inside the interval
-    [t_start, t_end], v_g = ω·v + (1 − ω − κ)·u_θ(z, t, t | ∅) + κ·u_θ(z, t, t | c) (sg), outside it v_g = v;
-    samples whose label was dropped keep v_g = v. iMF's guidance as a conditioning input (ω and the interval fed
-    to the network, ω drawn per sample) is not implemented.
+    class" label, config.model.null_label): labels are dropped with probability class_dropout, and
+      guidance "cfg" folds classifier-free guidance into the target (MeanFlow §4.2, meanflow.py:171-200): inside
+        [t_start, t_end], v_g = ω·v + (1 − ω − κ)·u_θ(z, t, t | ∅) + κ·u_θ(z, t, t | c) (sg), outside v_g = v;
+      guidance "conditioned" is iMF's guidance as conditioning (iMF §5; imf.py `sample_cfg_scale`,
+        `sample_cfg_interval`, `guidance_fn`, `cond_drop`): per sample ω from `schedules.imf_guidance_scale`
+        (cfg_max, cfg_beta) and an interval from `schedules.imf_guidance_interval` ([0, 1] for r = t samples);
+        w = ω inside the interval, else 1; v_g = v + (1 − 1/w)·(v_θ(z, t | c, w) − v_θ(z, t | ∅, 1)) (sg), and
+        the network sees (1 − 1/ω, t_min, t_max) as three more conditioning scalars
+        (`parameterization.imf_guidance_input`; the time input is [B, 5]).
+    Samples whose label was dropped keep v_g = v.
     """
     del step, target_params, teacher_params, teacher_network, distance_params
     for name, value, choices in (("tangent", tangent, MEANFLOW_TANGENTS), ("guidance", guidance, MEANFLOW_GUIDANCE)):
@@ -418,6 +434,7 @@ def meanflow_loss(network, params, x, key, step, *, target_params=None, teacher_
         raise errors.ConfigError(f"MeanFlow guidance={guidance!r} needs a class-conditional model "
                                  "(config.model.num_classes > 0); use guidance='none'.")
     time_key, noise_key, drop_key, dropout_key = jax.random.split(key, 4)
+    scale_key, interval_key = jax.random.split(jax.random.fold_in(key, 5))
     batch = x.shape[0]
     t, r = schedules.meanflow_times(time_key, batch, dist=time_dist, p_mean_t=p_mean_t, p_std_t=p_std_t,
                                     p_mean_r=p_mean_r, p_std_r=p_std_r, equal_fraction=equal_fraction,
@@ -428,36 +445,60 @@ def meanflow_loss(network, params, x, key, step, *, target_params=None, teacher_
     v = eps - x
     u_net = parameterization.meanflow_network(network)
     frozen = jax.lax.stop_gradient(params)
-    label_kwargs, v_g = {}, v
+    ones, keep = jnp.ones((batch,), jnp.float32), jnp.zeros((batch,), bool)
+
+    head = {"with_velocity": True} if velocity_head else {}  # the network returns (u, v-head) when asked
+
+    def instantaneous(drop=None, guidance_input=None):
+        """v_θ(z, t) (sg, the JVP's dropout key): the v-head at t − r = 0, or u_θ(z, t, t)."""
+        kwargs = {} if drop is None else {"label_drop": drop}
+        out = u_net(frozen, z, t, t, dropout_key, guidance=guidance_input, **head, **kwargs)
+        return out[1] if velocity_head else out
+
+    label_kwargs, v_g, guidance_input, direction = {}, v, None, None
     if num_classes:
         dropped = jax.random.uniform(drop_key, (batch,)) < class_dropout
         if guidance == "cfg":
-            def instantaneous(drop):  # u_θ(z, t, t) with the JVP's dropout key (the release's DiT has no dropout)
-                return u_net(frozen, z, t, t, dropout_key, label_drop=drop)
-
             inside = (t >= t_start) & (t <= t_end)
             w = broadcast_per_sample(jnp.where(inside, omega, 1.0), x)
             k = broadcast_per_sample(jnp.where(inside, kappa, 0.0), x)
             v_uncond = instantaneous(jnp.ones((batch,), bool))
-            v_cond = instantaneous(jnp.zeros((batch,), bool)) if kappa else jnp.zeros_like(v)
+            v_cond = instantaneous(keep) if kappa else jnp.zeros_like(v)
             v_g = jax.lax.stop_gradient(w * v + (1.0 - w - k) * v_uncond + k * v_cond)
+        elif guidance == "conditioned":
+            scale = schedules.imf_guidance_scale(scale_key, batch, cfg_max=cfg_max, cfg_beta=cfg_beta)
+            t_min, t_max = schedules.imf_guidance_interval(interval_key, r == t)
+            w = jnp.where((t >= t_min) & (t <= t_max), scale, 1.0)
+            whole = (jnp.zeros_like(t), ones)  # the instantaneous velocity is asked with the interval [0, 1]
+            v_cond = instantaneous(keep, parameterization.imf_guidance_input(w, *whole))
+            v_uncond = instantaneous(jnp.ones((batch,), bool), parameterization.imf_guidance_input(ones, *whole))
+            v_g = jax.lax.stop_gradient(v + broadcast_per_sample(1.0 - 1.0 / w, x) * (v_cond - v_uncond))
+            guidance_input = parameterization.imf_guidance_input(scale, t_min, t_max)
+            direction = jax.lax.stop_gradient(v_cond)  # the tangent is the conditional prediction (imf.py)
         v_g = jnp.where(broadcast_per_sample(dropped, x), v, v_g)
         label_kwargs = {"label_drop": dropped}
-    if tangent == "predicted":
-        direction = jax.lax.stop_gradient(u_net(frozen, z, t, t, dropout_key, **label_kwargs))
-    else:
+    if tangent == "predicted" and direction is None:
+        direction = jax.lax.stop_gradient(instantaneous(label_kwargs.get("label_drop")))
+    elif tangent == "sample":
         direction = v_g
-    u_fn = lambda zz, rr, tt: u_net(params, zz, rr, tt, dropout_key, **label_kwargs)  # noqa: E731
-    u, u_tgt = meanflow_target(u_fn, z, r, t, direction, jvp_mode=jvp_mode, jvp_fd_step=jvp_fd_step)
+
+    def u_fn(zz, rr, tt):
+        return u_net(params, zz, rr, tt, dropout_key, guidance=guidance_input, **head, **label_kwargs)
+
+    u, u_tgt, *aux = meanflow_target(u_fn, z, r, t, direction, jvp_mode=jvp_mode, jvp_fd_step=jvp_fd_step,
+                                     has_aux=velocity_head)
     if tangent == "predicted":  # the target velocity stays the conditional one, v_g (iMF's v-loss)
         u_tgt = jax.lax.stop_gradient(u_tgt + (v_g - direction))
     axes = tuple(range(1, x.ndim))
     per_sample = jnp.sum(jnp.square(u - u_tgt), axis=axes)
-    weight = jax.lax.stop_gradient(1.0 / jnp.power(per_sample + norm_eps, norm_p))
-    loss = jnp.mean(weight * per_sample)
-    metrics = {"loss": loss, "mean_squared_error": jnp.mean(per_sample) / float(jnp.size(x) // batch),
+    loss = jnp.mean(adaptive_weighted(per_sample, norm_eps, norm_p))
+    metrics = {"mean_squared_error": jnp.mean(per_sample) / float(jnp.size(x) // batch),
                "mean_t": jnp.mean(t), "mean_gap": jnp.mean(t - r)}
-    return loss, metrics
+    if velocity_head:  # iMF's auxiliary v-loss on the v-head's output at the same inputs
+        per_sample_v = jnp.sum(jnp.square(jnp.asarray(aux[0], jnp.float32) - jax.lax.stop_gradient(v_g)), axis=axes)
+        loss = loss + jnp.mean(adaptive_weighted(per_sample_v, norm_eps, norm_p))
+        metrics["velocity_mean_squared_error"] = jnp.mean(per_sample_v) / float(jnp.size(x) // batch)
+    return loss, {"loss": loss, **metrics}
 
 
 OBJECTIVES: dict[str, Callable] = {

@@ -81,7 +81,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 # Settings a method takes from elsewhere in the config rather than from its own section.
 # MeanFlow's `num_classes` (label dropout and guidance need a class-conditional network) is config.model's.
-_FROM_CONFIG = {"total_steps", "num_classes"}
+# iMF's `velocity_head` (the auxiliary v-loss needs the network's v-head) is config.model's too.
+_FROM_CONFIG = {"total_steps", "num_classes", "velocity_head"}
 
 
 def names() -> list[str]:
@@ -115,6 +116,8 @@ def settings(config) -> dict[str, Any]:
     result = {**accepted, **section}
     if "total_steps" in accepted:
         result["total_steps"] = int(config.total_steps)
+    if "velocity_head" in accepted:
+        result["velocity_head"] = bool(config.model.get("velocity_head", False))
     if "num_classes" in accepted:
         result["num_classes"] = int(config.model.get("num_classes") or 0)
         if not result["num_classes"] and result.get("guidance", "none") != "none":
@@ -158,9 +161,14 @@ def parameterization_of(name: str, method_settings: Mapping[str, Any]) -> str:
     return method.parameterization
 
 
-def time_inputs(name: str) -> int:
-    """How many time scalars method `name`'s network is conditioned on (1, or MeanFlow's 2: (t, t − r))."""
-    return get(name).time_inputs
+def time_inputs(name: str, method_settings: Mapping[str, Any] | None = None) -> int:
+    """How many scalars method `name`'s network is conditioned on: 1 (a time or noise level), MeanFlow's 2
+    ((t, t − r)), or 5 with iMF's guidance conditioning (`guidance="conditioned"` in `method_settings`, the
+    method's config section: (t, t − r, 1 − 1/ω, t_min, t_max), `parameterization.meanflow_time_input`)."""
+    count = get(name).time_inputs
+    if method_settings is not None and method_settings.get("guidance") == "conditioned":
+        count += 3
+    return count
 
 
 def is_meanflow(config) -> bool:
@@ -194,12 +202,28 @@ def sampler_settings(config) -> dict[str, Any]:
     sampling = get(config.method.name).sampling
     kind, noise = parameterization_kind(config), noise_range(config)
     result = {"parameterization": kind, "sigma_min": noise["sigma_min"], "sigma_max": noise["sigma_max"],
-              "sigma_data": noise["sigma_data"], "renoise": sampling.renoise, "clip": sampling.clip}
+              "sigma_data": noise["sigma_data"], "renoise": sampling.renoise, "clip": sampling.clip,
+              "guidance": imf_sampling_guidance(config)}
     if kind == "edm" and sampling.parameterization is not None:
         result["parameterization"] = sampling.parameterization
         if sampling.sigma_min is not None:
             result["sigma_min"] = float(sampling.sigma_min)
     return result
+
+
+def imf_sampling_guidance(config) -> tuple[float, float, float] | None:
+    """(ω, t_min, t_max) an iMF network is sampled with (config.sample.guidance_scale, guidance_interval), for a
+    run trained with guidance as conditioning (`config.method.meanflow.guidance = "conditioned"`); else None."""
+    if config.method.name != "meanflow" or _section(config).get("guidance") != "conditioned":
+        return None
+    omega = float(config.sample.get("guidance_scale", 1.0))
+    interval = tuple(float(v) for v in config.sample.get("guidance_interval", (0.0, 1.0)))
+    if omega < 1.0 or len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+        raise errors.ConfigError(
+            f"config.sample.guidance_scale={omega} / guidance_interval={interval} are not an iMF guidance: the "
+            "scale is ω ≥ 1 (1: unguided) and the interval two times 0 ≤ t_min ≤ t_max ≤ 1, e.g. "
+            "--config.sample.guidance_scale=8.0 --config.sample.guidance_interval='(0.4, 0.65)'.")
+    return (omega, *interval)
 
 
 def noise_range(config) -> dict[str, float]:

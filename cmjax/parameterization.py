@@ -233,19 +233,32 @@ def trigflow_denoise(apply_fn: NetworkFn, params, x, sigma, sigma_data=SIGMA_DAT
 MEANFLOW = "meanflow"
 
 
-def meanflow_time_input(r, t):
-    """The two-time network input [B, 2]: (t, t − r)."""
+def meanflow_time_input(r, t, guidance=None):
+    """The two-time network input [B, 2]: (t, t − r); with iMF's guidance conditioning [B, 3]
+    (`imf_guidance_input`) appended, [B, 5]."""
     r, t = jnp.asarray(r, jnp.float32), jnp.asarray(t, jnp.float32)
-    return jnp.stack([t, t - r], axis=-1)
+    times = jnp.stack([t, t - r], axis=-1)
+    return times if guidance is None else jnp.concatenate([times, jnp.asarray(guidance, jnp.float32)], axis=-1)
+
+
+def imf_guidance_input(omega, t_min, t_max):
+    """iMF's guidance conditions [B, 3] = (1 − 1/ω, t_min, t_max) (iMF §5: the network is told the CFG scale ω and
+    the guidance interval; Lyy-iiis/imeanflow models/imfDiT.py `_build_sequence` embeds 1 − 1/ω, t_min and t_max,
+    each with a timestep embedder of its own). ω = 1 (no guidance) reads 0."""
+    omega, t_min, t_max = (jnp.asarray(a, jnp.float32) for a in (omega, t_min, t_max))
+    return jnp.stack([1.0 - 1.0 / omega, t_min, t_max], axis=-1)
 
 
 def meanflow_network(network):
-    """u(params, z, r, t, *rng, **kw) = network(params, z, (t, t − r), *rng, **kw) of a raw network."""
+    """u(params, z, r, t, *rng, guidance=None, **kw) = network(params, z, (t, t − r[, guidance]), *rng, **kw) of a
+    raw network; `guidance` [B, 3] is iMF's conditioning (`imf_guidance_input`)."""
 
-    def u(params, z, r, t, *rng, **kwargs):
+    def u(params, z, r, t, *rng, guidance=None, **kwargs):
         r = jnp.broadcast_to(jnp.asarray(r, jnp.float32), z.shape[:1])
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
-        out = network(params, z, meanflow_time_input(r, t), *rng, **kwargs)
+        out = network(params, z, meanflow_time_input(r, t, guidance), *rng, **kwargs)
+        if isinstance(out, tuple):  # (u, a head's value): a caller that asked for a head (train_step's network)
+            return jnp.asarray(out[0], jnp.float32), out[1]
         return jnp.asarray(out, jnp.float32)
 
     return u

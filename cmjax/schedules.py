@@ -209,3 +209,25 @@ def meanflow_times(key, batch_size: int, *, dist: str = "logit_normal", p_mean_t
     if order == "min":
         return t, jnp.minimum(t, jnp.where(equal, t, r))
     raise ValueError(f"Unknown MeanFlow (t, r) order {order!r}; choose one of {list(MEANFLOW_TR_ORDERS)}.")
+
+
+def imf_guidance_scale(key, batch_size: int, *, cfg_max: float = 7.0, cfg_beta: float = 1.0):
+    """iMF's per-sample CFG scale ω ∈ [1, 1 + cfg_max] (iMF §5, Lyy-iiis/imeanflow imf.py `sample_cfg_scale`,
+    s_max = 7.0, `cfg_beta` 1.0 in configs/default.py): ω = (1 + s_max)^u, u ~ U(0, 1) (log-uniform) for β = 1;
+    otherwise the inverse CDF of p(ω) ∝ ω^(−β): ω = (1 + u·((1 + s_max)^(1−β) − 1))^(1/(1−β))."""
+    u = jax.random.uniform(key, (batch_size,), jnp.float32)
+    log_top = jnp.log1p(jnp.float32(cfg_max))
+    if cfg_beta == 1.0:
+        return jnp.exp(u * log_top)
+    one_minus_beta = 1.0 - float(cfg_beta)
+    return jnp.exp(jnp.log1p(u * jnp.expm1(one_minus_beta * log_top)) / one_minus_beta)
+
+
+def imf_guidance_interval(key, equal):
+    """iMF's per-sample guidance interval (t_min, t_max): t_min ~ U(0, 0.5), t_max ~ U(0.5, 1), and [0, 1] for
+    the flow-matching samples (`equal`: r = t), which are guided at every t (imf.py `sample_cfg_interval`)."""
+    min_key, max_key = jax.random.split(key)
+    batch = jnp.shape(equal)
+    t_min = jax.random.uniform(min_key, batch, jnp.float32, 0.0, 0.5)
+    t_max = jax.random.uniform(max_key, batch, jnp.float32, 0.5, 1.0)
+    return jnp.where(equal, 0.0, t_min), jnp.where(equal, 1.0, t_max)

@@ -39,10 +39,18 @@ def make_train_step(config, module, objective, optimizer, learning_rate_fn, teac
         # (seed, step) → key: a resumed run draws the same noise as an uninterrupted one.
         key = jax.random.fold_in(base_key, state.step)
 
-        def network(params, x_in, t_in, dropout_key, with_logvar=False, label_drop=None):
+        def network(params, x_in, t_in, dropout_key, with_logvar=False, label_drop=None, with_velocity=False):
             # label_drop [B] bool: those samples get the "no class" label num_classes (MeanFlow's guidance and
             # label dropout; the network needs its extra row, config.model.null_label).
             y = labels if label_drop is None or labels is None else jnp.where(label_drop, num_classes, labels)
+            if with_velocity:  # (u, v): iMF's auxiliary v-head rides along (config.model.velocity_head)
+                out, heads = models.apply_with_heads(module, {"params": params}, x_in, t_in, y, train=True,
+                                                     rngs={"dropout": dropout_key})
+                if "velocity" not in heads:
+                    raise errors.ConfigError(
+                        f"config.model.velocity_head=True, and network {config.model.name!r} has no velocity head: "
+                        "the MLP and the ADM UNet have one; set config.model.velocity_head=False.")
+                return out, heads["velocity"]
             if not with_logvar:
                 return module.apply({"params": params}, x_in, t_in, y, train=True, rngs={"dropout": dropout_key})
             # (F, logvar): the adaptive weightings of sCT/sCD read the network's log-variance head too.

@@ -132,8 +132,9 @@ def _tiny_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "num_classes": 10 if conditional else 0,  # digits has 10 classes
         "dropout": float(model.get("dropout", 0.0)), "dtype": "float32", "remat": False,
     })
-    if model.get("logvar_head"):  # sCM's adaptive weight needs the head
-        tiny.logvar_head = True
+    for head in ("logvar_head", "velocity_head", "null_label"):  # heads and label rows the objective needs
+        if model.get(head):
+            tiny[head] = True
     return tiny
 
 

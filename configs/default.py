@@ -78,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.logvar_head = False
     # Class-conditional networks: labels replaced by the null label in training (classifier-free guidance).
     config.model.label_dropout = 0.0
+    config.model.velocity_head = False  # iMF's auxiliary v-head (MLP, UNet); adds iMF's v-loss to MeanFlow
 
     config.method = ml_collections.ConfigDict()
     config.method.name = "ict"  # edm | cd | ct | ict | ect | sct | scd | meanflow (cmjax/methods.py, losses.py)
@@ -199,11 +200,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.method.meanflow.norm_eps = 0.01  # (CIFAR-10 PyTorch release: 1e-3)
     config.method.meanflow.tangent = "sample"  # sample: JVP along v = ε − x (MeanFlow) | predicted: u_θ(z, t, t) (iMF)
     # Class-conditional models (config.model.num_classes > 0, config.model.null_label = True):
-    config.method.meanflow.guidance = "none"  # none | cfg: ω, κ folded into the target on [t_start, t_end]
+    # none | cfg: ω, κ folded into the target on [t_start, t_end] (MeanFlow) | conditioned: ω and an interval
+    # drawn per sample and fed to the network (iMF §5; ω ∈ [1, 1 + cfg_max], power law cfg_beta)
+    config.method.meanflow.guidance = "none"
     config.method.meanflow.omega = 1.0
     config.method.meanflow.kappa = 0.5
     config.method.meanflow.t_start = 0.0
     config.method.meanflow.t_end = 1.0
+    config.method.meanflow.cfg_max = 7.0
+    config.method.meanflow.cfg_beta = 1.0
     config.method.meanflow.class_dropout = 0.1  # labels dropped to "no class" with this probability
     config.method.meanflow.jvp_mode = "exact"  # exact (jax.jvp) | finite_difference (central, step jvp_fd_step)
     config.method.meanflow.jvp_fd_step = 1e-3
@@ -244,6 +249,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sample.num_images = 64  # images in each sample grid
     config.sample.two_step_sigma = 0.8  # the second noise level of the 2-step sampler
     config.sample.two_step_time = 0.5  # MeanFlow's 2-step sampler: 1 → two_step_time → 0 (iMF's linspace midpoint)
+    # iMF networks (config.method.meanflow.guidance = "conditioned") are told the CFG scale ω and its interval
+    config.sample.guidance_scale = 1.0
+    config.sample.guidance_interval = (0.0, 1.0)
     # Samples in [−1, 1] → uint8 (grids, .npz, FID): round | floor (the CM releases truncate: openai's
     # image_sample.py, the CIFAR-10 JAX evaluate.py; ECT rounds half up).
     config.sample.quantize = "round"

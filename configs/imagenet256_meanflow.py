@@ -83,7 +83,4 @@ def get_config(arg: str | None = None):
     config.log_every = 100
     config.ckpt_every = 10_000
     config.eval_every = 50_000
-    config = common.finish(config, chosen)
-    if "smoke" in chosen:  # the tiny class-conditional MLP needs the "no class" row too
-        config.model.null_label = True
-    return config
+    return common.finish(config, chosen)

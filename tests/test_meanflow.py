@@ -189,7 +189,7 @@ def test_method_facts_and_settings():
     assert methods.time_inputs("meanflow") == 2 and methods.time_inputs("ict") == 1
     assert methods.parameterization_kind(config) == "meanflow" and methods.is_meanflow(config)
     assert models.sample_inputs(config, 3)[1].shape == (3, 2)
-    assert set(config.method.meanflow) == set(losses.objective_settings("meanflow")) - {"num_classes"}
+    assert set(config.method.meanflow) == set(losses.objective_settings("meanflow")) - {"num_classes", "velocity_head"}
     assert methods.settings(config)["num_classes"] == 0
     config.model.num_classes = 10  # class-conditional: label dropout needs the "no class" row
     with pytest.raises(errors.ConfigError, match="null_label=True"):
@@ -224,3 +224,86 @@ def test_guidance_is_folded_into_the_target_with_the_null_label():
     assert abs(float(guided) - float(plain)) > 0.1
     with pytest.raises(errors.ConfigError, match="class-conditional"):
         losses.make_objective("meanflow", guidance="cfg")(network, jnp.float32(0.0), x, jax.random.key(5), 0)
+
+
+def test_imf_guidance_scale_and_interval_follow_the_release_distributions():
+    """ω ∈ [1, 1 + s_max]: log-uniform for β = 1 (median √8 for s_max = 7), p(ω) ∝ ω^−2 for β = 2 (median where
+    (1 − 1/ω)/(1 − 1/8) = ½); the interval is [0, 1] for r = t samples, else t_min < ½ < t_max."""
+    n = 20_000
+    for beta, median in ((1.0, 8.0 ** 0.5), (2.0, 1.0 / (1.0 - 0.5 * (1.0 - 1.0 / 8.0)))):
+        omega = schedules.imf_guidance_scale(jax.random.key(0), n, cfg_max=7.0, cfg_beta=beta)
+        assert float(omega.min()) >= 1.0 and float(omega.max()) <= 8.0
+        assert abs(float(jnp.median(omega)) - median) < 0.03 * median, (beta, float(jnp.median(omega)), median)
+    equal = jnp.arange(n) < n // 2
+    t_min, t_max = schedules.imf_guidance_interval(jax.random.key(1), equal)
+    assert bool(jnp.all(t_min[: n // 2] == 0.0)) and bool(jnp.all(t_max[: n // 2] == 1.0))
+    assert bool(jnp.all((t_min[n // 2:] < 0.5) & (t_max[n // 2:] > 0.5)))
+    assert abs(float(jnp.mean(t_min[n // 2:])) - 0.25) < 0.01 and abs(float(jnp.mean(t_max[n // 2:])) - 0.75) < 0.01
+
+
+def test_imf_guidance_as_conditioning_and_the_velocity_head_build_the_release_loss():
+    """guidance "conditioned" with a v-head, recomputed by hand on a network with known outputs: u = 0.3·(1 − 1/ω)
+    (it reads the conditioning column 1 − 1/ω), the v-head 0.5·[no class] + 0.2·(its 1 − 1/ω). Then v_c =
+    0.2·(1 − 1/w), v_u = 0.5, v_g = v + (1 − 1/w)·(v_c − v_u) (w = ω inside the interval, else 1; v for dropped
+    labels), and the loss is ‖u − v_g‖² + ‖v_head − v_g‖² (iMF's v-loss and its auxiliary loss; norm_p = 0)."""
+    widths, velocity_calls = set(), []
+
+    def network(params, z, time_input, *rng, label_drop=None, with_velocity=False):
+        widths.add(time_input.shape[1])
+        g = time_input[:, 2:3]
+        u = params * z + 0.3 * g
+        if not with_velocity:
+            return u
+        drop = 0.0 if label_drop is None else label_drop[:, None].astype(jnp.float32)
+        if not isinstance(time_input, jax.core.Tracer):
+            velocity_calls.append(np.asarray(time_input))
+        return u, 0.5 * drop + 0.2 * g + 0.0 * z
+
+    n, key = 64, jax.random.key(9)
+    x = RING.sample(jax.random.key(3), n)
+    settings = dict(num_classes=4, class_dropout=0.25, guidance="conditioned", tangent="predicted",
+                    velocity_head=True, norm_p=0.0, equal_fraction=0.5)
+    loss, metrics = losses.make_objective("meanflow", **settings)(network, jnp.float32(0.0), x, key, 0)
+    assert widths == {5}
+    # The two instantaneous-velocity calls: t − r = 0 and the interval [0, 1]; the unconditional one at ω = 1.
+    cond_in, uncond_in = velocity_calls[:2]
+    assert np.all(cond_in[:, 1] == 0) and np.all(cond_in[:, 3] == 0) and np.all(cond_in[:, 4] == 1)
+    assert np.all(uncond_in[:, 2] == 0)
+    time_key, noise_key, drop_key, _ = jax.random.split(key, 4)
+    scale_key, interval_key = jax.random.split(jax.random.fold_in(key, 5))
+    t, r = schedules.meanflow_times(time_key, n, equal_fraction=0.5)
+    v = jax.random.normal(noise_key, x.shape) - x
+    dropped = (jax.random.uniform(drop_key, (n,)) < 0.25)[:, None]
+    omega = schedules.imf_guidance_scale(scale_key, n)
+    t_min, t_max = schedules.imf_guidance_interval(interval_key, r == t)
+    w = jnp.where((t >= t_min) & (t <= t_max), omega, 1.0)[:, None]
+    assert 0 < int(jnp.sum(w[:, 0] == 1.0)) < n  # some samples outside their interval, unguided
+    np.testing.assert_allclose(cond_in[:, 2:3], 1 - 1 / w, rtol=1e-6)
+    v_g = jnp.where(dropped, v, v + (1 - 1 / w) * (0.2 * (1 - 1 / w) - 0.5))
+    g = (1 - 1 / omega)[:, None]
+    expected = jnp.mean(jnp.sum(jnp.square(0.3 * g - v_g), axis=1)
+                        + jnp.sum(jnp.square(0.5 * dropped + 0.2 * g - v_g), axis=1))
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    assert "velocity_mean_squared_error" in metrics
+    # Without guidance the same network and batch give another loss: the conditioning is not a no-op.
+    unguided, _ = losses.make_objective("meanflow", **dict(settings, guidance="none"))(
+        lambda p, z, ti, *a, **k: network(p, z, jnp.concatenate([ti, jnp.zeros((n, 3))], 1), *a, **k),
+        jnp.float32(0.0), x, key, 0)
+    assert abs(float(unguided) - float(loss)) > 0.05 * float(loss)
+
+
+def test_velocity_head_is_sown_beside_the_output_and_trains_only_where_asked():
+    """The MLP's and the UNet's v-head: the main output is unchanged by adding it (same parameters otherwise),
+    the head's value reaches `models.apply_with_heads`, and a network without one fails with the fix named."""
+    x, t = jnp.ones((2, 8, 8, 1)), jnp.full((2, 2), 0.5)
+    for fields in ({"name": "mlp", "hidden_dim": 16, "num_layers": 1, "time_embed_dim": 8},
+                   {"name": "unet", "image_size": 8, "in_channels": 1, "out_channels": 1, "model_channels": 32,
+                    "channel_mult": (1,), "num_res_blocks": 1, "attention_resolutions": (), "num_classes": 0,
+                    "num_head_channels": 32}):
+        plain, headed = models.get(fields), models.get(dict(fields, velocity_head=True))
+        params = headed.init({"params": jax.random.key(0)}, x, t)["params"]
+        out, heads = models.apply_with_heads(headed, {"params": params}, x, t)
+        assert set(heads) == {"velocity"} and heads["velocity"].shape == x.shape
+        trunk = {k: v for k, v in params.items() if not k.startswith("velocity")}
+        np.testing.assert_array_equal(out, plain.apply({"params": trunk}, x, t))
+        assert set(params) - set(trunk)  # the head has parameters of its own

@@ -12,8 +12,8 @@ def test_every_objective_has_a_row_and_every_section_holds_exactly_its_settings(
     config = default.get_config()
     assert methods.names() == sorted(losses.OBJECTIVES)
     for name in methods.names():
-        # K is config.total_steps; MeanFlow's num_classes is config.model.num_classes
-        accepted = set(losses.objective_settings(name)) - {"total_steps", "num_classes"}
+        # K is config.total_steps; MeanFlow's num_classes and velocity_head are config.model's
+        accepted = set(losses.objective_settings(name)) - {"total_steps", "num_classes", "velocity_head"}
         assert set(config.method[name]) == accepted, name
 
 

@@ -73,8 +73,9 @@ def _from_torch_layout(path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
 
 
 # Parameters that only training reads: sCM's log-variance head (`config.model.logvar_head`, the adaptive weight
-# w(t) of sCT/sCD's loss). Samplers never call it, openai's and diffusers' UNets have no such layer: not exported.
-TRAINING_ONLY_PARAMS = ("logvar_linear",)
+# w(t) of sCT/sCD's loss) and iMF's auxiliary v-head (`config.model.velocity_head`, its v-loss). Samplers never
+# call them, openai's and diffusers' UNets have no such layers: not exported.
+TRAINING_ONLY_PARAMS = ("logvar_linear", "velocity_out_0", "velocity_out_2")
 
 
 def without_training_heads(params):

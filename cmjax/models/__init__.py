@@ -56,12 +56,20 @@ def get(model_config: Mapping[str, Any]) -> nn.Module:
     return cls(**cfg)
 
 
+def apply_with_heads(module: nn.Module, variables, *args, **kwargs):
+    """(output, heads) of `module.apply(variables, *args, **kwargs)`: `heads` maps each auxiliary head the network
+    sows to its value — "logvar" (sCM's log-variance head, `layers.logvar_head`), "velocity" (iMF's v-head,
+    `layers.sow_velocity`) — and lacks the heads the network does not have."""
+    out, state = module.apply(variables, *args, mutable=["intermediates"], **kwargs)
+    sown = state.get("intermediates", {})
+    return out, {name: sown[name][0] for name in (layers.LOGVAR, layers.VELOCITY) if name in sown}
+
+
 def apply_with_logvar(module: nn.Module, variables, *args, **kwargs):
     """(output, logvar_b) of `module.apply(variables, *args, **kwargs)`: the value its log-variance head
     (`logvar_head=True`, `layers.logvar_head`) sows, or None for a network without one."""
-    out, state = module.apply(variables, *args, mutable=["intermediates"], **kwargs)
-    sown = state.get("intermediates", {}).get(layers.LOGVAR)
-    return out, None if sown is None else sown[0]
+    out, heads = apply_with_heads(module, variables, *args, **kwargs)
+    return out, heads.get(layers.LOGVAR)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,12 +93,13 @@ def image_shape(config) -> tuple[int, int, int]:
 
 def sample_inputs(config, batch_size: int = 1):
     """Dummy network inputs (x, time input, labels or None) of the configured shapes; the time input is [B], or
-    [B, K] for a method that conditions on K times (`methods.time_inputs`: MeanFlow's (t, t − r), K = 2)."""
+    [B, K] for a method that conditions on K scalars (`methods.time_inputs`: MeanFlow's (t, t − r), K = 2; iMF's
+    guidance-conditioned network adds (1 − 1/ω, t_min, t_max), K = 5)."""
     from cmjax import methods  # the method table; imported here so that networks load without the objectives
 
     x = jnp.zeros((batch_size, *image_shape(config)), jnp.float32)
     labels = jnp.zeros((batch_size,), jnp.int32) if config.model.get("num_classes") else None
-    k = methods.time_inputs(config.method.name)
+    k = methods.time_inputs(config.method.name, config.method.get(config.method.name))
     return x, jnp.zeros((batch_size,) if k == 1 else (batch_size, k), jnp.float32), labels
 
 

@@ -153,6 +153,19 @@ def sow_logvar(module: nn.Module, time_features_bc) -> None:
     module.sow("intermediates", LOGVAR, logvar_head(time_features_bc))
 
 
+# ----------------------------------------------------------------------------------------------
+# The auxiliary velocity head (`velocity_head` of the MLP and the ADM UNet): improved MeanFlow's v-head (iMF §4.1;
+# Lyy-iiis/imeanflow models/imfDiT.py: a branch of its own after the shared blocks, `v_heads` + `v_final_layer`),
+# predicting the instantaneous velocity v(z_t, t) beside the main output u. Like the log-variance head it is sown
+# into "intermediates" (only `models.apply_with_heads` callers see it): samplers and export read u alone.
+VELOCITY = "velocity"
+
+
+def sow_velocity(module: nn.Module, velocity) -> None:
+    """Sows the velocity head's output (shaped like the network's input) as intermediates["velocity"]."""
+    module.sow("intermediates", VELOCITY, jnp.asarray(velocity, jnp.float32))
+
+
 # The null class of classifier-free guidance: a class-conditional network given this label adds no class
 # embedding (EDM's networks read an all-zero one-hot label the same way). Labels >= 0 are unchanged.
 NULL_LABEL = -1

@@ -37,6 +37,7 @@ class MLP(nn.Module):
     logvar_head: bool = False  # sCM's log-variance head w_φ(t) on the time features (layers.logvar_head)
     null_label: bool = False  # one more label row, index num_classes = "no class" (MeanFlow's guidance)
     label_dropout: float = 0.0  # training only: labels replaced by the null label (layers.drop_labels)
+    velocity_head: bool = False  # iMF's auxiliary v-head: one residual block and an output layer of its own
 
     def _dense(self, features, name, zero_init=False):
         init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
@@ -70,6 +71,11 @@ class MLP(nn.Module):
         block = nn.remat(_ResidualBlock, static_argnums=(3,)) if self.remat else _ResidualBlock
         for i in range(self.num_layers):
             h = block(self.hidden_dim, self.dropout, self.dtype, name=f"block_{i}")(h, emb, train)
+        if self.velocity_head:  # branches off the shared trunk, as iMF's v-head does (layers.VELOCITY)
+            hv = block(self.hidden_dim, self.dropout, self.dtype, name="velocity_block")(h, emb, train)
+            hv = nn.silu(nn.LayerNorm(dtype=jnp.float32, name="velocity_norm")(hv))
+            hv = self._dense(math.prod(batch_shape[1:]), "velocity_output", zero_init=True)(hv)
+            layers.sow_velocity(self, hv.astype(jnp.float32).reshape(batch_shape))
         h = nn.silu(nn.LayerNorm(dtype=jnp.float32, name="out_norm")(h))
         out = self._dense(math.prod(batch_shape[1:]), "output", zero_init=True)(h)
         return out.astype(jnp.float32).reshape(batch_shape)

@@ -145,6 +145,9 @@ class UNet(nn.Module):
     # Training only: the fraction of class labels replaced by the null label (layers.drop_labels), so the
     # network also learns the unconditional prediction that classifier-free guidance needs (EDM's label_dropout).
     label_dropout: float = 0.0
+    # iMF's auxiliary v-head (layers.VELOCITY): an output head of its own (GroupNorm, SiLU, zero conv) beside
+    # `out` on the decoder's last features; iMF's transformer branches 8 blocks deep instead.
+    velocity_head: bool = False
 
     def _heads(self, channels: int) -> int:
         if self.num_head_channels == -1:
@@ -254,6 +257,10 @@ class UNet(nn.Module):
                 index += 1
 
         # Output head in float32 (openai casts back to the input dtype before `out`).
-        h = nn.silu(layers.GroupNorm32(name="out_0")(h.astype(jnp.float32)))
+        h = h.astype(jnp.float32)
+        if self.velocity_head:
+            hv = nn.silu(layers.GroupNorm32(name="velocity_out_0")(h))
+            layers.sow_velocity(self, layers.conv(self.out_channels, 3, name="velocity_out_2", zero_init=True)(hv))
+        h = nn.silu(layers.GroupNorm32(name="out_0")(h))
         out = layers.conv(self.out_channels, 3, name="out_2", zero_init=True)(h)
         return out.astype(jnp.float32)
