@@ -106,10 +106,15 @@ def exact_teacher(mixture: toy_problems.GaussianMixture, sigma_data: float):
 
 
 def model_teacher(model: Model2D):
-    """(teacher_network, teacher_params) of a trained EDM model: its raw network, dropout off."""
-    if model.kind != "edm":
-        raise ValueError(f"A CD teacher must be an EDM model, got a {model.kind!r} one.")
-    return model.apply, model.params
+    """(teacher_network, teacher_params) of a trained EDM model: its raw network in EDM form, dropout off (a
+    TrigFlow-conditioned one read through `parameterization.teacher_time_input`, as the trainer does)."""
+    if model.kind not in ("edm", "trigflow"):
+        raise ValueError(f"A teacher must be an EDM model (kind edm or trigflow), got a {model.kind!r} one.")
+    if model.kind == "edm":
+        return model.apply, model.params
+    return (lambda p, x_in, t_in, *rng: model.apply(p, x_in, pz.teacher_time_input(t_in, model.kind,
+                                                                                   model.sigma_data)),
+            model.params)
 
 
 def make_optimizer(config: Demo2DConfig):

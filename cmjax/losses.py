@@ -72,15 +72,24 @@ def max_num_scales(*, curriculum: str, num_scales: int, s1: int) -> int:
 # Objectives.
 
 
+EDM_KINDS = ("edm", "trigflow")
+
+
 def edm_loss(network, params, x, key, step, *, sigma_data=SIGMA_DATA, p_mean=-1.2, p_std=1.2,
-             target_params=None, teacher_params=None, teacher_network=None, distance_params=None):
+             parameterization_kind="edm", target_params=None, teacher_params=None, teacher_network=None,
+             distance_params=None):
     """EDM denoising score matching (EDM eq. 2, 8): ln σ ~ N(Pm, Ps²), λ(σ)·‖D(x + σn, σ) − x‖²,
-    λ = (σ² + σd²)/(σ·σd)²."""
+    λ = (σ² + σd²)/(σ·σd)². parameterization_kind "edm": the network's time input is 250·ln σ (openai's ADM);
+    "trigflow": t = arctan(σ/σd), with the same scalings — sCM's TrigFlow diffusion model (Lu & Song 2024 §2,
+    c_noise(t) = t), the teacher an sCD student can start from (`parameterization.teacher_time_input`)."""
     del step, target_params, teacher_params, teacher_network, distance_params
+    if parameterization_kind not in EDM_KINDS:
+        raise errors.ConfigError(f"Unknown EDM parameterization_kind {parameterization_kind!r}; choose one of "
+                                 f"{list(EDM_KINDS)}.")
     sigma_key, noise_key, dropout_key = jax.random.split(key, 3)
     sigma = schedules.lognormal_sigmas(sigma_key, x.shape[:1], p_mean, p_std)
     noise = jax.random.normal(noise_key, x.shape, jnp.float32)
-    denoise = _bind(network, params, dropout_key, "edm", sigma_data, SIGMA_MIN)
+    denoise = _bind(network, params, dropout_key, parameterization_kind, sigma_data, SIGMA_MIN)
     denoised = denoise(x + broadcast_per_sample(sigma, x) * noise, sigma)
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
     loss = jnp.mean(weight * distances.l2_distance(denoised, x))

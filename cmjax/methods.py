@@ -53,8 +53,10 @@ class Method:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("edm", needs_teacher=False, keeps_target=False, starts_from_teacher=False, parameterization="edm",
-           summary="EDM denoising score matching (the teacher of CD and ECT)"),
+    # EDM's `parameterization_kind` setting: "edm" (time input 250·ln σ) or "trigflow" (t = arctan(σ/σd), sCM's
+    # TrigFlow diffusion model: the same denoiser D, the teacher an sCD student starts from).
+    Method("edm", needs_teacher=False, keeps_target=False, starts_from_teacher=False, parameterization="setting",
+           summary="EDM denoising score matching (the teacher of CD, ECT and sCD)"),
     # CD: openai/consistency_models scripts/cm_train.py:75-115 copies the teacher into the student, target and
     # EMAs; the CIFAR-10 JAX release's finetune=True (jcm/losses.py:136-142) does the same.
     Method("cd", needs_teacher=True, keeps_target=True, starts_from_teacher=True,

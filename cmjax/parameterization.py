@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 
+from cmjax import errors
+
 SIGMA_DATA = 0.5
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
@@ -201,6 +203,20 @@ def trigflow_consistency(trig_network, params, x_t, t, *rng, sigma_data=SIGMA_DA
     out = trig_network(params, x_t / sigma_data, t, *rng)
     tb = broadcast_per_sample(t, x_t)
     return jnp.cos(tb) * x_t - jnp.sin(tb) * sigma_data * out
+
+
+def teacher_time_input(edm_time_input, kind: str = "edm", sigma_data=SIGMA_DATA):
+    """The time input a teacher of parameterisation `kind` reads at the noise level of an EDM time input
+    250·ln σ (`network_time_input`): the same for "edm" and "trigflow_edm", t = arctan(σ/σd) for "trigflow". An
+    EDM-objective teacher trained with kind "trigflow" (sCM's TrigFlow diffusion model, c_noise(t) = t) has EDM's
+    scalings, so its raw output at that input is what an EDM-form network gives at σ: the distillation
+    objectives (CD's ODE steps, sCD's velocity) read every teacher in EDM form through this translation."""
+    if kind in ("edm", "trigflow_edm"):
+        return edm_time_input
+    if kind == "trigflow":
+        return trigflow_time(jnp.exp(jnp.asarray(edm_time_input, jnp.float32) / 250.0), sigma_data)
+    raise errors.ConfigError(f"A teacher must be an EDM-form denoiser (parameterisation edm, trigflow or "
+                             f"trigflow_edm); this one is {kind!r}.")
 
 
 def trigflow_denoise(apply_fn: NetworkFn, params, x, sigma, sigma_data=SIGMA_DATA, kind="trigflow"):

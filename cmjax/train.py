@@ -66,9 +66,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def create_state(key):
         return train_state.create(models.init_params(module, config, key), optimizer, config.ema_rates, keep_target)
 
-    teacher_module, teacher_params = None, None
+    teacher_module, teacher_params, teacher_config = None, None, None
     if method.needs_teacher:
-        teacher_module, teacher_params, _ = workdir_lib.load_teacher(config, mesh)
+        teacher_module, teacher_params, teacher_config = workdir_lib.load_teacher(config, mesh)
 
     # ---- Restore or initialise -------------------------------------------------------------------
     checkpointer = checkpointing.Checkpointer(workdir, save_every=config.ckpt_every, keep=config.keep_checkpoints)
@@ -90,7 +90,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state = create_state(jax.random.key(config.seed))
 
     # ---- The step: one jit, sharded in and out, state donated ------------------------------------
-    step_fn = train_step.make_train_step(config, module, objective, optimizer, learning_rate_fn, teacher_module)
+    step_fn = train_step.make_train_step(config, module, objective, optimizer, learning_rate_fn, teacher_module,
+                                         teacher_config)
     compiled_step = train_step.jit_train_step(step_fn, mesh, state_shardings, teacher_params, distance_params)
 
     # ---- Evaluation hook ---------------------------------------------------------------------------

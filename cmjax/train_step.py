@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cmjax import distances, errors, methods, models, sharding, train_state
+from cmjax import distances, errors, methods, models, parameterization, sharding, train_state
 from cmjax.data import pipeline
 
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
@@ -26,10 +26,17 @@ def step_base_key(config) -> jax.Array:
     return jax.random.key(config.seed, impl=impl)
 
 
-def make_train_step(config, module, objective, optimizer, learning_rate_fn, teacher_module=None):
+def make_train_step(config, module, objective, optimizer, learning_rate_fn, teacher_module=None,
+                    teacher_config=None):
     """The pure step (state, batch, teacher_params, distance_params) → (state, metrics); jitted by the caller.
-    `distance_params` (the LPIPS network's weights, or None) are step arguments like the teacher's."""
+    `distance_params` (the LPIPS network's weights, or None) are step arguments like the teacher's. The objectives
+    read the teacher in EDM form; a teacher trained as a TrigFlow diffusion model (`teacher_config`'s EDM
+    parameterisation "trigflow") has its time input translated (`parameterization.teacher_time_input`)."""
     num_classes = int(config.model.get("num_classes") or 0)
+    teacher_kind, teacher_sigma_data = "edm", parameterization.SIGMA_DATA
+    if teacher_config is not None:
+        teacher_kind = methods.parameterization_kind(teacher_config)
+        teacher_sigma_data = methods.noise_range(teacher_config)["sigma_data"]
     conditional = bool(num_classes)
     base_key = step_base_key(config)
 
@@ -67,6 +74,7 @@ def make_train_step(config, module, objective, optimizer, learning_rate_fn, teac
         teacher_network = None
         if teacher_module is not None:
             def teacher_network(p, x_in, t_in, unconditional=False):
+                t_in = parameterization.teacher_time_input(t_in, teacher_kind, teacher_sigma_data)
                 if not unconditional:
                     return teacher_module.apply({"params": p}, x_in, t_in, labels, train=False)
                 # Classifier-free guidance: the null label (models.NULL_LABEL) drops the class embedding.

@@ -173,6 +173,10 @@ def student_start(config, mesh, student_module):
     ema = _copy_of(state, teacher_config, config.teacher.ema_rate or None, config.teacher.workdir)
     online = state.params if config.teacher.init_online_from == "online" else ema
     expected = jax.eval_shape(lambda k: models.init_params(student_module, config, k), jax.random.key(0))
+    heads = sorted(k for k in expected if k not in online and models.is_auxiliary_head(k))
+    if heads:  # the student's training-only heads (sCM's log-variance head) start fresh, as FastGen's sCD
+        fresh = jax.jit(lambda k: models.init_params(student_module, config, k))(jax.random.key(config.seed))
+        online, ema = ({**tree, **{k: fresh[k] for k in heads}} for tree in (online, ema))
     shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), nn.meta.unbox(tree))  # noqa: E731
     if shapes(expected) != shapes(online):
         raise errors.ConfigError(

@@ -90,6 +90,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.method.edm.sigma_data = sigma_data
     config.method.edm.p_mean = -1.2
     config.method.edm.p_std = 1.2
+    # edm: time input 250·ln σ | trigflow: t = arctan(σ/σd), sCM's TrigFlow diffusion teacher (an sCD student
+    # can start from it: --config.teacher.init_student=True with sCD's parameterization_kind "trigflow")
+    config.method.edm.parameterization_kind = "edm"
 
     # CD (CM 2023 eq. 7): one teacher ODE step from σ_{n+1} to σ_n on an N-point Karras grid.
     config.method.cd = ml_collections.ConfigDict()

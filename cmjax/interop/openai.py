@@ -74,13 +74,13 @@ def _from_torch_layout(path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
 
 # Parameters that only training reads: sCM's log-variance head (`config.model.logvar_head`, the adaptive weight
 # w(t) of sCT/sCD's loss) and iMF's auxiliary v-head (`config.model.velocity_head`, its v-loss). Samplers never
-# call them, openai's and diffusers' UNets have no such layers: not exported.
-TRAINING_ONLY_PARAMS = ("logvar_linear", "velocity_out_0", "velocity_out_2")
-
-
+# call them, openai's and diffusers' UNets have no such layers: not exported (`models.AUXILIARY_HEAD_PREFIXES`).
 def without_training_heads(params):
-    """`params` without the top-level subtrees in TRAINING_ONLY_PARAMS (a UNet trained with an sCM head)."""
-    return {k: v for k, v in params.items() if k not in TRAINING_ONLY_PARAMS}
+    """`params` without the auxiliary heads' top-level subtrees (`models.is_auxiliary_head`: a UNet trained with
+    an sCM log-variance head or an iMF v-head)."""
+    from cmjax import models
+
+    return {k: v for k, v in params.items() if not models.is_auxiliary_head(k)}
 
 
 def openai_state_dict_shapes(params) -> dict[str, tuple[int, ...]]:

@@ -56,6 +56,15 @@ def get(model_config: Mapping[str, Any]) -> nn.Module:
     return cls(**cfg)
 
 
+# Top-level parameter names of the auxiliary heads (`logvar_head`, `velocity_head`): read only by training
+# objectives, absent from a teacher an sCD student starts from (fresh there) and from exports.
+AUXILIARY_HEAD_PREFIXES = ("logvar_linear", "velocity_")
+
+
+def is_auxiliary_head(name: str) -> bool:
+    return name.startswith(AUXILIARY_HEAD_PREFIXES)
+
+
 def apply_with_heads(module: nn.Module, variables, *args, **kwargs):
     """(output, heads) of `module.apply(variables, *args, **kwargs)`: `heads` maps each auxiliary head the network
     sows to its value — "logvar" (sCM's log-variance head, `layers.logvar_head`), "velocity" (iMF's v-head,
