@@ -42,6 +42,15 @@ def test_sd_config_has_the_diffusers_parameter_count_and_an_8x_latent():
     assert shapes["quant_conv"]["kernel"].shape == (1, 1, 8, 8)
 
 
+def test_small_config_takes_8x8_digits():
+    module = vae.AutoencoderKL(**{**vae.SMALL_CONFIG, "in_channels": 1, "out_channels": 1})
+    params = vae.param_shapes(module)
+    x = jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32)
+    mean, logvar = jax.eval_shape(lambda p, x: module.apply({"params": p}, x, method="encode"), params, x)
+    assert mean.shape == logvar.shape == (2, *vae.latent_shape(module, (8, 8))) == (2, 4, 4, 4)
+    assert jax.eval_shape(lambda p, z: module.apply({"params": p}, z, method="decode"), params, mean).shape == x.shape
+
+
 @pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_outputs_near_float32():
     x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
