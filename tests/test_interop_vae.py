@@ -128,6 +128,19 @@ def test_legacy_attention_names_and_pipeline_folders_load(small, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params, small["params"])
 
 
+def test_float16_variant_weights_load_as_float32(small, tmp_path):
+    """`save_pretrained(variant="fp16")` names the file diffusion_pytorch_model.fp16.safetensors."""
+    folder = tmp_path / "fp16"
+    os.makedirs(folder)
+    shutil.copy(small["folder"] / "config.json", folder / "config.json")
+    state = load_file(str(small["folder"] / interop_vae.WEIGHTS_FILE))
+    save_file({k: v.astype(np.float16) for k, v in state.items()}, str(folder / interop_vae.FP16_WEIGHTS_FILE))
+    _, params = interop_vae.load_autoencoder(str(folder))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b, np.float16).astype(np.float32)),
+                 params, small["params"])
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(params))
+
+
 def _copy(small, tmp_path, config_edit=None, drop_weights=False):
     folder = tmp_path / "edited"
     shutil.copytree(small["folder"], folder)
@@ -172,5 +185,19 @@ def test_sd_sized_vae_equals_diffusers(tmp_path, config):
     model = _diffusers_folder(tmp_path, config, seed=1)
     module, params = interop_vae.load_autoencoder(str(tmp_path))
     x, z = _inputs(32, 4, seed=1)
+    for ours, theirs in zip(_ours(module)(params, x, z), _theirs(model, x, z)):
+        assert _relative_error(ours, theirs) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("CMJAX_VAE_FOLDER"), reason="set CMJAX_VAE_FOLDER to a downloaded VAE folder")
+def test_downloaded_vae_equals_diffusers():
+    """Opt-in: the real weights (e.g. `huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir DIR`,
+    docs/vae.md) through both implementations; nothing is downloaded here."""
+    folder = os.environ["CMJAX_VAE_FOLDER"]
+    model = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae" if os.path.isdir(
+        os.path.join(folder, "vae")) else None).eval()
+    module, params = interop_vae.load_autoencoder(folder)
+    x, z = _inputs(64, 8, seed=2)
     for ours, theirs in zip(_ours(module)(params, x, z), _theirs(model, x, z)):
         assert _relative_error(ours, theirs) <= 1e-5
