@@ -58,13 +58,14 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs_near_float32():
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(
         vae.init_params(vae.AutoencoderKL(**vae.SMALL_CONFIG, dtype="bfloat16"), jax.random.key(0))))
 
+    def encode_decode(module, x):
+        mean, logvar = module.encode(x)
+        return mean, logvar, module.decode(mean)
+
     @jax.jit
     def outputs(params, x):  # (mean, logvar, reconstruction) in float32 and in bfloat16 compute
-        result = []
-        for dtype in ("float32", "bfloat16"):
-            module = vae.AutoencoderKL(**vae.SMALL_CONFIG, dtype=dtype)
-            result.append((*module.apply({"params": params}, x, method="encode"), module.apply({"params": params}, x)))
-        return result
+        return [vae.AutoencoderKL(**vae.SMALL_CONFIG, dtype=dtype).apply({"params": params}, x, method=encode_decode)
+                for dtype in ("float32", "bfloat16")]
 
     reference, bf16 = outputs(params, x)
     for ours, ref in zip(bf16, reference):
