@@ -12,6 +12,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from cmjax import errors
+from cmjax.interop import openai as interop_openai
 from cmjax.interop import vae as interop_vae
 from cmjax.models import vae
 
@@ -96,7 +97,7 @@ def test_sd_config_has_diffusers_keys_shapes_and_parameter_count():
     with torch.device("meta"):
         model = diffusers.AutoencoderKL(**interop_vae.diffusers_config(module))
     theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert interop_vae.openai.openai_state_dict_shapes(vae.param_shapes(module)) == theirs
+    assert interop_openai.openai_state_dict_shapes(vae.param_shapes(module)) == theirs
     assert sum(p.numel() for p in model.parameters()) == 83_653_863
 
 
