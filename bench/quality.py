@@ -41,9 +41,13 @@ DEFAULT_MIDDLE_SIGMA = 0.8  # configs' sample.two_step_sigma
 # Training steps per method in 2-D. CT and iCT learn from scratch without a teacher and need more: iCT's ring
 # 1-step distance is 0.058 after 3k steps and 0.028 after 10k (cosine decay; docs/quality.md).
 STEPS_2D = {"edm": 3000, "cd": 3000, "ct": 10000, "ict": 10000, "ect": 3000}
-# sCT learns from scratch (its ring 1-step distance is 0.062 after 1k steps, tests/test_continuous.py); sCD
-# distils the EDM model like CD.
-STEPS_2D.update(sct=4000, scd=3000)
+# sCT learns from scratch (its ring 1-step distance is 0.062 after 1k steps, tests/test_continuous.py). sCD
+# distils an EDM model trained with TrigFlow's time conditioning (`TRIGFLOW_TEACHER`) and starts from its
+# weights, as sCM does; 6k steps (at 3k from the teacher the ring's 1-step was 0.044, at 6k 0.021; docs/quality.md).
+STEPS_2D.update(sct=4000, scd=6000)
+# sCD's teacher: EDM's objective with the time input t = arctan(σ/σd) (`losses.edm_loss` parameterization_kind
+# "trigflow"), the denoiser an sCD student can start from (its openai-style 250·ln σ reading does not train).
+TRIGFLOW_TEACHER = (("parameterization_kind", "trigflow"),)
 
 PROBLEMS_2D = {
     "ring": lambda: toy_problems.ring_of_gaussians(num_modes=8, radius=1.0, std=0.1),
@@ -80,12 +84,22 @@ def run_2d(problem_name: str, steps: dict, eval_samples: int, seed: int, log=pri
     if isinstance(problem, toy_problems.GaussianMixture):  # the exact denoiser through the same sampler
         results["exact_teacher"] = score(demo_2d.edm_sample(problem.denoise, keys[1], eval_samples)[0])
 
+    trigflow_edm = None
+    if "scd" in methods:  # sCD's own teacher (TRIGFLOW_TEACHER), trained like the EDM teacher above
+        start = time.time()
+        trigflow_edm = demo_2d.train(dataclasses.replace(base, method="edm", steps=steps["edm"],
+                                                         settings=TRIGFLOW_TEACHER), problem, log=log)
+        results["edm_trigflow"] = {"teacher": score(demo_2d.edm_sample(trigflow_edm.denoiser(), keys[1],
+                                                                       eval_samples)[0]),
+                                   "steps": steps["edm"], "seconds": time.time() - start}
     for method in (m for m in CONSISTENCY_METHODS if m in methods):
         start = time.time()
         config = dataclasses.replace(base, method=method, steps=steps[method])
+        teacher = {"cd": edm, "scd": trigflow_edm}.get(method)
+        init = {"ect": edm, "scd": trigflow_edm}.get(method)
         model = demo_2d.train(config, problem, log=log,
-                              teacher=demo_2d.model_teacher(edm) if method in ("cd", "scd") else None,
-                              init_params=edm.params if method == "ect" else None)
+                              teacher=demo_2d.model_teacher(teacher) if teacher is not None else None,
+                              init_params=init.params if init is not None else None)
         chosen, selection = best_middle_sigma(model, problem, eval_samples, seed)
         results[method] = {
             "one_step": score(demo_2d.one_step(model, keys[2], eval_samples)),
@@ -110,7 +124,7 @@ DIGITS_STEPS["meanflow"] = 18000
 # sCT's step costs what iCT's does (4.05 forwards, bench/results/flops_cpu.md): iCT's 18k steps; sCD's adds a
 # teacher forward (5.05): 14k steps is the same budget. Both with configs/default.py's sCM settings, the
 # learned adaptive weight (the MLP's log-variance head) as cifar10_sct.py trains.
-DIGITS_STEPS.update(sct=18000, scd=14000)
+DIGITS_STEPS.update(sct=18000, edm_trigflow=3000, scd=14000)  # edm_trigflow: sCD's teacher (TRIGFLOW_TEACHER)
 DIGITS_METHODS = tuple(DIGITS_STEPS)
 DIGITS_EMA = 0.998  # the evaluation EMA reported (configs/digits.py keeps 0.998 and 0.999)
 # 4,096 samples: a class fraction near 14 % has a standard error of 0.5 points (1.1 at 1,024, where one draw of
@@ -152,11 +166,14 @@ def digits_method_config(method: str, steps: int, teacher_workdir: str) -> ml_co
     elif method in ("sct", "scd"):
         methods.select(config, method, weighting="adaptive_prior")
         config.model.logvar_head = True
-        if method == "scd":
+        if method == "scd":  # from the TrigFlow-conditioned EDM teacher (`edm_trigflow`), starting from its weights
             config.teacher.workdir = teacher_workdir
+            config.teacher.init_student = True
+    elif method == "edm_trigflow":
+        methods.select(config, "edm", **dict(TRIGFLOW_TEACHER))
     elif method != "ict":
         raise ValueError(f"Unknown method {method!r}.")
-    if method == "edm":
+    if method in ("edm", "edm_trigflow"):
         # EDM's own recipe: constant lr with an EMA. At 3,000 steps the cosine decay of the iCT config cost the
         # teacher 82 % → 75 % confident and Fréchet 3.7 → 6.0 (2026-11-26, seed 0).
         config.optim.decay = "constant"
@@ -185,9 +202,10 @@ def digits_quality(workdir: str, method: str, seed: int) -> dict:
         return {"frechet": q["frechet"], "confident": q["confident_fraction"],
                 "class_min": min(fractions), "class_max": max(fractions)}
 
-    if method == "edm":
+    if method in ("edm", "edm_trigflow"):  # the EDM sampler over D, in the teacher's own time conditioning
         apply_fn = lambda p, x, t: module.apply({"params": p}, x, t, None, train=False)  # noqa: E731
-        denoise = lambda x, s: parameterization.edm_denoise(apply_fn, params, x, s)  # noqa: E731
+        kind = methods.parameterization_kind(config)
+        denoise = lambda x, s: parameterization.denoise(apply_fn, params, x, s, kind=kind)  # noqa: E731
         images, nfe = jax.jit(lambda key: solvers.edm_sampler(denoise, key, (DIGITS_SAMPLES, *shape), 18)[0],
                               )(jax.random.key(seed)), 35
         return {"teacher": quality(np.clip(images, -1, 1)), "nfe": nfe, "steps": step}
@@ -233,9 +251,11 @@ def run_digits(workroot: str, seed: int, steps: dict, methods=DIGITS_METHODS, lo
     classifier = digits_metric.train_classifier()
     results["floor"] = {k: v for k, v in digits_metric.floor(classifier).items()
                         if k in ("frechet", "confident_fraction", "class_fractions")}
-    teacher_workdir = os.path.abspath(os.path.join(workroot, "digits_edm"))
     for method in (m for m in DIGITS_METHODS if m in methods):
         workdir = os.path.abspath(os.path.join(workroot, f"digits_{method}"))
+        # CD and ECT use the EDM run; sCD the TrigFlow-conditioned one (train edm_trigflow with it or before it).
+        teacher_workdir = os.path.abspath(os.path.join(workroot, "digits_edm_trigflow" if method == "scd"
+                                                       else "digits_edm"))
         start = time.time()
         trained = {}
         if not score_only:
@@ -347,6 +367,11 @@ def markdown(results: dict, commands: list, wall: float, load: tuple) -> str:
             lines.append(f"| **mean** | **{_fmt(s['floor'])}** | **{_fmt(s['teacher'])}** | "
                          + (f"{_fmt(exact_mean)} | " if exact else "")
                          + " | ".join(f"**{_fmt(s[m]['one_step'])}**" for m in trained) + " |")
+        if all("edm_trigflow" in r for r in runs):
+            per_seed = [r["edm_trigflow"]["teacher"] for r in runs]
+            lines += ["", "sCD's teacher, EDM's objective with TrigFlow's time input t = arctan(σ/σd) (the same steps "
+                      f"and sampler; sCD starts from its weights): {', '.join(_fmt(v) for v in per_seed)} "
+                      f"(mean {_fmt(float(np.mean(per_seed)))})."]
         lines += ["", "Means over the seeds:", "",
                   "| method | steps | 1-step | 2-step, σ_mid = 0.8 | 2-step, chosen σ_mid | chosen σ_mid per seed | "
                   "1-step / teacher | per seed | train s |", "|---|---:|---:|---:|---:|---|---:|---|---:|"]
@@ -380,6 +405,11 @@ def markdown(results: dict, commands: list, wall: float, load: tuple) -> str:
             f"| edm teacher ({r['edm']['nfe']} evaluations) | {r['edm']['steps']} | {_fmt(t['frechet'], 1)} | "
             f"{t['confident']:.1%} | {t['class_min']:.1%}–{t['class_max']:.1%} | | | | | | "
             f"{_seconds(r['edm'])} |"]
+        if "edm_trigflow" in r:
+            t = r["edm_trigflow"]["teacher"]
+            lines.append(f"| edm teacher, TrigFlow time input (sCD's; {r['edm_trigflow']['nfe']} evaluations) | "
+                         f"{r['edm_trigflow']['steps']} | {_fmt(t['frechet'], 1)} | {t['confident']:.1%} | "
+                         f"{t['class_min']:.1%}–{t['class_max']:.1%} | | | | | | {_seconds(r['edm_trigflow'])} |")
         for method in (m for m in (*CONSISTENCY_METHODS, "meanflow") if m in r):
             m = r[method]
             o, d, c = m["one_step"], m["two_step_default"], m["two_step_chosen"]

@@ -162,12 +162,37 @@ def load_teacher(config, mesh):
     return module, params, teacher_config
 
 
+# The teacher kind an sCM student must start from to begin as the teacher's own denoiser: its raw network is read
+# with the same time conditioning (parameterization.py, TrigFlow section).
+_SCM_TEACHER_KIND = {"trigflow": "trigflow", "trigflow_edm": "edm"}
+_SCM_STUDENT_KIND = {teacher: student for student, teacher in _SCM_TEACHER_KIND.items()}
+
+
+def _check_same_function(config, teacher_config) -> None:
+    """An sCT/sCD student starting from its teacher must read the teacher's weights with the teacher's own time
+    conditioning; otherwise it would start from an unrelated function."""
+    kind = methods.parameterization_kind(config)
+    if kind not in _SCM_TEACHER_KIND:
+        return
+    teacher_kind = methods.parameterization_kind(teacher_config)
+    student_kind = _SCM_STUDENT_KIND.get(teacher_kind, "trigflow")
+    if teacher_kind != _SCM_TEACHER_KIND[kind]:
+        raise errors.ConfigError(
+            f"The {config.method.name} student (parameterization_kind {kind!r}) starts from the teacher's weights "
+            f"(config.teacher.init_student), but the teacher in {config.teacher.workdir!r} was trained with "
+            f"parameterization_kind {teacher_kind!r}, another time conditioning: train the teacher with "
+            f"--config.method.edm.parameterization_kind={_SCM_TEACHER_KIND[kind]}, or set "
+            f"--config.method.{config.method.name}.parameterization_kind={student_kind}, or "
+            "--config.teacher.init_student=False.")
+
+
 def student_start(config, mesh, student_module):
     """(online, ema) the student starts from when `methods.starts_from_teacher(config)`: the teacher's EMA copy
     `config.teacher.ema_rate` for the EMAs, and for the online network (and target) that copy or, with
     `config.teacher.init_online_from="online"`, the teacher's online parameters (one restore of the teacher's
     newest checkpoint). A student network whose parameters differ in shape from the teacher's is an error."""
     teacher_config = read_run_config(config.teacher.workdir)
+    _check_same_function(config, teacher_config)
     module = models.get(teacher_config.model)
     state, _ = _restore_state(config.teacher.workdir, teacher_config, module, mesh, None)
     ema = _copy_of(state, teacher_config, config.teacher.ema_rate or None, config.teacher.workdir)

@@ -17,14 +17,19 @@ image_sample.py. Every setting with its source line: docs/fidelity.md.
 Published: FID 2.44 with 79 network evaluations (the EDM row of the CM paper's ImageNet-64 table).
 cmjax: not yet measured. Compute: not stated for the teacher.
 
+`:trigflow`: the same teacher trained with TrigFlow's time input t = arctan(σ/σd) instead of 250·ln σ
+(`config.method.edm.parameterization_kind = "trigflow"`; the same EDM loss and denoiser): the teacher
+imagenet64_scd.py starts its student from (an sCD student reads its teacher's weights with the teacher's own time
+conditioning, and the openai 250·ln σ one does not train as TrigFlow). CD and ECT distil the plain teacher.
+
 `:smoke`: a tiny class-conditional MLP (10 classes) on the embedded digits for a few steps; its workdir is the
-teacher for imagenet64_cd.py:smoke.
+teacher for imagenet64_cd.py:smoke (`:trigflow,smoke` for imagenet64_scd.py:smoke).
 """
 from configs import common, default
 
 
 def get_config(arg: str | None = None):
-    chosen = common.variants(arg, ("smoke",), "imagenet64_edm")
+    chosen = common.variants(arg, ("trigflow", "smoke"), "imagenet64_edm")
     config = default.get_config()
     config.data.name = "imagenet64"
     config.data.random_flip = True  # the release's load_data(random_flip=True) default (cm/image_datasets.py)
@@ -32,6 +37,7 @@ def get_config(arg: str | None = None):
     config.method.name = "edm"
     config.method.edm.p_mean = -1.2
     config.method.edm.p_std = 1.2
+    config.method.edm.parameterization_kind = "trigflow" if "trigflow" in chosen else "edm"
     config.batch_size = 4096
     config.total_steps = 600_000
     config.optim.optimizer = "radam"

@@ -1,11 +1,15 @@
 """Continuous-time consistency distillation (sCD, Lu & Song 2024, arXiv 2410.11081) on class-conditional
-ImageNet-64, from the EDM teacher of configs/imagenet64_edm.py.
+ImageNet-64, from the TrigFlow-conditioned EDM teacher of configs/imagenet64_edm.py:trigflow, starting from its
+weights.
 
+  launch/tpu_vm.sh run --name=cm --zone=ZONE --config=configs/imagenet64_edm.py:trigflow \
+      --workdir=gs://BUCKET/runs/imagenet64_edm_trigflow --data-dir=gs://BUCKET/tensorflow_datasets
   launch/tpu_vm.sh run --name=cm --zone=ZONE --config=configs/imagenet64_scd.py \
       --workdir=gs://BUCKET/runs/imagenet64_scd --data-dir=gs://BUCKET/tensorflow_datasets \
-      -- --config.teacher.workdir=gs://BUCKET/runs/imagenet64_edm
+      -- --config.teacher.workdir=gs://BUCKET/runs/imagenet64_edm_trigflow
+  python -m cmjax.main --config=configs/imagenet64_edm.py:trigflow,smoke --workdir=/tmp/imagenet64_edm_tf_smoke
   python -m cmjax.main --config=configs/imagenet64_scd.py:smoke --workdir=/tmp/imagenet64_scd_smoke \
-      --config.teacher.workdir=/tmp/imagenet64_edm_smoke   # CPU; the teacher from imagenet64_edm.py:smoke
+      --config.teacher.workdir=/tmp/imagenet64_edm_tf_smoke   # CPU
 
 Settings: NVlabs FastGen's ImageNet-64 sCD (`fastgen/configs/experiments/EDM/config_scd_in64.py` on
 `configs/methods/config_scm.py`; OpenAI released no code and the paper's appendix was not read, so every value
@@ -18,18 +22,20 @@ commented as the recommended 2-step setting); tangent warm-up 10k, c = 0.1 on th
 learned log-variance head with prior weight 1/σ (`config_scm.py:50-59`, `sCM.py` `_scm_pred_to_loss`); no
 classifier-free guidance (FastGen's `guidance_scale` default None, `configs/config.py:105`).
 
-Differences, all known: the student starts from fresh weights with the "trigflow" conditioning (time input t,
-positional embedding; sCM's identity time transform) where FastGen starts it from the teacher's weights. FastGen
-can, because its EDM ADM embeds EDM's c_noise = ¼·ln σ (`networks/EDM/network.py:775`), whereas the openai ADM
-that cmjax's teacher is embeds 1000·c_noise = 250·ln σ, whose time derivative is 1000× larger and does not train
-stably here (cmjax/parameterization.py, "trigflow_edm"). cmjax's JVP runs in the network's compute dtype
-(bfloat16) with float32 primals and tangents; the network is cmjax's ADM UNet (the teacher's), not the paper's.
+Differences, all known: the student starts from the teacher's weights as FastGen's does (`pretrained_model_path`,
+:37), but that teacher is trained with TrigFlow's time input t (sCM's identity time transform; imagenet64_edm.py:
+trigflow) and the student reads it the same way ("trigflow"). FastGen's teacher is EDM's ADM with c_noise =
+¼·ln σ (`networks/EDM/network.py:775`), read as TrigFlow by the student; the openai ADM that cmjax's plain teacher
+is embeds 1000·c_noise = 250·ln σ, whose time derivative is 1000× larger and does not train as TrigFlow (on the
+2-D ring: 0.63 from that teacher against 0.044 from the TrigFlow-conditioned one, docs/quality.md).
+cmjax's JVP runs in the network's compute dtype (bfloat16) with float32 primals and tangents; the network is
+cmjax's ADM UNet (the teacher's), not the paper's.
 
 Published FID (50k samples, 1 / 2 steps): sCD 2.44 / 1.66 (DESIGN §4; which model size is not confirmed).
 cmjax: not yet measured.
 
 `:smoke`: a tiny class-conditional MLP (10 classes) on the embedded digits for a few steps; its teacher is
-imagenet64_edm.py:smoke's workdir.
+imagenet64_edm.py:trigflow,smoke's workdir.
 """
 from configs import common, default
 
@@ -52,6 +58,7 @@ def get_config(arg: str | None = None):
     config.method.scd.jvp_mode = "exact"
     config.method.scd.parameterization_kind = "trigflow"
     config.method.scd.guidance_scale = 1.0
+    config.teacher.init_student = True  # from imagenet64_edm.py:trigflow (FastGen: pretrained_model_path, :37)
     config.batch_size = 1024
     config.total_steps = 600_000
     config.optim.optimizer = "adam"

@@ -95,6 +95,12 @@ def test_digits_method_configs():
     assert (cd.teacher.workdir, cd.method.cd.weighting, cd.optim.decay) == (teacher, "karras", "cosine")
     assert cd.teacher.init_student is False  # measured from a fresh init (docs/quality.md)
     assert quality.digits_method_config("ect", 100, teacher).teacher.workdir == teacher
+    # sCD's teacher trains EDM's objective with TrigFlow's time input; sCD starts from its weights.
+    tf = quality.digits_method_config("edm_trigflow", 100, teacher)
+    assert (tf.method.name, tf.method.edm.parameterization_kind, tf.optim.decay) == ("edm", "trigflow", "constant")
+    scd = quality.digits_method_config("scd", 100, teacher)
+    assert (scd.teacher.workdir, scd.teacher.init_student, scd.method.scd.parameterization_kind) == (
+        teacher, True, "trigflow")
     with pytest.raises(ValueError, match="Unknown method"):
         quality.digits_method_config("lcm", 100, teacher)
 

@@ -69,6 +69,30 @@ def test_trigflow_consistency_function_is_the_edm_denoiser_at_matching_sigma():
     np.testing.assert_allclose(back(params, x_sigma, t_in), network(params, x_sigma, t_in), rtol=1e-3, atol=1e-3)
 
 
+def test_a_trigflow_conditioned_edm_teacher_is_read_in_edm_form_and_trains_on_the_same_loss():
+    """EDM's parameterization_kind "trigflow" (time input t = arctan(σ/σd)) is the same denoiser as kind "edm":
+    the exact denoiser wrapped either way gives the same EDM loss, and the trigflow-conditioned raw network at
+    `teacher_time_input` equals the EDM-conditioned one at 250·ln σ (what CD and sCD read)."""
+    gauss = toy_problems.GaussianMixture(np.zeros((1, 2)), np.array([S]), np.array([1.0]))
+    as_edm = pz.network_from_denoiser(gauss.denoise, kind="edm", sigma_data=SD)
+    as_trig = pz.network_from_denoiser(gauss.denoise, kind="trigflow", sigma_data=SD)
+    x = _gauss_data(512)
+    losses_by_kind = {kind: float(losses.make_objective("edm", sigma_data=SD, parameterization_kind=kind)(
+        net, None, x, jax.random.key(3), 0)[0]) for kind, net in (("edm", as_edm), ("trigflow", as_trig))}
+    np.testing.assert_allclose(losses_by_kind["trigflow"], losses_by_kind["edm"], rtol=1e-4)
+    # The wrong reading (the trigflow network fed EDM's time input) is far off.
+    wrong = float(losses.make_objective("edm", sigma_data=SD)(as_trig, None, x, jax.random.key(3), 0)[0])
+    assert abs(wrong - losses_by_kind["edm"]) > 0.03 * losses_by_kind["edm"]  # 8 % here; equal ones agree to 1e-4
+    sigma = jnp.array([0.01, 0.3, 1.0, 6.0, 40.0] * 4, jnp.float32)[:16]
+    x_in = _points(16) / jnp.sqrt(SD**2 + sigma[:, None] ** 2)
+    t_in = pz.network_time_input(sigma)
+    np.testing.assert_allclose(as_trig(None, x_in, pz.teacher_time_input(t_in, "trigflow", SD)),
+                               as_edm(None, x_in, t_in), rtol=2e-4, atol=2e-4)
+    np.testing.assert_array_equal(pz.teacher_time_input(t_in, "edm"), t_in)
+    with pytest.raises(Exception, match="EDM-form"):
+        pz.teacher_time_input(t_in, "consistency")
+
+
 def test_trigflow_network_of_the_exact_edm_denoiser_is_the_pf_ode_velocity():
     """Sign and scaling: σd·F_trig of a Gaussian's exact EDM denoiser is E[dx_t/dt | x_t] =
     cos t·sin t·(σd² − S²)/(cos²t·S² + sin²t·σd²)·x_t, the TrigFlow PF-ODE velocity."""

@@ -281,7 +281,7 @@ def test_ect_is_sampled_as_its_release_samples():
     config.method.name = "ict"
     assert methods.sampler_settings(config) == {"parameterization": "consistency", "sigma_min": 0.002,
                                                 "sigma_max": 80.0, "sigma_data": 0.5, "renoise": "cm",
-                                                "clip": True}
+                                                "clip": True, "guidance": None}
 
 
 def test_quantisation_is_a_protocol_choice():

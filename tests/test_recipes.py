@@ -30,7 +30,7 @@ SMOKES = {
 # tests/test_train.py (the `ict_run` fixture and others); it is not repeated here.
 COVERED_ELSEWHERE = {"digits"}
 TEACHERS = {"cifar10_cd": "cifar10_edm", "cifar10_ect": "cifar10_edm", "imagenet64_cd": "imagenet64_edm",
-            "lsun_bedroom256_cd": "lsun_bedroom256_edm", "imagenet64_scd": "imagenet64_edm"}
+            "lsun_bedroom256_cd": "lsun_bedroom256_edm", "imagenet64_scd": "imagenet64_edm:trigflow"}
 RECIPE_FILES = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))
                       if f.endswith(".py") and f not in ("__init__.py", "common.py", "default.py"))
 
@@ -191,18 +191,19 @@ def smoke_runs(tmp_path_factory):
     data_dir = str(root / "tfds")
     runs = {}
 
-    def run(name):
+    def run(name):  # a recipe, or "recipe:variant" (a teacher variant, e.g. imagenet64_edm:trigflow)
         if name in runs:
             return runs[name]
-        variant = ",".join(v for v in (SMOKES[name], "smoke") if v)
-        config = get_config(name, variant)
+        recipe, _, chosen = name.partition(":")
+        variant = ",".join(v for v in (chosen or SMOKES[recipe], "smoke") if v)
+        config = get_config(recipe, variant)
         config.data.data_dir = data_dir
         if name in TEACHERS:
             config.teacher.workdir = run(TEACHERS[name])[1]
         section = config.method[config.method.name]
         if str(section.get("distance", "")).startswith("lpips") and lpips_weights_missing():
             section.distance = "l2"
-        workdir = str(root / name)
+        workdir = str(root / name.replace(":", "_"))
         runs[name] = (config, workdir, train.train_and_evaluate(config, workdir))
         return runs[name]
 
