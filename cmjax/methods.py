@@ -150,6 +150,7 @@ def objective_from_config(config) -> Callable:
         raise errors.ConfigError(
             f"config.method.{name}.guidance_scale={s['guidance_scale']} guides a class-conditional teacher, and "
             "this run is unconditional (config.model.num_classes = 0): set guidance_scale=1.0.")
+    imf_sampling_guidance(config)  # an iMF run's sampling guidance is checked before anything runs
     return losses.make_objective(name, **s)
 
 

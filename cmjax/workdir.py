@@ -152,6 +152,8 @@ def check_teacher(config) -> None:
             f"Method {config.method.name!r} {needs}, but config.teacher.workdir={teacher!r} is not a "
             f"cmjax workdir (no {CONFIG_FILE}); train an EDM teacher first (--config.method.name=edm) and pass "
             "--config.teacher.workdir=THAT_WORKDIR.")
+    if methods.starts_from_teacher(config):
+        _check_same_function(config, read_run_config(teacher))
 
 
 def load_teacher(config, mesh):

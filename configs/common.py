@@ -133,8 +133,7 @@ def _tiny_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "dropout": float(model.get("dropout", 0.0)), "dtype": "float32", "remat": False,
     })
     for head in ("logvar_head", "velocity_head", "null_label"):  # heads and label rows the objective needs
-        if model.get(head):
-            tiny[head] = True
+        tiny[head] = bool(model.get(head))
     return tiny
 
 

@@ -79,6 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Class-conditional networks: labels replaced by the null label in training (classifier-free guidance).
     config.model.label_dropout = 0.0
     config.model.velocity_head = False  # iMF's auxiliary v-head (MLP, UNet); adds iMF's v-loss to MeanFlow
+    config.model.null_label = False  # one more label row, "no class" (MeanFlow's guidance and label dropout)
 
     config.method = ml_collections.ConfigDict()
     config.method.name = "ict"  # edm | cd | ct | ict | ect | sct | scd | meanflow (cmjax/methods.py, losses.py)

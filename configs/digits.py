@@ -70,6 +70,10 @@ def get_config(arg: str | None = None):
         "dropout": 0.0,
         "dtype": "float32",
         "remat": False,
+        # Heads and the "no class" row that some objectives need, off here (settable from the command line).
+        "logvar_head": False,
+        "velocity_head": False,
+        "null_label": False,
     })
     if arg in ("smoke", "smoke_unet"):
         # A tiny run: batch 16, 6 steps. `smoke`: the residual MLP at 64 wide, 2 blocks (compiles in seconds);

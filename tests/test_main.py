@@ -115,6 +115,7 @@ def _one_line_error(code, err, *fragments):
 
 def test_user_errors_print_one_line_and_exit_2(capfd, tmp_path, data_dir, runs):
     workdir = str(tmp_path / "w")
+    edm_run = runs.get("edm") or _train(capfd, runs, data_dir, "edm")[0]
     base = [f"--config={SMOKE}", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *QUICK]
     cases = {
         "unknown key": (base + ["--config.not_a_key=1"], ["--config.not_a_key=1", "configs/default.py"]),
@@ -138,6 +139,14 @@ def test_user_errors_print_one_line_and_exit_2(capfd, tmp_path, data_dir, runs):
                                              ["guidance='cfg'", "class-conditional"]),
         "MeanFlow labels without a null label": (
             base + ["--config.method.name=meanflow", "--config.model.num_classes=10"], ["null_label=True"]),
+        "iMF sampled at a guidance scale below 1": (
+            base + ["--config.method.name=meanflow", "--config.model.num_classes=10", "--config.model.null_label=True",
+                    "--config.method.meanflow.guidance=conditioned", "--config.sample.guidance_scale=0.5"],
+            ["guidance_scale=0.5", "ω ≥ 1"]),
+        "sCD student from a teacher of another time conditioning": (
+            base + ["--config.method.name=scd", f"--config.teacher.workdir={edm_run}",
+                    "--config.teacher.init_student=True"],
+            ["parameterization_kind 'edm'", "--config.method.edm.parameterization_kind=trigflow"]),
         "ImageNet-256 MeanFlow before its network": (
             ["--config=configs/imagenet256_meanflow.py:b2", f"--workdir={workdir}"],
             ["imagenet256_latents", "latent-space issue"]),
