@@ -1,0 +1,153 @@
+"""cmjax.models.attention: the Pallas flash kernel (interpret mode on CPU) against `jax.nn.dot_product_attention`
+in value, `jax.jvp`, `jax.grad` of the value, and the gradients of sCM's and MeanFlow's JVP losses; the networks'
+`attention_impl` (default "xla" bit-identical to the code before it; "flash" equal up to float32 rounding)."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cmjax import errors
+from cmjax.models import attention, ncsnpp_layers, unet
+
+XLA = jax.nn.dot_product_attention
+
+
+def _inputs(shape, count=6, seed=0):
+    return tuple(jax.random.normal(key, shape) for key in jax.random.split(jax.random.key(seed), count))
+
+
+def _derivatives(attend, q, k, v, dq, dk, dv, w):
+    """Value, JVP, grad of ⟨attend, w⟩, and the gradients in a of sCM's and MeanFlow's JVP losses."""
+    value, tangent = jax.jvp(attend, (q, k, v), (dq, dk, dv))
+    grads = jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) * w), (0, 1, 2))(q, k, v)
+
+    def scm_loss(a):  # the JVP of a frozen network under stop_gradient; the gradient through a separate value
+        _, df = jax.jvp(attend, (jax.lax.stop_gradient(a) * q, k, v), (dq, dk, dv))
+        return jnp.sum((attend(a * q, k, v) - jax.lax.stop_gradient(df)) ** 2)
+
+    def meanflow_loss(a):  # the gradient through the value of the jvp itself (MeanFlow's u), only q and k move
+        u, du = jax.jvp(attend, (a * q, a * k, v), (dq, dk, jnp.zeros_like(dv)))
+        return jnp.sum((u - jax.lax.stop_gradient(u - 0.3 * du)) ** 2 * w) + jnp.sum(u * w)
+
+    return value, tangent, grads, jax.grad(scm_loss)(1.3), jax.grad(meanflow_loss)(0.7)
+
+
+def test_flash_matches_xla_in_value_jvp_and_gradients():
+    # 13 queries, 11 keys: neither divides the 8-blocks, so the padded keys are masked and padded rows dropped.
+    q, dq, w = _inputs((2, 13, 2, 8), 3, seed=1)
+    k, v, dk, dv = _inputs((2, 11, 2, 8), 4, seed=2)
+    flash = lambda q, k, v: attention.flash_attention(q, k, v, block_q=8, block_k=8)  # noqa: E731
+    got = jax.jit(lambda *a: _derivatives(flash, *a))(q, k, v, dq, dk, dv, w)
+    want = jax.jit(lambda *a: _derivatives(XLA, *a))(q, k, v, dq, dk, dv, w)
+    for name, g, e in zip(("value", "jvp", "grad", "sCM grad", "MeanFlow grad"), got, want):
+        for g_leaf, e_leaf in zip(jax.tree.leaves(g), jax.tree.leaves(e)):
+            scale = float(jnp.max(jnp.abs(e_leaf)))
+            assert scale > 1e-3, name  # each quantity is exercised, not trivially zero
+            np.testing.assert_allclose(g_leaf, e_leaf, atol=2e-5 * max(scale, 1.0), err_msg=name)
+
+
+def test_flash_tangent_is_not_the_value_derivative_of_a_wrong_softmax():
+    # Only v moves: dO = P·dv exactly; only q moves: dO has no P·dv term (the two halves of the identity).
+    q, k, v, dq, _, dv = _inputs((1, 16, 1, 8))
+    zero = jnp.zeros_like(q)
+    flash = lambda q, k, v: attention.flash_attention(q, k, v, block_q=8, block_k=8)  # noqa: E731
+    _, along_v = jax.jvp(flash, (q, k, v), (zero, zero, dv))
+    np.testing.assert_allclose(along_v, XLA(q, k, dv), atol=1e-5)
+    _, along_q = jax.jvp(flash, (q, k, v), (dq, zero, zero))
+    np.testing.assert_allclose(along_q, jax.jvp(XLA, (q, k, v), (dq, zero, zero))[1], atol=1e-5)
+
+
+def test_implementation_names_and_blocks_are_checked():
+    q = jnp.zeros((1, 4, 1, 8))
+    with pytest.raises(errors.ConfigError, match="'splash'.*xla"):
+        attention.dot_product_attention(q, q, q, implementation="splash")
+    with pytest.raises(errors.ConfigError, match="needs an NVIDIA GPU"):
+        attention.dot_product_attention(q, q, q, implementation="cudnn")
+    with pytest.raises(errors.ConfigError, match="block_q=12"):
+        attention.flash_attention(q, q, q, block_q=12)
+    np.testing.assert_array_equal(attention.dot_product_attention(q + 1, q, q), XLA(q + 1, q, q))
+
+
+def _perturbed(params, seed=3):
+    """Random values for every leaf (the zero-initialised output projections would hide the attention)."""
+    leaves, tree = jax.tree.flatten(nn.meta.unbox(params))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def test_unet_attention_block_default_is_the_previous_code_and_flash_agrees():
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 32))
+    block = unet.AttentionBlock(num_heads=2)
+    params = _perturbed(block.init(jax.random.key(1), x)["params"])
+    default = block.apply({"params": params}, x)
+
+    # The block as written before attention_impl existed: GN, qkv conv, jax.nn.dot_product_attention, proj_out.
+    def previous(x):
+        h = unet.layers.GroupNorm32().apply({"params": params["norm"]}, x)
+        qkv = jnp.einsum("bhwc,cd->bhwd", h, params["qkv"]["kernel"][0, 0]) + params["qkv"]["bias"]
+        qkv = qkv.reshape(2, 16, 3, 2, 16)
+        out = XLA(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(2, 4, 4, 32)
+        return x + jnp.einsum("bhwc,cd->bhwd", out, params["proj_out"]["kernel"][0, 0]) + params["proj_out"]["bias"]
+
+    np.testing.assert_allclose(default, previous(x), atol=1e-5)
+    xla = unet.AttentionBlock(num_heads=2, attention_impl="xla").apply({"params": params}, x)
+    np.testing.assert_array_equal(default, xla)
+    flash = unet.AttentionBlock(num_heads=2, attention_impl="flash").apply({"params": params}, x)
+    assert float(jnp.max(jnp.abs(default - x))) > 0.1
+    np.testing.assert_allclose(flash, default, atol=1e-4)
+
+
+def test_ncsnpp_attention_default_is_the_release_einsum_and_flash_agrees():
+    x = jax.random.normal(jax.random.key(0), (1, 4, 4, 16))
+    block = ncsnpp_layers.AttnBlock(init_scale=1.0)
+    params = _perturbed(block.init(jax.random.key(1), x)["params"])
+    default = block.apply({"params": params}, x)
+
+    def previous(x):  # the release's AttnBlockpp, single head over the 16 pixels
+        y = nn.GroupNorm(num_groups=4, epsilon=1e-6).apply({"params": params["norm"]}, x)
+        q, k, v = (y @ params[n]["kernel"] + params[n]["bias"] for n in ("q", "k", "v"))
+        weights = jax.nn.softmax(jnp.einsum("bhwc,bHWc->bhwHW", q, k).reshape(1, 4, 4, 16) / math.sqrt(16), -1)
+        y = jnp.einsum("bhwHW,bHWc->bhwc", weights.reshape(1, 4, 4, 4, 4), v)
+        return (x + y @ params["out"]["kernel"] + params["out"]["bias"]) / math.sqrt(2.0)
+
+    np.testing.assert_allclose(default, previous(x), atol=1e-5)
+    flash = ncsnpp_layers.AttnBlock(init_scale=1.0, attention_impl="flash").apply({"params": params}, x)
+    np.testing.assert_allclose(flash, default, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_unet_with_flash_attention_matches_xla_in_jvp_and_gradient():
+    """A tiny ADM UNet end to end: jax.jvp along (x, t) and jax.grad of a loss of the value, flash vs xla."""
+    kwargs = dict(image_size=8, in_channels=1, out_channels=1, model_channels=32, channel_mult=(1, 2),
+                  num_res_blocks=1, attention_resolutions=(4,), num_head_channels=16, num_classes=0)
+    x, dx = _inputs((2, 8, 8, 1), 2)
+    t = jnp.array([0.3, -1.0])
+    params = _perturbed(unet.UNet(**kwargs).init(jax.random.key(0), x, t)["params"])
+
+    def both(impl):
+        net = unet.UNet(**kwargs, attention_impl=impl)
+        f = lambda p, x, t: net.apply({"params": p}, x, t)  # noqa: E731
+        value, tangent = jax.jvp(lambda x, t: f(params, x, t), (x, t), (dx, jnp.ones_like(t)))
+        grad = jax.grad(lambda p: jnp.sum(f(p, x, t) ** 2))(params)
+        return value, tangent, grad
+
+    got, want = jax.jit(lambda: both("flash"))(), jax.jit(lambda: both("xla"))()
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, e, atol=2e-4 * max(1.0, float(jnp.max(jnp.abs(e)))))
+
+
+@pytest.mark.slow
+def test_flash_jvp_lowers_to_mosaic_and_compiles_for_a_tpu_topology():
+    pytest.importorskip("libtpu")
+    from cmjax import aot
+
+    device = aot.topology_devices("v5p:2x2x2")[0]
+    spec = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16, sharding=jax.sharding.SingleDeviceSharding(device))
+    jvp = jax.jit(lambda q, k, v, dq, dk, dv: jax.jvp(attention.flash_attention, (q, k, v), (dq, dk, dv)))
+    lowered = jvp.lower(*[spec] * 6)
+    assert lowered.as_text().count("tpu_custom_call") == 2  # the forward kernel and the tangent pass, Mosaic
+    compiled = lowered.compile()
+    assert compiled.cost_analysis()["flops"] >= 4 * 2 * 256 * 256 * 64 * 2  # the kernels' declared matmuls
