@@ -18,7 +18,8 @@ max moves, and divides by ℓ at the end (p̃ = exp(S − m), unnormalised). Mem
 the identity behind sCM's JVP of flash attention (Lu & Song 2024, "Simplifying, Stabilizing and Scaling
 Continuous-Time Consistency Models", arXiv:2410.11081, appendix on the JVP of flash attention — its text was not
 read here, so the section is not confirmed) and rCM's FlashAttention-2 JVP kernel (Zheng et al. 2025,
-arXiv:2510.08431 §3, which fuses the same tangent into the forward kernel).
+arXiv:2510.08431: per its abstract a Triton kernel that fuses the tangent into the forward pass; cmjax keeps a
+separate pass so that the value stays differentiable on its own).
 
 How both `jax.jvp` and `jax.grad` compose (JAX 0.10.2; a Pallas call has no transpose rule, and `jax.jvp` of
 a `custom_vjp` function is an error):
