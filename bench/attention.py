@@ -78,10 +78,13 @@ def tpu_rows(topology, batch, length, heads, head_dim, dtype):
     sharding = jax.sharding.SingleDeviceSharding(device)
     spec = jax.ShapeDtypeStruct((batch, length, heads, head_dim), dtype, sharding=sharding)
     rows = []
-    for mode in ("value", "jvp"):
+    for mode in ("value", "jvp", "grad"):
         for name, fn in IMPLS.items():
             if mode == "value":
                 f = fn
+                specs = [spec] * 3
+            elif mode == "grad":  # reverse mode of ⟨O, 1⟩ in float32: the backward alone (O is not needed)
+                f = jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32)), (0, 1, 2))
                 specs = [spec] * 3
             else:
                 def f(q, k, v, dq, dk, dv, fn=fn):
