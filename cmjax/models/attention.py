@@ -117,9 +117,7 @@ def _flash(q, k, v, blocks):
 
 # Symbolic zeros: a tangent that is zero (k and v when only q moves) stays out of the linear_call's linear
 # arguments, whose transpose rule requires every linear argument to be an unknown of the linearisation.
-_flash.defjvp(lambda blocks, primals, tangents: _flash_jvp(blocks, primals, tangents), symbolic_zeros=True)
-
-
+@functools.partial(_flash.defjvp, symbolic_zeros=True)
 def _flash_jvp(blocks, primals, tangents):
     live = tuple(not isinstance(t, SymbolicZero) for t in tangents)
     # The value by a recursive call, so that an outer transformation (MeanFlow's grad of a jvp's value) sees
