@@ -94,6 +94,7 @@ def ncsnpp_cifar10(dropout: float, fourier_scale: float = 16.0) -> ml_collection
         "init_scale": 0.0,
         "dtype": "float32",  # the JAX release trained in float32
         "remat": False,
+        "attention_impl": "xla",  # an implementation choice, not a setting of the release (docs/performance.md)
     })
 
 
@@ -119,6 +120,7 @@ def adm_unet(image_size: int, dropout: float, *, num_classes: int) -> ml_collect
         "num_classes": num_classes,
         "dtype": "bfloat16",
         "remat": False,
+        "attention_impl": "xla",  # an implementation choice, not a setting of the release (docs/performance.md)
     })
 
 

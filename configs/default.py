@@ -74,6 +74,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_classes = 0  # 0: unconditional
     config.model.dtype = "float32"  # compute dtype; parameters stay float32 (bfloat16 on TPU)
     config.model.remat = False  # rematerialise each block in the backward pass (saves memory, costs FLOPs)
+    # xla | cudnn (GPU) | flash (Pallas kernel with a fused JVP pass; cmjax/models/attention.py, docs/performance.md)
+    config.model.attention_impl = "xla"
     # sCM's log-variance head w(t) (every network; read only by sCT/sCD's adaptive weightings); False: none.
     config.model.logvar_head = False
     # Class-conditional networks: labels replaced by the null label in training (classifier-free guidance).

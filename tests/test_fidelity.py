@@ -20,7 +20,8 @@ DOC = os.path.join(ROOT, "docs", "fidelity.md")
 # Every recipe and variant of configs/ that reproduces a release (configs/digits.py is cmjax's own demo).
 RECIPES = [
     "cifar10_edm", "cifar10_cd:lpips", "cifar10_cd:l2", "cifar10_ct", "cifar10_ict", "cifar10_ict:deep",
-    "cifar10_ect", "cifar10_sct", "imagenet64_edm", "imagenet64_edm:trigflow", "imagenet64_cd:lpips", "imagenet64_cd:l2", "imagenet64_ct",
+    "cifar10_ect", "cifar10_sct", "imagenet64_edm", "imagenet64_edm:trigflow",
+    "imagenet64_cd:lpips", "imagenet64_cd:l2", "imagenet64_ct",
     "imagenet64_ct:init_teacher", "imagenet64_ict", "imagenet64_sct", "imagenet64_scd",
     "lsun_bedroom256_edm", "lsun_bedroom256_cd:lpips",
     "lsun_bedroom256_cd:l2", "lsun_bedroom256_ct", "lsun_bedroom256_ct:init_teacher",

@@ -147,6 +147,9 @@ def test_user_errors_print_one_line_and_exit_2(capfd, tmp_path, data_dir, runs):
             base + ["--config.method.name=scd", f"--config.teacher.workdir={edm_run}",
                     "--config.teacher.init_student=True"],
             ["parameterization_kind 'edm'", "--config.method.edm.parameterization_kind=trigflow"]),
+        "unknown attention implementation": (
+            ["--config=configs/default.py", f"--workdir={workdir}", "--mode=compile",
+             "--config.model.attention_impl=splash"], ["attention_impl='splash'", "'flash'"]),
         "ImageNet-256 MeanFlow before its network": (
             ["--config=configs/imagenet256_meanflow.py:b2", f"--workdir={workdir}"],
             ["imagenet256_latents", "latent-space issue"]),

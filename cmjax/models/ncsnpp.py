@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cmjax import errors
-from cmjax.models import layers
+from cmjax.models import attention, layers
 from cmjax.models import ncsnpp_layers as L
 
 # cmjax's time input is 1000·c_noise (openai's ADM convention); the release's NCSN++ embeds c_noise itself.
@@ -56,6 +56,9 @@ class NCSNpp(nn.Module):
     init_scale: float = 0.0
     dtype: Any = jnp.float32
     remat: bool = False
+    # How attention runs (cmjax.models.attention): "xla" (the release's einsum), "cudnn" (GPU), "flash" (Pallas,
+    # with a fused JVP pass for sCM/MeanFlow's jax.jvp).
+    attention_impl: str = "xla"
     # How the time input becomes features: "fourier" (the release's: Gaussian Fourier features, scale
     # fourier_scale, of c_noise = time_input/1000) | "positional" (openai's sinusoidal embedding, 2·nf channels, of
     # the time input as given: sCM's identity time transform c_noise(t) = t for the "trigflow" conditioning).
@@ -85,6 +88,7 @@ class NCSNpp(nn.Module):
         ):
             if value not in allowed:
                 raise errors.ConfigError(f"NCSNpp {key}={value!r} is not one of {allowed}.")
+        attention.check_implementation(self.attention_impl)
 
     @nn.compact
     def __call__(self, x_bhwc, time_input_b, class_labels_b=None, train: bool = False):
@@ -121,7 +125,8 @@ class NCSNpp(nn.Module):
             return res_cls(**kwargs)(h, temb, train)
 
         def attn_block(name, h):
-            return attn_cls(skip_rescale=self.skip_rescale, init_scale=self.init_scale, dtype=dtype, name=name)(h)
+            return attn_cls(skip_rescale=self.skip_rescale, init_scale=self.init_scale, dtype=dtype,
+                            attention_impl=self.attention_impl, name=name)(h)
 
         def resample(name, h, up, out_ch=None, with_conv=self.resamp_with_conv):
             return L.Resample(up, out_ch=out_ch, with_conv=with_conv, fir=self.fir,

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmjax.models import layers
+from cmjax.models import attention, layers
 
 # ---------------------------------------------------------------------------------------------------------------
 # Initialisers and plain layers
@@ -243,15 +243,21 @@ class AttnBlock(nn.Module):
     skip_rescale: bool = True
     init_scale: float = 0.0
     dtype: Any = jnp.float32
+    # "xla": the release's einsum attention below; "flash" / "cudnn": cmjax.models.attention (one head of c).
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x_bhwc):
         b, h, w, c = x_bhwc.shape
         y = group_norm(c, name="norm")(x_bhwc.astype(jnp.float32)).astype(self.dtype)
         q, k, v = (dense(c, name=n, dtype=self.dtype, init_scale=0.1)(y) for n in ("q", "k", "v"))
-        logits = jnp.einsum("bhwc,bHWc->bhwHW", q, k).astype(jnp.float32) * c**-0.5
-        weights = jax.nn.softmax(logits.reshape(b, h, w, h * w), axis=-1).reshape(b, h, w, h, w)
-        y = jnp.einsum("bhwHW,bHWc->bhwc", weights.astype(self.dtype), v)
+        if self.attention_impl == "xla":
+            logits = jnp.einsum("bhwc,bHWc->bhwHW", q, k).astype(jnp.float32) * c**-0.5
+            weights = jax.nn.softmax(logits.reshape(b, h, w, h * w), axis=-1).reshape(b, h, w, h, w)
+            y = jnp.einsum("bhwHW,bHWc->bhwc", weights.astype(self.dtype), v)
+        else:
+            q, k, v = (a.reshape(b, h * w, 1, c) for a in (q, k, v))
+            y = attention.dot_product_attention(q, k, v, implementation=self.attention_impl).reshape(b, h, w, c)
         y = dense(c, name="out", dtype=self.dtype, init_scale=self.init_scale)(y)
         out = x_bhwc + y
         return out / math.sqrt(2.0) if self.skip_rescale else out

@@ -18,10 +18,10 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from cmjax import errors
+from cmjax.models import attention as attention_lib
 from cmjax.models import layers
 
 
@@ -72,6 +72,7 @@ class AttentionBlock(nn.Module):
     num_heads: int
     dtype: Any = jnp.float32
     attention_dtype: Any = jnp.float32
+    attention_impl: str = "xla"  # cmjax.models.attention.IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x):
@@ -81,7 +82,8 @@ class AttentionBlock(nn.Module):
         # Channel index = part·C + head·head_dim + d, i.e. einops "(three h d)" as in cm/unet.py's flash path.
         qkv = qkv.reshape(b, height * width, 3, self.num_heads, head_dim).astype(self.attention_dtype)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        attended = jax.nn.dot_product_attention(q, k, v)  # softmax(q·kᵀ/√head_dim)·v, per head
+        # softmax(q·kᵀ/√head_dim)·v, per head; "xla" is jax.nn.dot_product_attention itself.
+        attended = attention_lib.dot_product_attention(q, k, v, implementation=self.attention_impl)
         attended = attended.reshape(b, height, width, channels).astype(self.dtype)
         h = layers.conv(channels, 1, name="proj_out", dtype=self.dtype, zero_init=True)(attended)
         return x + h
@@ -134,6 +136,9 @@ class UNet(nn.Module):
     num_classes: Optional[int] = 1000  # None or 0: unconditional
     dtype: Any = jnp.float32
     attention_dtype: Any = jnp.float32
+    # How attention runs (cmjax.models.attention): "xla" (the reference), "cudnn" (GPU), "flash" (Pallas, with
+    # a fused JVP pass for sCM/MeanFlow's jax.jvp).
+    attention_impl: str = "xla"
     remat: bool = False
     # Hooks (cmjax.models.layers): how the time input is embedded, how AdaGN scale/shift is normalised.
     time_embedding: str = "positional"
@@ -165,6 +170,7 @@ class UNet(nn.Module):
         ):
             if value not in choices:
                 raise errors.ConfigError(f"UNet {field}={value!r} is not one of {sorted(choices)}.")
+        attention_lib.check_implementation(self.attention_impl)
         if self.emb_norm == "double_pixel_norm" and not self.use_scale_shift_norm:
             raise errors.ConfigError("UNet emb_norm='double_pixel_norm' normalises AdaGN's scale and shift: it needs "
                                      "use_scale_shift_norm=True (or use emb_norm='pixel_norm' / 'none').")
@@ -187,8 +193,8 @@ class UNet(nn.Module):
 
         def attention(channels, name):
             return attn_block(
-                self._heads(channels), dtype=dtype, attention_dtype=jnp.dtype(self.attention_dtype), name=name
-            )
+                self._heads(channels), dtype=dtype, attention_dtype=jnp.dtype(self.attention_dtype),
+                attention_impl=self.attention_impl, name=name)
 
         # Time (and label) embedding in float32, as openai keeps `time_embed` out of its fp16 conversion.
         time_embed_dim = 4 * self.model_channels
