@@ -43,8 +43,12 @@ DEFAULT_MIDDLE_SIGMA = 0.8  # configs' sample.two_step_sigma
 STEPS_2D = {"edm": 3000, "cd": 3000, "ct": 10000, "ict": 10000, "ect": 3000}
 # sCT learns from scratch (its ring 1-step distance is 0.062 after 1k steps, tests/test_continuous.py). sCD
 # distils an EDM model trained with TrigFlow's time conditioning (`TRIGFLOW_TEACHER`) and starts from its
-# weights, as sCM does; 6k steps (at 3k from the teacher the ring's 1-step was 0.044, at 6k 0.021; docs/quality.md).
+# weights, as sCM does, for 6k steps with the tangent warm-up at the recipe's fraction of the run
+# (`SCD_WARMUP_FRACTION`); what each of these moved is in docs/quality.md ("sCD").
 STEPS_2D.update(sct=4000, scd=6000)
+# imagenet64_scd's 10k warm-up steps of 600k (FastGen config_scm.py:51, config_scd_in64.py:67). The digits and
+# ring runs once used 10k of 14k and a tenth of the run: most of a short run spent below the full tangent.
+SCD_WARMUP_FRACTION = 10_000 / 600_000
 # sCD's teacher: EDM's objective with the time input t = arctan(σ/σd) (`losses.edm_loss` parameterization_kind
 # "trigflow"), the denoiser an sCD student can start from (its openai-style 250·ln σ reading does not train).
 TRIGFLOW_TEACHER = (("parameterization_kind", "trigflow"),)
@@ -94,7 +98,8 @@ def run_2d(problem_name: str, steps: dict, eval_samples: int, seed: int, log=pri
                                    "steps": steps["edm"], "seconds": time.time() - start}
     for method in (m for m in CONSISTENCY_METHODS if m in methods):
         start = time.time()
-        config = dataclasses.replace(base, method=method, steps=steps[method])
+        settings = (("tangent_warmup_steps", int(steps[method] * SCD_WARMUP_FRACTION)),) if method == "scd" else ()
+        config = dataclasses.replace(base, method=method, steps=steps[method], settings=settings)
         teacher = {"cd": edm, "scd": trigflow_edm}.get(method)
         init = {"ect": edm, "scd": trigflow_edm}.get(method)
         model = demo_2d.train(config, problem, log=log,
@@ -164,7 +169,8 @@ def digits_method_config(method: str, steps: int, teacher_workdir: str) -> ml_co
     elif method == "meanflow":
         methods.select(config, "meanflow")  # the ImageNet JAX release's defaults (configs/default.py)
     elif method in ("sct", "scd"):
-        methods.select(config, method, weighting="adaptive_prior")
+        warmup = {"scd": {"tangent_warmup_steps": int(steps * SCD_WARMUP_FRACTION)}}.get(method, {})
+        methods.select(config, method, weighting="adaptive_prior", **warmup)
         config.model.logvar_head = True
         if method == "scd":  # from the TrigFlow-conditioned EDM teacher (`edm_trigflow`), starting from its weights
             config.teacher.workdir = teacher_workdir

@@ -346,9 +346,10 @@ def scd_loss(network, params, x, key, step, *, target_params=None, teacher_param
     (cos t·x_t − D(x_t/cos t, σd·tan t))/sin t of the teacher's denoiser D. `guidance_scale` s ≠ 1 distils the
     classifier-free-guided teacher (`guided_velocity`): its velocity mixes the conditional and the unconditional
     prediction (the teacher called with the null label, `teacher_network(..., unconditional=True)`); 1 = no
-    guidance and no second teacher pass. The online
-    network starts from fresh weights: sCM initialises the student from its teacher, which only the
-    "trigflow_edm" conditioning can read, and that conditioning does not train stably here (parameterization.py).
+    guidance and no second teacher pass. A student starts from its teacher's weights
+    (`config.teacher.init_student`, as sCM and FastGen do; `imagenet64_scd`) when the teacher was trained with
+    the student's time conditioning: a "trigflow" student from an EDM teacher of parameterisation "trigflow"
+    (time input t). Read through the openai 250·ln σ input ("trigflow_edm") it does not train (docs/quality.md).
     See `_scm_loss`."""
     del target_params, distance_params
     if teacher_network is None:

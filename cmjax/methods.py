@@ -69,7 +69,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            summary="easy consistency tuning from an EDM model (Geng et al. 2024)", sampling=ECT_SAMPLING),
     # sCM (Lu & Song 2024): TrigFlow f(x_t, t) = cos t·x_t − sin t·σd·F; its `parameterization_kind` setting is
     # "trigflow" (c_noise(t) = t) or "trigflow_edm" (EDM's 250·ln σ; as a function of σ, f is then EDM's D with
-    # the same network). Target sg(θ), no EMA target. sCD starts from fresh weights (losses.scd_loss).
+    # the same network). Target sg(θ), no EMA target. sCD starts fresh unless config.teacher.init_student (its
+    # teacher then trained with the student's time conditioning; losses.scd_loss, imagenet64_scd).
     Method("sct", needs_teacher=False, keeps_target=False, starts_from_teacher=False, parameterization="setting",
            summary="continuous-time consistency training, sCT (Lu & Song 2024)"),
     Method("scd", needs_teacher=True, keeps_target=False, starts_from_teacher=False, parameterization="setting",
