@@ -127,3 +127,14 @@ def test_user_errors_name_the_fix():
         dit.DiT(**TINY).init(jax.random.key(0), x, jnp.zeros(1))
     with pytest.raises(errors.ConfigError, match="divisible"):
         dit.DiT(**{**TINY, "num_heads": 3}).init(jax.random.key(0), x, jnp.zeros(1), jnp.zeros(1, int))
+
+
+@pytest.mark.slow
+def test_xl2_forward_is_the_papers_118_6_gflops():
+    """DiT Table 4: DiT-XL/2 at 256×256 costs 118.6 Gflops, counted as multiply-adds (half of bench/model_flops.py's
+    2-FLOPs-per-multiply-add jaxpr count of the convolutions and matmuls)."""
+    from bench import model_flops
+
+    result = model_flops.forward_flops("dit_xl2")
+    assert result["params"] == 674_834_720
+    assert round(result["matmul_gflops"] / 2, 1) == 118.6
