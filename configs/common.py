@@ -124,8 +124,9 @@ def adm_unet(image_size: int, dropout: float, *, num_classes: int) -> ml_collect
 
 def _tiny_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The residual MLP of configs/digits.py at 32 wide (about 12k parameters), class-conditional where the
-    recipe's network is, with the recipe's dropout; a DiT recipe's is a one-block DiT 32 wide (patch 2). Convolutional networks take minutes to compile on a
-    loaded CPU even when tiny; the full-size networks are checked by shape in tests/test_recipes.py."""
+    recipe's network is, with the recipe's dropout; a DiT recipe's is a one-block DiT 32 wide (patch 2).
+    Convolutional networks take minutes to compile on a loaded CPU even when tiny; the full-size networks are
+    checked by shape in tests/test_recipes.py."""
     conditional = bool(model.get("num_classes"))
     if model.get("name") == "dit":  # a transformer recipe keeps a (one-block, 32-wide) transformer
         return ml_collections.ConfigDict({

@@ -22,7 +22,7 @@ def _count(module, image_size=32, in_channels=4, times=1):
 
 
 def _hand_count(depth, d, patch, in_channels=4, out_channels=8, rows=1001):
-    """The official DiT's modules (facebookresearch/DiT models.py) counted by hand, without pos_embed."""
+    """The official DiT's modules (facebookresearch/DiT models.py @ ed81ce2) counted by hand, without pos_embed."""
     linear = lambda i, o: i * o + o  # noqa: E731
     block = linear(d, 3 * d) + linear(d, d) + linear(d, 4 * d) + linear(4 * d, d) + linear(d, 6 * d)
     embed = patch * patch * in_channels * d + d + linear(256, d) + linear(d, d) + rows * d
@@ -34,8 +34,8 @@ def _hand_count(depth, d, patch, in_channels=4, out_channels=8, rows=1001):
     pytest.param("L/2", 24, 1024, 16, 458_102_816, marks=pytest.mark.slow),  # tracing 24–28 blocks: seconds
     pytest.param("XL/2", 28, 1152, 16, 675_129_632, marks=pytest.mark.slow)])
 def test_parameter_counts_are_the_officials(size, depth, width, heads, official):
-    """The official models (learn_sigma, 4 latent channels, 1000 classes + the null row; models.py:319-356 sizes)
-    counted as its train.py logs them, sum(p.numel() for p in model.parameters()): that includes the frozen
+    """The official models (learn_sigma, 4 latent channels, 1000 classes + the null row; models.py:328-362 sizes)
+    counted as its train.py:152 logs them, sum(p.numel() for p in model.parameters()): that includes the frozen
     16×16×D pos_embed parameter, which cmjax computes instead of storing (XL/2: 675,129,632, the paper's 675M, =
     674,834,720 trainable + 294,912)."""
     net = dit.DiT(depth=depth, hidden_size=width, num_heads=heads, patch_size=2, learn_sigma=True, null_label=True)
@@ -66,7 +66,7 @@ def tiny():
 
 
 def test_init_is_adaln_zero_and_output_shaped_like_input(tiny):
-    """adaLN-Zero (models.py:197-206): the freshly initialised network outputs exactly 0, shaped like its input."""
+    """adaLN-Zero (models.py:207-216): the freshly initialised network outputs exactly 0, shaped like its input."""
     _, _, x, _, _, out = tiny
     assert out.shape == x.shape and out.dtype == jnp.float32 and not np.any(np.asarray(out))
     assert models.get({"name": "dit", **TINY}) == dit.DiT(**TINY)

@@ -1,36 +1,39 @@
-"""DiT (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers") as in facebookresearch/DiT models.py,
-and SiT (Ma et al. 2024), which is the same network.
+"""DiT (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers") as in facebookresearch/DiT models.py
+(@ ed81ce2, the line numbers below), and SiT (Ma et al. 2024), which is the same network.
 
-Layout: NHWC in and out. Patchify is a p×p stride-p conv (`x_embedder`, models.py:155, timm `PatchEmbed`), plus the
-fixed 2-D sin-cos position embedding (models.py:158-159, 268-316: not a parameter here; the official
-`pos_embed` is a frozen nn.Parameter). The conditioning vector c = t_embedder(t) + y_embedder(y) (models.py:240-242)
-drives every adaLN-Zero block (models.py:101-124: shift/scale/gate ×2 from SiLU → Linear(6D), zero-initialised)
-and the final layer (models.py:127-145). Attention is timm's: one qkv Linear with output rows [q | k | v], heads of
+Layout: NHWC in and out. Patchify is a p×p stride-p conv (`x_embedder`, models.py:169, timm `PatchEmbed`), plus the
+fixed 2-D sin-cos position embedding (models.py:174, 274-320: not a parameter here; the official `pos_embed` is a
+frozen nn.Parameter). The conditioning vector c = t_embedder(t) + y_embedder(y) (models.py:240-243) drives every
+adaLN-Zero block (models.py:101-122: shift/scale/gate ×2 from SiLU → Linear(6D), zero-initialised) and the final
+layer (models.py:125-142). Attention is timm's: one qkv Linear with output rows [q | k | v], heads of
 D/num_heads, softmax(qkᵀ/√d)v, a proj Linear; the MLP is fc1 → GELU(tanh) → fc2 at `mlp_ratio`·D.
 
-Parameter tree: the official module names with "." before an index written "_" (`blocks.3.adaLN_modulation.1` →
-`blocks_3/adaLN_modulation_1`), leaves `kernel`/`bias`/`embedding`; `cmjax.interop.dit` maps it to diffusers'
+Parameter tree: the official module paths with "." written "_" inside a block or the final layer
+(`blocks.3.adaLN_modulation.1` → `blocks_3/adaLN_modulation_1`, `blocks.3.mlp.fc1` → `blocks_3/mlp_fc1`,
+`blocks.3.attn.qkv` → `blocks_3/attn/qkv`, `final_layer.linear` → `final_layer_linear`, `t_embedder.mlp.0` →
+`t_embedder/mlp_0`), leaves `kernel`/`bias`/`embedding`; `cmjax.interop.dit` maps it to diffusers'
 `DiTTransformer2DModel`.
 
-Time input. The network embeds `time_input_b` as given (256-d frequency embedding [cos | sin], models.py:40-58, then
+Time input. The network embeds `time_input_b` as given (256-d frequency embedding [cos | sin], models.py:41-59, then
 Linear-SiLU-Linear): whatever `parameterization.network_time_input` (or the method's own input) produces. The
 official DiT is fed integer DDPM steps t ∈ [0, 999]; SiT (willisma/SiT) and MeanFlow feed flow-matching time
 t ∈ [0, 1] to the same embedder; cmjax's consistency methods feed 250·ln σ (openai's ADM convention, the same as
 every other cmjax network). So "SiT" is this class with the time input of the method that trains it; the registry
 entry "sit" is an alias. A two-time input [B, 2] (MeanFlow's (t, t − r)) is embedded by two embedders,
-`t_embedder` and `h_embedder`, summed with the label embedding (Gsunshine/meanflow models/models_dit.py:208-221).
+`t_embedder` and `h_embedder`, summed with the label embedding (Gsunshine/meanflow models/models_dit.py:182,
+218-221).
 `freq_shift` is the frequency denominator's shift: 0 for the official DiT/SiT/MeanFlow (f_i = 10000^(−i/128)),
 1 for diffusers' `DiTTransformer2DModel`, whose `CombinedTimestepLabelEmbeddings` uses
 `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1)` (f_i = 10000^(−i/127)).
 
 Labels: an `nn.Embed` of num_classes rows, plus the official "no class" row at index num_classes when
-`null_label` (models.py:64-68; DiT has it whenever class_dropout_prob > 0, MeanFlow always). A negative label
-(`layers.NULL_LABEL`, what `layers.drop_labels` and the guided teachers pass) selects that row; without the row it
-adds no embedding (the convention of cmjax's other networks). `label_dropout` is DiT's `class_dropout_prob`
+`null_label` (models.py:73-74; DiT has it whenever class_dropout_prob > 0, MeanFlow always, models_dit.py:83).
+A negative label (`layers.NULL_LABEL`, what `layers.drop_labels` and the guided teachers pass) selects that row;
+without the row it adds no embedding (the convention of cmjax's other networks). `label_dropout` is DiT's `class_dropout_prob`
 (training only).
 
 `learn_sigma` (off by default: consistency and flow models predict one tensor shaped like the input) gives the
-final layer the official 2·out_channels outputs ([ε | Σ], models.py:148); the network returns the first
+final layer the official 2·out_channels outputs ([ε | Σ], models.py:165); the network returns the first
 out_channels (so official or diffusers DiT weights load, e.g. as a teacher), the Σ half is dropped.
 
 Precision: parameters float32; the time/label/position embeddings, the conditioning MLPs, LayerNorm, the
@@ -51,11 +54,11 @@ from cmjax import errors
 from cmjax.models import layers
 
 FREQUENCY_EMBEDDING_SIZE = 256  # TimestepEmbedder's frequency_embedding_size (models.py:31)
-LAYER_NORM_EPS = 1e-6  # every LayerNorm of the official DiT (models.py:106,108,133)
+LAYER_NORM_EPS = 1e-6  # every LayerNorm of the official DiT (models.py:107,109,131)
 # `attention_impl` → `jax.nn.dot_product_attention(implementation=...)`.
 ATTENTION_IMPLEMENTATIONS = {"xla": None, "cudnn": "cudnn"}
 
-# Official init (models.py:172-209): xavier_uniform Linears, N(0, 0.02) time MLP and label table, the patch conv
+# Official init (models.py:183-216): xavier_uniform Linears, N(0, 0.02) time MLP and label table, the patch conv
 # xavier_uniform over its [out, in·p·p] view, zeros for every adaLN modulation and the final linear.
 _XAVIER = nn.initializers.xavier_uniform()
 _PATCH_INIT = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
@@ -83,7 +86,7 @@ def _modulate(x, shift, scale):
 
 
 def sincos_1d(embed_dim: int, pos) -> np.ndarray:
-    """MAE's 1-D sin-cos embedding (models.py:303-316): [sin(pos·ω) | cos(pos·ω)], ω_i = 10000^(−i/(D/2))."""
+    """MAE's 1-D sin-cos embedding (models.py:303-321): [sin(pos·ω) | cos(pos·ω)], ω_i = 10000^(−i/(D/2))."""
     omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
     out = np.einsum("m,d->md", np.asarray(pos, np.float64).reshape(-1), omega)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
@@ -91,7 +94,7 @@ def sincos_1d(embed_dim: int, pos) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def sincos_2d(embed_dim: int, grid_size: int) -> np.ndarray:
-    """The fixed position embedding [grid², D] (models.py:268-300): the first half embeds each token's column
+    """The fixed position embedding [grid², D] (models.py:274-300): the first half embeds each token's column
     (meshgrid's first output), the second half its row; rows of the table run over tokens row-major, float32."""
     if embed_dim % 4:
         raise errors.ConfigError(f"DiT hidden_size={embed_dim} must be a multiple of 4 (2-D sin-cos embedding).")
@@ -101,7 +104,7 @@ def sincos_2d(embed_dim: int, grid_size: int) -> np.ndarray:
 
 
 class TimestepEmbedder(nn.Module):
-    """models.py:27-62: 256-d frequency features [cos | sin] → Linear → SiLU → Linear, in float32."""
+    """models.py:27-64: 256-d frequency features [cos | sin] → Linear → SiLU → Linear, in float32."""
 
     hidden_size: int
     freq_shift: int = 0
@@ -137,7 +140,7 @@ class Attention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero block (models.py:96-124)."""
+    """adaLN-Zero block (models.py:101-122)."""
 
     hidden_size: int
     num_heads: int
@@ -208,7 +211,7 @@ class DiT(nn.Module):
                          embedding_init=nn.with_logical_partitioning(_NORMAL_002, layers.EMBEDDING_AXES),
                          name="y_embedder")
         labels = jnp.asarray(layers.drop_labels(self, class_labels_b, self.label_dropout, train), jnp.int32)
-        if self.null_label:  # the official null row (LabelEmbedder.token_drop, models.py:78)
+        if self.null_label:  # the official null row (LabelEmbedder.token_drop, models.py:86)
             return table(jnp.where(labels < 0, self.num_classes, labels))
         return layers.label_embedding(table, labels)
 
@@ -245,6 +248,6 @@ class DiT(nn.Module):
         out_channels = self.out_channels * (2 if self.learn_sigma else 1)
         shift, scale = jnp.split(_dense(2 * d, "final_layer_adaLN_modulation_1", init=_ZEROS)(nn.silu(c)), 2, -1)
         x = _dense(p * p * out_channels, "final_layer_linear", init=_ZEROS)(_modulate(_layer_norm(x), shift, scale))
-        # unpatchify (models.py:211-224), NHWC: [B, h, w, p, q, C] → [B, h·p, w·q, C].
+        # unpatchify (models.py:218-231), NHWC: [B, h, w, p, q, C] → [B, h·p, w·q, C].
         x = x.reshape(b, grid, grid, p, p, out_channels).transpose(0, 1, 3, 2, 4, 5).reshape(b, size, size, -1)
         return x[..., :self.out_channels].astype(jnp.float32)
