@@ -29,8 +29,8 @@ entry "sit" is an alias. A two-time input [B, 2] (MeanFlow's (t, t − r)) is em
 Labels: an `nn.Embed` of num_classes rows, plus the official "no class" row at index num_classes when
 `null_label` (models.py:73-74; DiT has it whenever class_dropout_prob > 0, MeanFlow always, models_dit.py:83).
 A negative label (`layers.NULL_LABEL`, what `layers.drop_labels` and the guided teachers pass) selects that row;
-without the row it adds no embedding (the convention of cmjax's other networks). `label_dropout` is DiT's `class_dropout_prob`
-(training only).
+without the row it adds no embedding (the convention of cmjax's other networks). `label_dropout` is DiT's
+`class_dropout_prob` (training only).
 
 `learn_sigma` (off by default: consistency and flow models predict one tensor shaped like the input) gives the
 final layer the official 2·out_channels outputs ([ε | Σ], models.py:165); the network returns the first
