@@ -4,11 +4,12 @@ latent space: one variant per iMF size, `:b2`, `:m2`, `:l2`, `:xl2` (default).
   python -m cmjax.main --config=configs/imagenet256_imf.py:b2 --workdir=gs://BUCKET/runs/in256_imf_b2
   python -m cmjax.main --config=configs/imagenet256_imf.py:smoke --workdir=/tmp/imf256_smoke   # CPU, digits
 
-NEEDS what cmjax does not have yet (the latent-space issue): a transformer family (`config.model.name = "dit"`;
-iMF's own is an in-context-conditioned DiT with RMSNorm, RoPE, SwiGLU and an auxiliary v-head,
-Lyy-iiis/imeanflow models/imfDiT.py, models/mit.py) and the ImageNet-256 latents (`imagenet256_latents`). Until
-then the recipe loads and `--mode=train` stops with a ConfigError naming them; `:smoke` trains the objective on the
-embedded digits with a tiny class-conditional MLP.
+The network is cmjax's standard adaLN-Zero DiT (`config.model.name = "dit"`, cmjax/models/dit.py) at iMF's sizes;
+iMF's own is an in-context-conditioned DiT with RMSNorm, RoPE, SwiGLU and an auxiliary v-head (Lyy-iiis/imeanflow
+models/imfDiT.py, models/mit.py), not implemented. NEEDS what cmjax does not have yet (the latent-space issue): the
+ImageNet-256 latents (`imagenet256_latents`). Until then the recipe loads and `--mode=train` stops with a
+ConfigError naming them; `:smoke` trains the objective on the embedded digits with a one-block class-conditional
+DiT.
 
 iMF in cmjax is MeanFlow's objective with iMF's options (losses.meanflow_loss): the JVP runs along the network's
 own velocity v_θ = u_θ(z, t, t) (`tangent = "predicted"`, iMF §4.1, imf.py `forward`), which makes the loss iMF's
@@ -24,7 +25,7 @@ iMF sizes (models/imfDiT.py, `imfDiT_*`): B/2 12 × 768 (12 heads), M/2 24 × 76
 XL/2 48 × 1024, each with an 8-block v-head.
 
 Published FID (50k samples, 1-NFE; the release README "this repo / paper"): iMF-B/2 3.37 / 3.39, M/2 2.27 / 2.27,
-L/2 1.85 / 1.86, XL/2 1.70 / 1.72 (2-NFE 1.53 / 1.54). cmjax: not measured (no transformer, no latents).
+L/2 1.85 / 1.86, XL/2 1.70 / 1.72 (2-NFE 1.53 / 1.54). cmjax: not measured (no iMF transformer, no latents).
 """
 import ml_collections
 
@@ -80,6 +81,6 @@ def get_config(arg: str | None = None):
     config.ckpt_every = 10_000
     config.eval_every = 50_000
     config = common.finish(config, chosen)
-    if "smoke" in chosen:  # the tiny class-conditional MLP needs the "no class" row too
+    if "smoke" in chosen:  # the tiny class-conditional DiT needs the "no class" row too
         config.model.null_label = True
     return config

@@ -138,7 +138,7 @@ def test_user_errors_print_one_line_and_exit_2(capfd, tmp_path, data_dir, runs):
                                              ["guidance='cfg'", "class-conditional"]),
         "MeanFlow labels without a null label": (
             base + ["--config.method.name=meanflow", "--config.model.num_classes=10"], ["null_label=True"]),
-        "ImageNet-256 MeanFlow before its network": (
+        "ImageNet-256 MeanFlow before its latents": (
             ["--config=configs/imagenet256_meanflow.py:b2", f"--workdir={workdir}"],
             ["imagenet256_latents", "latent-space issue"]),
     }
