@@ -165,7 +165,8 @@ def _export_dit(config, workdir, *, step, ema_rate, format, output) -> dict[str,
     if jax.process_index() == 0:
         sampler = {**methods.sampler_settings(config), "parameterization": exported_parameterization(config),
                    "two_step_sigma": float(config.sample.get("two_step_sigma", 0.0)),
-                   "time_input": "250·ln σ (parameterization.network_time_input)",
+                   "time_input": "TrigFlow t (c_noise(t) = t)" if exported_parameterization(config) == "trigflow"
+                   else "250·ln σ (parameterization.network_time_input)",
                    "step": int(restored_step), "ema_rate": rate}
         result.update(dit_interop.write_transformer(output, params, net, json.loads(json.dumps(sampler,
                                                                                                 default=str))))
