@@ -47,9 +47,9 @@ real test images 95 %, Fréchet 3.2.
 `:dit` (the DiT notes): the same job with a small DiT (cmjax/models/dit.py: patch 2, 4 blocks × 64, 4 heads,
 328,260 parameters) for 4,000 steps. It does not fit the demo's 10 minutes on a 2-core CPU: at the median 1.45
 steps/s measured (a loaded machine) 4,000 steps take 46 min; its speed on idle cores was not measured (a 4 × 128
-DiT ran 1.4 steps/s at load ~3, where the MLP runs 16–45). Measured 2026-12-03 (4,096 samples, EMA 0.998; docs/quality.md):
-1-step 59.4 % confident, Fréchet 7.1, classes 6.3–15.2 %; 2-step 63.8 %, Fréchet 5.9: it learns the digits but
-stays below the MLP's 80 % in these steps. 57 min wall on a machine at load 3–24 (other jobs), median 1.45 steps/s.
+DiT ran 1.4 steps/s at load ~3, where the MLP runs 16–45). Measured 2026-12-03 (4,096 samples, EMA 0.998;
+docs/quality.md): 1-step 59.4 % confident, Fréchet 7.1, classes 6.3–15.2 %; 2-step 63.8 %, Fréchet 5.9: it learns
+the digits but stays below the MLP's 80 % in these steps. 57 min wall on a machine at load 3–24 (other jobs).
 """
 import ml_collections
 
