@@ -128,12 +128,14 @@ def _tiny_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     Convolutional networks take minutes to compile on a loaded CPU even when tiny; the full-size networks are
     checked by shape in tests/test_recipes.py."""
     conditional = bool(model.get("num_classes"))
-    if model.get("name") == "dit":  # a transformer recipe keeps a (one-block, 32-wide) transformer
+    # A transformer recipe keeps a (one-block, 32-wide) transformer, unless it needs a head the DiT lacks (iMF's
+    # velocity head): then the MLP, which has it.
+    if model.get("name") == "dit" and not model.get("velocity_head"):
         return ml_collections.ConfigDict({
             "name": "dit", "image_size": 8, "in_channels": 1, "out_channels": 1, "depth": 1, "hidden_size": 32,
             "num_heads": 2, "patch_size": 2, "num_classes": 10 if conditional else 0,
-            "null_label": bool(model.get("null_label")), "dropout": float(model.get("dropout", 0.0)),
-            "dtype": "float32", "remat": False})
+            "null_label": bool(model.get("null_label")), "logvar_head": bool(model.get("logvar_head")),
+            "dropout": float(model.get("dropout", 0.0)), "dtype": "float32", "remat": False})
     tiny = ml_collections.ConfigDict({
         "name": "mlp", "hidden_dim": 32, "num_layers": 1, "time_embed_dim": 16,
         "num_classes": 10 if conditional else 0,  # digits has 10 classes
