@@ -10,7 +10,7 @@ TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 $(COLLECTIVE_TIM
 # The demo: one CPU device, several times faster than 8 virtual ones on a 2-core machine.
 DEMO_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=1" JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2
 
-.PHONY: demo demo-2d test test-slow lint install clean
+.PHONY: demo demo-dit demo-2d test test-slow lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ install: $(STAMP)
 # The main job: iCT on the embedded digits dataset (no downloads).
 demo: $(STAMP)
 	$(DEMO_ENV) $(PY) -m cmjax.main --config=configs/digits.py --workdir=$${WORKDIR:-workdirs/digits}
+
+# The same job with a small DiT (configs/digits.py:dit) in place of the MLP.
+demo-dit: $(STAMP)
+	$(DEMO_ENV) $(PY) -m cmjax.main --config=configs/digits.py:dit --workdir=$${WORKDIR:-workdirs/digits_dit}
 
 # Consistency distillation of an exact 2-D Gaussian-mixture teacher (about a minute).
 demo-2d: $(STAMP)

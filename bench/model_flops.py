@@ -6,6 +6,10 @@ convolutions and matmuls in the jaxpr (2 FLOPs per multiply-add). Parameters are
 
     .venv/bin/python bench/model_flops.py                       # all models, compile timing on ImageNet-64
     .venv/bin/python bench/model_flops.py --compile_model=none  # FLOPs only
+    .venv/bin/python bench/model_flops.py --models=dit_s2,dit_b2,dit_l2,dit_xl2 --compile_model=none
+
+DiT (Peebles & Xie 2023) reports "Gflops" that are multiply-adds (Table 4: DiT-XL/2 118.6 at 256×256, i.e. on
+32×32×4 latents): half of the jaxpr count here, which counts 2 FLOPs per multiply-add.
 """
 from __future__ import annotations
 
@@ -38,6 +42,11 @@ CONFIGS = {
         256, False,
     ),
     "ncsnpp_cifar10": (dict(name="ncsnpp"), 32, False),
+    # The official DiTs on 32×32×4 SD-VAE latents (ImageNet 256): learn_sigma, 1000 classes + the null row.
+    **{f"dit_{size}": (dict(name="dit", depth=depth, hidden_size=width, num_heads=heads, patch_size=patch,
+                             learn_sigma=True, null_label=True), 32, True)
+       for size, (depth, width, heads, patch) in {"s2": (12, 384, 6, 2), "b2": (12, 768, 12, 2),
+                                                  "l2": (24, 1024, 16, 2), "xl2": (28, 1152, 16, 2)}.items()},
     # A small ADM UNet for when the full ImageNet-64 backward takes too long to compile on a small CPU.
     "unet_small32": (
         dict(name="unet", image_size=32, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
@@ -48,8 +57,8 @@ CONFIGS = {
 }
 
 
-def abstract_inputs(image_size: int, conditional: bool, batch: int = 1):
-    x = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+def abstract_inputs(image_size: int, conditional: bool, batch: int = 1, channels: int = 3):
+    x = jax.ShapeDtypeStruct((batch, image_size, image_size, channels), jnp.float32)
     t = jax.ShapeDtypeStruct((batch,), jnp.float32)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32) if conditional else None
     return x, t, labels
@@ -84,7 +93,7 @@ def jaxpr_matmul_flops(jaxpr) -> int:
 def forward_flops(name: str):
     model_config, image_size, conditional = CONFIGS[name]
     module = models.get(model_config)
-    x, t, labels = abstract_inputs(image_size, conditional)
+    x, t, labels = abstract_inputs(image_size, conditional, channels=getattr(module, "in_channels", 3))
     params = abstract_params(module, x, t, labels)
     n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
 
@@ -103,7 +112,7 @@ def train_step_compile_seconds(name: str, batch: int):
     """Wall time to lower and compile jit(grad(mean-square loss)) — forward and backward — at the given batch."""
     model_config, image_size, conditional = CONFIGS[name]
     module = models.get(model_config)
-    x, t, labels = abstract_inputs(image_size, conditional, batch)
+    x, t, labels = abstract_inputs(image_size, conditional, batch, channels=getattr(module, "in_channels", 3))
     params = abstract_params(module, x, t, labels)
 
     def loss(p, x, t, labels):

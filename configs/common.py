@@ -126,9 +126,18 @@ def adm_unet(image_size: int, dropout: float, *, num_classes: int) -> ml_collect
 
 def _tiny_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The residual MLP of configs/digits.py at 32 wide (about 12k parameters), class-conditional where the
-    recipe's network is, with the recipe's dropout. Convolutional networks take minutes to compile on a
-    loaded CPU even when tiny; the full-size networks are checked by shape in tests/test_recipes.py."""
+    recipe's network is, with the recipe's dropout; a DiT recipe's is a one-block DiT 32 wide (patch 2).
+    Convolutional networks take minutes to compile on a loaded CPU even when tiny; the full-size networks are
+    checked by shape in tests/test_recipes.py."""
     conditional = bool(model.get("num_classes"))
+    # A transformer recipe keeps a (one-block, 32-wide) transformer; iMF's v-head is one more block.
+    if model.get("name") == "dit":
+        return ml_collections.ConfigDict({
+            "name": "dit", "image_size": 8, "in_channels": 1, "out_channels": 1, "depth": 1, "hidden_size": 32,
+            "num_heads": 2, "patch_size": 2, "num_classes": 10 if conditional else 0,
+            "null_label": bool(model.get("null_label")), "logvar_head": bool(model.get("logvar_head")),
+            "velocity_head": bool(model.get("velocity_head")), "velocity_head_depth": 1,
+            "dropout": float(model.get("dropout", 0.0)), "dtype": "float32", "remat": False})
     tiny = ml_collections.ConfigDict({
         "name": "mlp", "hidden_dim": 32, "num_layers": 1, "time_embed_dim": 16,
         "num_classes": 10 if conditional else 0,  # digits has 10 classes

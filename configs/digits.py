@@ -3,6 +3,8 @@
   python -m cmjax.main --config=configs/digits.py --workdir=workdirs/digits
   python -m cmjax.main --config=configs/digits.py:smoke --workdir=/tmp/digits_smoke   # a few CPU steps (tiny MLP)
   python -m cmjax.main --config=configs/digits.py:smoke_unet --workdir=/tmp/digits_unet   # the same, a tiny UNet
+  python -m cmjax.main --config=configs/digits.py:dit --workdir=workdirs/digits_dit   # the job with a small DiT
+  python -m cmjax.main --config=configs/digits.py:smoke_dit --workdir=/tmp/digits_dit   # a few steps, a tiny DiT
 
 No published numbers exist for this dataset; quality is measured by a digit classifier trained in-repo
 (`cmjax/metrics/digits.py`): Fréchet distance in its feature space and the fraction of confidently
@@ -41,10 +43,28 @@ evaluation (512 samples), EMA 0.998: 1-step 82.2 % confident, Fréchet 4.2, clas
 Fréchet 3.0, classes 7.8–13.7 %.
 For scale: the EDM teacher on this MLP, 3,000 steps with its 35-evaluation sampler, scores 82 %, Fréchet 3.7;
 real test images 95 %, Fréchet 3.2.
+
+`:dit` (the DiT notes): the same job with a small DiT (cmjax/models/dit.py: patch 2, 4 blocks × 64, 4 heads,
+328,260 parameters) for 4,000 steps. It does not fit the demo's 10 minutes on a 2-core CPU: at the median 1.45
+steps/s measured (a loaded machine) 4,000 steps take 46 min; its speed on idle cores was not measured (a 4 × 128
+DiT ran 1.4 steps/s at load ~3, where the MLP runs 16–45). Measured 2026-12-03 (4,096 samples, EMA 0.998;
+docs/quality.md): 1-step 59.4 % confident, Fréchet 7.1, classes 6.3–15.2 %; 2-step 63.8 %, Fréchet 5.9: it learns
+the digits but stays below the MLP's 80 % in these steps. 57 min wall on a machine at load 3–24 (other jobs).
 """
 import ml_collections
 
 from configs import default
+
+DIT_STEPS = 4000  # `:dit` (see the DiT notes above)
+
+
+def dit_model() -> ml_collections.ConfigDict:
+    """`:dit`: a small DiT (cmjax/models/dit.py) on the 8×8×1 digits: patch 2 (16 tokens), 4 blocks of width 64,
+    4 heads, unconditional, float32 (the CPU has no bfloat16 units)."""
+    return ml_collections.ConfigDict({
+        "name": "dit", "image_size": 8, "in_channels": 1, "out_channels": 1, "depth": 4, "hidden_size": 64,
+        "num_heads": 4, "patch_size": 2, "mlp_ratio": 4.0, "num_classes": 0, "dropout": 0.0, "dtype": "float32",
+        "remat": False})
 
 
 def get_config(arg: str | None = None):
@@ -75,13 +95,21 @@ def get_config(arg: str | None = None):
         "velocity_head": False,
         "null_label": False,
     })
-    if arg in ("smoke", "smoke_unet"):
+    if arg in ("dit", "smoke_dit"):
+        config.model = dit_model()
+    if arg == "dit":
+        config.total_steps = DIT_STEPS
+        config.eval_every = DIT_STEPS // 3
+        config.method.ict.s1 = 80
+    elif arg in ("smoke", "smoke_unet", "smoke_dit"):
         # A tiny run: batch 16, 6 steps. `smoke`: the residual MLP at 64 wide, 2 blocks (compiles in seconds);
         # `smoke_unet`: configs/default.py's 32-channel UNet, for checks of the conv net through the loop.
         if arg == "smoke":
             config.model.hidden_dim = 64
             config.model.num_layers = 2
             config.model.time_embed_dim = 64
+        elif arg == "smoke_dit":
+            config.model.update(depth=1, hidden_size=32, num_heads=2)
         else:
             config.model = default.get_config().model
         config.total_steps = 6
@@ -95,5 +123,6 @@ def get_config(arg: str | None = None):
         config.sample.num_images = 16
         config.sample.metric_samples = 0
     elif arg:
-        raise ValueError(f"Unknown variant {arg!r} of configs/digits.py; use '', 'smoke' or 'smoke_unet'.")
+        raise ValueError(f"Unknown variant {arg!r} of configs/digits.py; use '', 'smoke', 'smoke_unet', 'dit' or "
+                         "'smoke_dit'.")
     return config

@@ -4,12 +4,12 @@ latent space: one variant per iMF size, `:b2`, `:m2`, `:l2`, `:xl2` (default).
   python -m cmjax.main --config=configs/imagenet256_imf.py:b2 --workdir=gs://BUCKET/runs/in256_imf_b2
   python -m cmjax.main --config=configs/imagenet256_imf.py:smoke --workdir=/tmp/imf256_smoke   # CPU, digits
 
-NEEDS what cmjax does not have yet (the latent-space issue): a transformer family (`config.model.name = "dit"`)
-and the ImageNet-256 latents (`imagenet256_latents`). Until then the recipe loads and `--mode=train` stops with a
-ConfigError naming them; `:smoke` trains the same objective (guidance conditioning and v-head included) on the
-embedded digits with a tiny class-conditional MLP. iMF's own transformer (in-context conditioning tokens, RMSNorm,
-RoPE, SwiGLU, an 8-block v-head branch; Lyy-iiis/imeanflow models/imfDiT.py) is not in cmjax: this recipe names
-cmjax's DiT.
+The network is cmjax's standard adaLN-Zero DiT (`config.model.name = "dit"`, cmjax/models/dit.py) at iMF's sizes,
+with an auxiliary v-head branch (`velocity_head`); iMF's own is an in-context-conditioned DiT with RMSNorm, RoPE,
+SwiGLU and conditioning tokens (Lyy-iiis/imeanflow models/imfDiT.py, models/mit.py), not implemented. NEEDS what
+cmjax does not have yet (the latent-space issue): the ImageNet-256 latents (`imagenet256_latents`). Until then the
+recipe loads and `--mode=train` stops with a ConfigError naming them; `:smoke` trains the same objective (guidance
+conditioning and v-head included) on the embedded digits with a one-block class-conditional DiT.
 
 iMF's objective, complete (losses.meanflow_loss): guidance as conditioning (iMF §5; imf.py `sample_cfg_scale`,
 `sample_cfg_interval`, `guidance_fn`, `cond_drop`): ω per sample, log-uniform on [1, 8] (`cfg_max` 7, `cfg_beta`
@@ -26,7 +26,7 @@ iMF sizes (models/imfDiT.py, `imfDiT_*`): B/2 12 × 768 (12 heads), M/2 24 × 76
 XL/2 48 × 1024, each depth counting the shared blocks and the u-head's 8; the v-head's 8 blocks come on top.
 
 Published FID (50k samples, 1-NFE; the release README "this repo / paper"): iMF-B/2 3.37 / 3.39, M/2 2.27 / 2.27,
-L/2 1.85 / 1.86, XL/2 1.70 / 1.72 (2-NFE 1.53 / 1.54). cmjax: not measured (no transformer, no latents).
+L/2 1.85 / 1.86, XL/2 1.70 / 1.72 (2-NFE 1.53 / 1.54). cmjax: not measured (no iMF transformer, no latents).
 """
 import ml_collections
 

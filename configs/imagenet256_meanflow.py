@@ -5,10 +5,10 @@ classifier-free guidance trained in: one variant per DiT size, `:b4` (the releas
   python -m cmjax.main --config=configs/imagenet256_meanflow.py:xl2 --workdir=gs://BUCKET/runs/in256_mf_xl2
   python -m cmjax.main --config=configs/imagenet256_meanflow.py:smoke --workdir=/tmp/mf256_smoke  # CPU, digits
 
-NEEDS what cmjax does not have yet (the latent-space issue): the DiT family (`config.model.name = "dit"`) and the
-ImageNet-256 SD-VAE latent dataset (`config.data.name = "imagenet256_latents"`). Until they exist the full recipe
-loads, and `--mode=train` stops with a ConfigError naming them; `:smoke` trains the same objective, guidance
-included, on the embedded digits with a tiny class-conditional MLP.
+The network is cmjax's DiT (`config.model.name = "dit"`, cmjax/models/dit.py). NEEDS what cmjax does not have yet
+(the latent-space issue): the ImageNet-256 SD-VAE latent dataset (`config.data.name = "imagenet256_latents"`).
+Until it exists the full recipe loads, and `--mode=train` stops with a ConfigError naming it; `:smoke` trains the
+same objective, guidance included, on the embedded digits with a one-block class-conditional DiT.
 
 Settings: the official JAX release Gsunshine/meanflow, configs/default.py:32-71 and configs/run_b4.yml: Adam
 lr 1e-4, b2 0.95, batch 256, EMA 0.9999, 240 epochs (run_b4.yml:11; 1,281,167 images: 1,201,094 steps), no
@@ -23,7 +23,7 @@ not confirmed here: every size uses the release's B/4 values.
 
 Published FID (50k samples, 1-NFE / 2-NFE): MF-B/4 11.4 (release README, this repo's run: 11.35 at 240 epochs);
 MF-B/2 6.17 (cited in the iMF paper's comparison), MF-XL/2 3.43 / 2.93 (DESIGN §4); M/2 and L/2 not confirmed.
-cmjax: not measured (no DiT, no latents).
+cmjax: not measured (no latents yet).
 """
 import ml_collections
 

@@ -150,7 +150,7 @@ def test_user_errors_print_one_line_and_exit_2(capfd, tmp_path, data_dir, runs):
         "unknown attention implementation": (
             ["--config=configs/default.py", f"--workdir={workdir}", "--mode=compile",
              "--config.model.attention_impl=splash"], ["attention_impl='splash'", "'flash'"]),
-        "ImageNet-256 MeanFlow before its network": (
+        "ImageNet-256 MeanFlow before its latents": (
             ["--config=configs/imagenet256_meanflow.py:b2", f"--workdir={workdir}"],
             ["imagenet256_latents", "latent-space issue"]),
     }

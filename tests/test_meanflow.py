@@ -299,7 +299,9 @@ def test_velocity_head_is_sown_beside_the_output_and_trains_only_where_asked():
     for fields in ({"name": "mlp", "hidden_dim": 16, "num_layers": 1, "time_embed_dim": 8},
                    {"name": "unet", "image_size": 8, "in_channels": 1, "out_channels": 1, "model_channels": 32,
                     "channel_mult": (1,), "num_res_blocks": 1, "attention_resolutions": (), "num_classes": 0,
-                    "num_head_channels": 32}):
+                    "num_head_channels": 32},
+                   {"name": "dit", "image_size": 8, "in_channels": 1, "out_channels": 1, "depth": 2, "hidden_size": 32,
+                    "num_heads": 2, "patch_size": 2, "num_classes": 0, "velocity_head_depth": 1}):
         plain, headed = models.get(fields), models.get(dict(fields, velocity_head=True))
         params = headed.init({"params": jax.random.key(0)}, x, t)["params"]
         out, heads = models.apply_with_heads(headed, {"params": params}, x, t)
@@ -307,3 +309,5 @@ def test_velocity_head_is_sown_beside_the_output_and_trains_only_where_asked():
         trunk = {k: v for k, v in params.items() if not k.startswith("velocity")}
         np.testing.assert_array_equal(out, plain.apply({"params": trunk}, x, t))
         assert set(params) - set(trunk)  # the head has parameters of its own
+        if fields["name"] == "dit":  # a branch: the last trunk block duplicated, iMF's layout
+            assert {"velocity_blocks_0", "velocity_final_layer_linear"} <= set(params) and "blocks_1" in params

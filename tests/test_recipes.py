@@ -137,17 +137,17 @@ def test_published_settings_and_network_size(name):
 @pytest.mark.parametrize("name,size,depth", [("imagenet256_meanflow", "b2", 12), ("imagenet256_meanflow", "xl2", 28),
                                              ("imagenet256_imf", "b2", 12), ("imagenet256_imf", "xl2", 48)])
 def test_imagenet256_meanflow_recipes_say_what_they_need(name, size, depth):
-    """Their settings load (docs/fidelity.md checks them); the network and the latents are the latent-space
-    issue's, and asking for either names it."""
+    """Their settings load (docs/fidelity.md checks them); the network builds (cmjax.models.dit); the latents are
+    the latent-space issue's, and asking for them names it."""
     from cmjax import errors
     from cmjax.data import datasets
+    from cmjax.models import dit
 
     config = get_config(name, size)
     assert config.model.depth == depth and config.model.num_classes == 1000 and config.model.null_label
     assert config.method.name == "meanflow" and methods.time_inputs("meanflow") == 2
     methods.objective_from_config(config)
-    with pytest.raises(errors.ConfigError, match="latent-space issue"):
-        models.get(config.model)
+    assert isinstance(models.get(config.model), dit.DiT)
     with pytest.raises(errors.ConfigError, match="latent-space issue"):
         datasets.get_spec(config.data.name)
 
@@ -232,8 +232,8 @@ def test_smoke(name, smoke_runs):
         saved = json.load(f)
     published = get_config(name)
     assert saved["method"]["name"] == published.method.name
-    # The tiny MLP stands in for the network, class-conditional where the published one is.
-    assert saved["model"]["name"] == "mlp"
+    # A tiny MLP (a tiny DiT for a DiT recipe) stands in for the network, class-conditional where it is.
+    assert saved["model"]["name"] == ("dit" if published.model.name == "dit" else "mlp")
     assert bool(saved["model"]["num_classes"]) == bool(published.model.get("num_classes"))
     assert saved["model"]["dropout"] == published.model.dropout
     # The smoke keeps the recipe's objective settings (the distance only where LPIPS cannot run here).

@@ -99,9 +99,9 @@ SPECS: dict[str, DatasetSpec] = {
 
 
 # Names recipes already use for datasets that do not exist yet, with what they need.
-PLANNED = {"imagenet256_latents": "the SD-VAE latents of ImageNet 256×256 (32×32×4, encoded once) and the DiT family "
-           "that trains on them come with the latent-space issue; configs/imagenet256_meanflow.py and "
-           "configs/imagenet256_imf.py need both (their :smoke variants run now)."}
+PLANNED = {"imagenet256_latents": "the SD-VAE latents of ImageNet 256×256 (32×32×4, encoded once) come with the "
+           "latent-space issue; configs/imagenet256_meanflow.py and configs/imagenet256_imf.py train on them (their "
+           ":smoke variants run now)."}
 
 
 def get_spec(name: str) -> DatasetSpec:

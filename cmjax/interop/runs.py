@@ -18,6 +18,7 @@ import numpy as np
 
 from cmjax import errors
 from cmjax.interop import diffusers, openai
+from cmjax.interop import dit as dit_interop
 
 FORMATS = ("diffusers", "openai")
 OPENAI_ARGS_FILE = "openai_unet.json"
@@ -105,6 +106,8 @@ def export_checkpoint(config, workdir: str, *, step: int | None = None, ema_rate
     _check_format(format)
     if os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
         config = workdir_lib.read_run_config(workdir)
+    if dit_interop.is_dit(config.model):
+        return _export_dit(config, workdir, step=step, ema_rate=ema_rate, format=format, output=output)
     target = "diffusers' ConsistencyModelPipeline" if format == "diffusers" else "openai's cm UNetModel"
     unet = openai.unet_from_model_config(config.model, target)
     settings = sampler_settings(config)
@@ -137,6 +140,36 @@ def export_checkpoint(config, workdir: str, *, step: int | None = None, ema_rate
         json.dump({"unet_model_kwargs": openai.openai_unet_kwargs(unet), "sampler": settings,
                    "parameterization": exported_parameterization(config),
                    "step": int(restored_step), "ema_rate": rate}, f, indent=2)
+    return result
+
+
+def _export_dit(config, workdir, *, step, ema_rate, format, output) -> dict[str, Any]:
+    """A DiT run as `output/transformer/` (diffusers' DiTTransformer2DModel) + `output/cmjax_sampler.json`: no
+    diffusers pipeline samples a consistency or flow DiT, so the sampler's settings travel beside the network."""
+    from cmjax import methods, models
+    from cmjax import workdir as workdir_lib
+
+    if format != "diffusers":
+        raise errors.ConfigError("openai's cm code has no DiT; export a DiT run with --format=diffusers "
+                                 "(a DiTTransformer2DModel folder).")
+    net = models.get(config.model)
+    dit_interop.diffusers_dit_config(net)  # fails here, before reading, on what DiTTransformer2DModel cannot hold
+    if methods.time_inputs(config.method.name) != 1:
+        raise errors.ConfigError(f"This {config.method.name!r} run's DiT takes two times (t, t − r); diffusers' "
+                                 "DiTTransformer2DModel takes one, so it cannot hold the network.")
+    _, params, _, restored_step = workdir_lib.load_params(workdir, _io_mesh(config), step=step, ema_rate=ema_rate,
+                                                          config=config)
+    params = openai.without_training_heads(_host_tree(params))
+    rate = "online" if ema_rate in ("online", "params") else _ema_key(config, ema_rate)
+    result: dict[str, Any] = {"format": format, "step": int(restored_step), "ema_rate": rate}
+    if jax.process_index() == 0:
+        sampler = {**methods.sampler_settings(config), "parameterization": exported_parameterization(config),
+                   "two_step_sigma": float(config.sample.get("two_step_sigma", 0.0)),
+                   "time_input": "TrigFlow t (c_noise(t) = t)" if exported_parameterization(config) == "trigflow"
+                   else "250·ln σ (parameterization.network_time_input)",
+                   "step": int(restored_step), "ema_rate": rate}
+        result.update(dit_interop.write_transformer(output, params, net, json.loads(json.dumps(sampler,
+                                                                                                default=str))))
     return result
 
 
@@ -209,7 +242,11 @@ def import_checkpoint(config, workdir: str, *, format: str = "openai", input: st
     _check_format(format)
     if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
         raise FileExistsError(f"{workdir!r} already holds checkpoints; import into a new workdir.")
-    if format == "diffusers":
+    if format == "diffusers" and dit_interop.transformer_folder(input) is not None:
+        fields, state_dict = dit_interop.read_transformer(input)
+        config = dit_interop.model_config_for_folder(config, fields)
+        params = dit_interop.from_diffusers_state_dict(state_dict, models.get(config.model))
+    elif format == "diffusers":
         fields, state_dict = diffusers.read_unet(input)
         config = model_config_for_folder(config, fields)
         unet = openai.unet_from_model_config(config.model, "Import from diffusers")

@@ -98,14 +98,16 @@ class GroupNorm32(nn.Module):
         return (centered * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(x_bhwc.dtype)
 
 
-def timestep_embedding(time_input_b, dim: int, max_period: float = 10000.0):
-    """openai `timestep_embedding` (ADM): [cos(t·f), sin(t·f)] with f_i = max_period^(−i/(dim/2)), float32.
+def timestep_embedding(time_input_b, dim: int, max_period: float = 10000.0, freq_shift: int = 0):
+    """openai `timestep_embedding` (ADM): [cos(t·f), sin(t·f)] with f_i = max_period^(−i/(dim/2 − freq_shift)),
+    float32.
 
-    Equals diffusers' `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`.
+    Equals diffusers' `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=freq_shift)`; openai's and the
+    official DiT's are freq_shift = 0, diffusers' DiT (`CombinedTimestepLabelEmbeddings`) uses 1.
     """
     half = dim // 2
     # Frequencies rounded once from float64, so every backend multiplies by the same float32 constants.
-    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half).astype(np.float32)
+    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / (half - freq_shift)).astype(np.float32)
     args = jnp.asarray(time_input_b, jnp.float32)[:, None] * freqs[None, :]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:
