@@ -51,7 +51,9 @@ def get_config(arg: str | None = None):
         raise ValueError(f"configs/imagenet256_meanflow.py takes one DiT size, got {sizes}.")
     config = default.get_config()
     config.data.name = "imagenet256_latents"
-    config.data.random_flip = True  # not confirmed: the release's latents are precomputed (flips not read)
+    # The release trains without flips: its LatentDataset(use_flip=True) returns the stored latent as is, and the
+    # encode reads unflipped center crops (utils/vae_util.py, utils/data_util.py `compute_latent_dataset`).
+    config.data.random_flip = False
     config.model = dit(sizes[0])
     config.method.name = "meanflow"
     config.method.meanflow.time_dist = "logit_normal"
