@@ -274,7 +274,7 @@ def test_the_latent_path_end_to_end_from_the_command_line(root, encoded, capfd, 
     with np.load(os.path.join(workdir, "samples", "ema0.999_1step_00000004.npz")) as samples:
         assert samples["images"].shape == (8, 8, 8, 1) and samples["images"].dtype == np.uint8  # pixels, decoded
         assert samples["images"].std() > 0
-    code, out, err = run_cli(capfd, *common, "--mode=eval", "--num_samples=16", "--config.eval.batch_size=16")
+    code, out, err = run_cli(capfd, *common, "--mode=eval", "--num_samples=128", "--config.eval.batch_size=64")
     assert code == 0, err[-3000:]
     import json
 
