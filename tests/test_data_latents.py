@@ -61,7 +61,7 @@ def encode_config(root, data_dir=None, **data):
     config.data.data_dir = data_dir or str(root / "tfds")
     config.data.split = SPLIT
     config.data.random_flip = True
-    config.latent.vae = str(root / "vae0")
+    config.latent.vae = str(root / "vae0") if root else ""
     config.latent.chunk_size = CHUNK
     config.latent.batch_size = BATCH
     for key, value in data.items():
@@ -85,6 +85,23 @@ def encoded(root):
     shutil.copytree(str(root / "tfds" / "sklearn_digits"), os.path.join(data_dir, "sklearn_digits"))
     result = latents.encode_dataset(encode_config(root, data_dir), str(root / "encode_whole"))
     return {"data_dir": data_dir, **result}
+
+
+def test_latent_datasets_have_the_latent_shape_and_their_pixel_source():
+    from cmjax import models
+    from cmjax.data import datasets
+    from configs import imagenet256_meanflow
+
+    config = encode_config(None, data_dir="/nowhere")
+    assert models.image_shape(config) == (4, 4, 4)  # 8×8 digits through the 2-level small VAE
+    assert models.image_shape(imagenet256_meanflow.get_config("b2")) == (32, 32, 4)  # 256² through the SD-VAE (f8)
+    pixels = datasets.get_spec("imagenet256")
+    assert pixels.image_shape == (256, 256, 3) and pixels.center_crop
+    assert [datasets.pixel_source(n) for n in ("imagenet256_latents", "digits_latents", "digits")] == [
+        "imagenet256", "digits", "digits"]
+    assert datasets.get_spec("digits_latents").dtype == "float32" and datasets.get_spec("digits").dtype == "uint8"
+    digits_vae = vae.AutoencoderKL(**{**vae.SMALL_CONFIG, **latents.DIGITS_VAE})
+    assert vae.latent_shape(digits_vae, (8, 8)) == datasets.get_spec("digits_latents").image_shape
 
 
 def test_chunks_cover_the_split_and_splits_resolve_to_rows():
