@@ -127,6 +127,7 @@ def test_user_errors_print_one_line_and_exit_2(data_dir, capfd, tmp_path):
         "train before encoding": ([], ["'digits_latents'", "not prepared", "--mode=encode"]),
         "not a VAE folder": (["--mode=encode", f"--config.latent.vae={tmp_path}"], ["config.json"]),
         "a flag encode does not take": (["--mode=encode", "--step=3"], ["--mode=encode does not take --step"]),
+        "editing a latent run": (["--mode=edit", "--edit_task=interpolate"], ["--mode=edit works on pixels"]),
     }
     for name, (args, fragments) in cases.items():
         code, _, err = run_cli(capfd, *base, f"--workdir={tmp_path / name.replace(' ', '_')}", *args)
