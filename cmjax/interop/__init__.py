@@ -1,5 +1,6 @@
 """PyTorch interop: openai `cm` state dicts (`openai.py`), diffusers `UNet2DModel` / `ConsistencyModelPipeline`
-folders (`diffusers.py`), and the `--mode=export` / `--mode=import` entry points over cmjax runs (`runs.py`).
+folders (`diffusers.py`), diffusers `AutoencoderKL` folders of the SD-VAE (`vae.py`), and the `--mode=export` /
+`--mode=import` entry points over cmjax runs (`runs.py`).
 
 The entry points import the training stack lazily, so `cmjax.interop.openai` and `.diffusers` stay light.
 """

@@ -48,7 +48,8 @@ SD_CONFIG = dict(
     norm_num_groups=32, sample_size=256, scaling_factor=0.18215)
 
 # A tiny VAE for tests and the embedded end-to-end run: two levels (latents at H/2 × W/2 × 4), one resnet per
-# encoder level, 8 → 16 channels in 4 groups; works for 8×8 digits and 32×32 RGB images.
+# encoder level, 8 → 16 channels in 4 groups, 43,711 parameters; 32×32 RGB images as it is, 8×8 digits with
+# in_channels = out_channels = 1.
 SMALL_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
     norm_num_groups=4, sample_size=32, scaling_factor=0.18215)
@@ -143,46 +144,29 @@ class MidBlock(nn.Module):
         return ResnetBlock(channels, self.groups, self.dtype, name="resnets_1")(x)
 
 
-class DownEncoderBlock(nn.Module):
-    """diffusers `DownEncoderBlock2D`: `layers` resnets, then (unless last) `Downsample2D(padding=0)` — pad (0, 1) at
-    the bottom/right and a 3×3 stride-2 conv, `downsamplers.0.conv`."""
+class Block(nn.Module):
+    """diffusers `DownEncoderBlock2D` / `UpDecoderBlock2D`: `num_layers` resnets, then `resample` (or none, at the
+    last level), in a submodule named `downsamplers_0` / `upsamplers_0` holding one conv `conv`."""
 
     out_channels: int
-    layers: int
+    num_layers: int
     groups: int
-    add_downsample: bool
+    resample: Optional[str] = None  # "down" | "up" | None
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        for j in range(self.layers):
+        for j in range(self.num_layers):
             x = ResnetBlock(self.out_channels, self.groups, self.dtype, name=f"resnets_{j}")(x)
-        if self.add_downsample:
-            x = _Resample(self.out_channels, down=True, dtype=self.dtype, name="downsamplers_0")(x)
-        return x
-
-
-class UpDecoderBlock(nn.Module):
-    """diffusers `UpDecoderBlock2D`: `layers` resnets, then (unless last) `Upsample2D` — nearest 2× and a 3×3 conv,
-    `upsamplers.0.conv`."""
-
-    out_channels: int
-    layers: int
-    groups: int
-    add_upsample: bool
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        for j in range(self.layers):
-            x = ResnetBlock(self.out_channels, self.groups, self.dtype, name=f"resnets_{j}")(x)
-        if self.add_upsample:
-            x = _Resample(self.out_channels, down=False, dtype=self.dtype, name="upsamplers_0")(x)
+        if self.resample:
+            x = _Resample(self.out_channels, down=self.resample == "down", dtype=self.dtype,
+                          name=f"{self.resample}samplers_0")(x)
         return x
 
 
 class _Resample(nn.Module):
-    """The one conv of `Downsample2D` / `Upsample2D`, named `conv` as in diffusers."""
+    """`Downsample2D(padding=0)`: pad (0, 1) at the bottom/right, a 3×3 stride-2 conv; `Upsample2D`: nearest 2×,
+    a 3×3 conv. The conv is named `conv`, as in diffusers."""
 
     channels: int
     down: bool
@@ -217,8 +201,8 @@ class Encoder(nn.Module):
         widths = tuple(self.block_out_channels)
         h = layers.conv(widths[0], 3, name="conv_in", dtype=self.dtype)(x_bhwc.astype(self.dtype))
         for level, width in enumerate(widths):
-            h = DownEncoderBlock(width, self.layers_per_block, self.groups, add_downsample=level != len(widths) - 1,
-                                 dtype=self.dtype, name=f"down_blocks_{level}")(h)
+            h = Block(width, self.layers_per_block, self.groups, "down" if level != len(widths) - 1 else None,
+                      self.dtype, name=f"down_blocks_{level}")(h)
         h = MidBlock(self.groups, self.add_attention, self.dtype, name="mid_block")(h)
         h = nn.silu(_norm(self.groups, "conv_norm_out")(h.astype(jnp.float32)))
         return layers.conv(2 * self.latent_channels, 3, name="conv_out")(h)
@@ -241,8 +225,8 @@ class Decoder(nn.Module):
         h = layers.conv(widths[0], 3, name="conv_in", dtype=self.dtype)(z_bhwc.astype(self.dtype))
         h = MidBlock(self.groups, self.add_attention, self.dtype, name="mid_block")(h)
         for level, width in enumerate(widths):
-            h = UpDecoderBlock(width, self.layers_per_block + 1, self.groups, add_upsample=level != len(widths) - 1,
-                               dtype=self.dtype, name=f"up_blocks_{level}")(h)
+            h = Block(width, self.layers_per_block + 1, self.groups, "up" if level != len(widths) - 1 else None,
+                      self.dtype, name=f"up_blocks_{level}")(h)
         h = nn.silu(_norm(self.groups, "conv_norm_out")(h.astype(jnp.float32)))
         return layers.conv(self.out_channels, 3, name="conv_out")(h)
 
