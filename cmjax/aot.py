@@ -23,6 +23,7 @@ from absl import logging
 
 from cmjax import distances, errors, methods, models, optim, sharding, train_step
 from cmjax import workdir as workdir_lib
+from cmjax.data import datasets
 
 GiB = 2**30
 
@@ -131,7 +132,8 @@ def compile_report(config: ml_collections.ConfigDict, workdir: str | None = None
     batch_sharding = sharding.batch_sharding(mesh)
     sharding.process_batch_size(config.batch_size, mesh)  # a batch that does not divide fails here
     h, w, c = models.image_shape(config)
-    batch = {"image": jax.ShapeDtypeStruct((config.batch_size, h, w, c), jnp.uint8, sharding=batch_sharding),
+    dtype = jnp.dtype(datasets.get_spec(config.data.name).dtype)  # uint8 pixels, float32 latents
+    batch = {"image": jax.ShapeDtypeStruct((config.batch_size, h, w, c), dtype, sharding=batch_sharding),
              "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sharding)}
 
     step_fn = train_step.make_train_step(config, module, objective, optimizer, learning_rate_fn, teacher_module)

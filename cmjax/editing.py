@@ -508,6 +508,12 @@ def edit_checkpoint(config, workdir: str, *, task: str | None = None, images=Non
     given = dict(images=images, masks=masks, ts=ts, steps=steps, sigma=sigma, factor=factor, frames=frames,
                  add_noise=add_noise or None, num_samples=num_samples)
     _check_options(task, given)
+    from cmjax.data import datasets
+
+    if datasets.get_spec(config.data.name).is_latent:
+        raise errors.ConfigError(
+            f"--mode=edit works on pixels (masks, grey values, patches of the image), and this run samples latents "
+            f"(config.data.name={config.data.name!r}): editing in a VAE's latent space is not implemented.")
     sampler = consistency_sampler(config)
     shape = models.image_shape(config)
     factor = int(factor or DEFAULT_FACTOR)

@@ -3,6 +3,8 @@
 `generate` draws images with the 1-step or the multistep sampler (CM Algorithm 1) as one jitted,
 batch-sharded program: every device makes its share, and on several hosts every process runs it and
 gets the global array. The periodic evaluation of the training loop and `--mode=sample` use it.
+A run on a latent dataset samples latents and decodes them to pixels with the dataset's VAE in the same jitted
+program (`cmjax.data.latents.LatentDecoder`), before grids, .npz files and metrics.
 """
 from __future__ import annotations
 
@@ -263,7 +265,11 @@ class InceptionMetric:
         data = self.config.data
         # Statistics of one protocol never stand in for another's (pytorch_fid keeps the earlier file name).
         network = "inception" if self.protocol == "pytorch_fid" else f"inception-{self.protocol}"
-        path = fid.reference_cache_path(digits_metric.default_cache_dir(data.data_dir), data.name, source,
+        from cmjax.data import datasets
+
+        # A latent run's reference is its source pixels' (pipeline.eval_images reads those), cached under their name.
+        path = fid.reference_cache_path(digits_metric.default_cache_dir(data.data_dir),
+                                        datasets.pixel_source(data.name), source,
                                         int(self.config.eval.inception_size), network)
         if bool(_from_process_0(np.bool_(jax.process_index() == 0 and os.path.exists(path)))):
             self._reference = fid.load_reference(path) if jax.process_index() == 0 else None
@@ -343,9 +349,11 @@ METRICS = {"inception": InceptionMetric, "digits": DigitsMetric}
 
 def metric_name(config) -> str:
     """`config.eval.metric`, with "auto": the digit classifier on digits, Inception elsewhere."""
+    from cmjax.data import datasets
+
     name = config.eval.metric
     if name == "auto":
-        return "digits" if config.data.name == "digits" else "inception"
+        return "digits" if datasets.pixel_source(config.data.name) == "digits" else "inception"
     if name not in METRICS:
         raise errors.ConfigError(f"Unknown config.eval.metric {name!r}; use 'auto' or one of {sorted(METRICS)}.")
     return name
@@ -381,6 +389,16 @@ class Evaluator:
                                                            sampler["sigma_max"])
         self.quantize = str(config.sample.quantize)
         quantize(jnp.zeros(()), self.quantize)  # a bad value fails here, before anything compiles
+        from cmjax.data import datasets
+
+        # Latent runs: samples are latents, decoded to pixels before quantising; the [−1, 1] clip of the denoised
+        # estimate is a pixel range, not a latent one.
+        self.decoder = None
+        if datasets.get_spec(config.data.name).is_latent:
+            from cmjax.data import latents
+
+            self.decoder = latents.LatentDecoder(config, mesh)
+            self.clip = False
         self._samplers: dict[Any, Any] = {}
         self._metrics: dict[str, Any] = {}
 
@@ -391,8 +409,9 @@ class Evaluator:
         return self._metrics[name]
 
     def sampler(self, sigmas: Sequence[float], batch: int):
-        """jit(params, key, start) → (uint8 images [batch, H, W, C], labels [batch]): samples start … start+batch−1,
-        sample i drawn from fold_in(key, i) alone (its label, then CM Algorithm 1 with its own noise)."""
+        """jit(params, key, start, vae_params) → (uint8 images [batch, H, W, C], labels [batch]): samples start …
+        start+batch−1, sample i drawn from fold_in(key, i) alone (its label, then CM Algorithm 1 with its own
+        noise); a latent run's decoded by the VAE (`vae_params`; None for pixel runs). Call it via `_run`."""
         cache_key = (tuple(float(s) for s in sigmas), batch)
         if cache_key in self._samplers:
             return self._samplers[cache_key]
@@ -407,22 +426,30 @@ class Evaluator:
                       clip=self.clip, renoise=self.renoise, guidance=self.guidance)
             return x[0], label[0] if num_classes else jnp.int32(0)
 
+        decoder = self.decoder
+
         @jax.jit
-        def run(params, key, start):
+        def run(params, key, start, vae_params=None):
             indices = jax.lax.with_sharding_constraint(start + jnp.arange(batch), out)
             keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
             images, labels = jax.vmap(one, in_axes=(None, 0))(params, keys)
+            if decoder is not None:  # latents → pixels, the whole batch at once, sharded like it
+                images = decoder.decode(vae_params, jax.lax.with_sharding_constraint(images, out))
             images = quantize(images, self.quantize)
             return jax.lax.with_sharding_constraint(images, out), jax.lax.with_sharding_constraint(labels, out)
 
         self._samplers[cache_key] = run
         return run
 
+    def _run(self, sigmas, batch: int, params, key, start):
+        """The sampler's (uint8 images, labels) of samples start … start+batch−1."""
+        run = self.sampler(sigmas, batch)
+        return run(params, key, start) if self.decoder is None else run(params, key, start, self.decoder.params)
+
     def samples(self, params, sigmas, num_samples: int, key) -> dict[str, np.ndarray]:
         """uint8 images [N, H, W, C] and labels [N] of samples 0 … N−1, on every process."""
         batch = _eval_batch(self.config, self.mesh, num_samples)
-        run = self.sampler(sigmas, batch)
-        parts = [_gather(dict(zip(("image", "label"), run(params, key, start))))
+        parts = [_gather(dict(zip(("image", "label"), self._run(sigmas, batch, params, key, start))))
                  for start in range(0, num_samples, batch)]
         return {k: np.concatenate([p[k] for p in parts])[:num_samples] for k in ("image", "label")}
 
@@ -431,7 +458,6 @@ class Evaluator:
         metric inputs are saved there (process 0) and chunks already there are not sampled again."""
         reference = metric.reference()
         batch = _eval_batch(self.config, self.mesh, num_samples)
-        run = self.sampler(sigmas, batch)
         plan = [(start, min(start + batch, num_samples)) for start in range(0, num_samples, batch)]
         paths = [os.path.join(chunk_dir, f"chunk_{a:09d}_{b:09d}.npz") if chunk_dir else None for a, b in plan]
         done = np.array([jax.process_index() == 0 and p is not None and os.path.exists(p) for p in paths])
@@ -443,7 +469,7 @@ class Evaluator:
                     with np.load(path) as stored:
                         chunks.append({k: stored[k] for k in stored.files})
                 continue
-            images, _ = run(params, key, start)
+            images, _ = self._run(sigmas, batch, params, key, start)
             chunk = {k: v[: stop - start] for k, v in _gather(metric.outputs(images)).items()}
             if jax.process_index() == 0:
                 if path:
@@ -570,7 +596,9 @@ class PeriodicEvaluator:
 
         config, evaluator = self.config, self.evaluator
         scored = []  # (metric name, samples)
-        if config.data.name == "digits" and config.sample.metric_samples:
+        from cmjax.data import datasets
+
+        if datasets.pixel_source(config.data.name) == "digits" and config.sample.metric_samples:
             scored.append(("digits", int(config.sample.metric_samples)))
         if config.eval.fid_during_training:
             scored.append(("inception", int(config.eval.fid_during_training)))

@@ -8,6 +8,7 @@
   python -m cmjax.main --config=... --workdir=DIR --mode=compile   # memory and FLOPs of the step, no training
   python -m cmjax.main --config=... --workdir=DIR --mode=compile --topology=v5p:2x2x2   # for a TPU slice, here
   python -m cmjax.main --config=... --workdir=RUN --mode=edit --edit_task=inpaint --edit_images=a.png --edit_masks=m.png
+  python -m cmjax.main --config=... --workdir=DIR --mode=encode --config.latent.vae=VAE_FOLDER   # latent dataset
 
 Each mode is one library function (MODES below); this file only parses flags and dispatches.
 
@@ -33,6 +34,7 @@ MODES = {
     "import": "cmjax.interop:import_checkpoint",
     "compile": "cmjax.aot:compile_report",
     "edit": "cmjax.editing:edit_checkpoint",
+    "encode": "cmjax.data.latents:encode_dataset",
 }
 flags.DEFINE_enum("mode", "train", list(MODES), "What to do.")
 flags.DEFINE_integer("step", None, "sample/eval/export: checkpoint step (default: the newest).")
@@ -119,7 +121,7 @@ def _mode_function(mode: str):
 def _mode_options(mode: str) -> dict:
     """The flags a mode takes; flags given to a mode that ignores them are errors, not silently dropped."""
     accepted = {
-        "train": [], "compile": ["topology"],
+        "train": [], "compile": ["topology"], "encode": [],
         "sample": ["step", "ema_rate", "num_samples", "output"],
         "eval": ["step", "ema_rate", "num_samples", "output"],
         "export": ["step", "ema_rate", "format", "output"],

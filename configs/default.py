@@ -49,7 +49,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Input (cmjax/data/pipeline.py; its DEFAULTS hold the same values, tested).
     config.data = ml_collections.ConfigDict()
-    config.data.name = "digits"  # digits | cifar10 | imagenet64 | lsun_bedroom | lsun_cat (cmjax/data/datasets.py)
+    # digits | cifar10 | imagenet64 | imagenet256 | lsun_bedroom | lsun_cat, or the latent datasets digits_latents |
+    # imagenet256_latents that --mode=encode writes (cmjax/data/datasets.py, docs/latents.md)
+    config.data.name = "digits"
     config.data.split = "train"  # TFDS split, slicing allowed ("train[:90%]")
     config.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir; None: TFDS's default
     config.data.shuffle_buffer = 10_000  # examples per process in the shuffle buffer; 0: file order
@@ -57,6 +59,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.cache = False  # keep the decoded split in host memory (small datasets only)
     config.data.prefetch = 2  # batches tf.data prepares ahead of the train step
     config.data.ram_budget_gb = 4.0  # cap on tf.data's autotuned buffers, per process
+
+    # Latent datasets (cmjax/data/latents.py, docs/latents.md): --mode=encode writes them; training reads the
+    # latents; sampling and evaluation decode samples to pixels with the VAE.
+    config.latent = ml_collections.ConfigDict()
+    # A diffusers AutoencoderKL folder (the SD-VAE: sd-vae-ft-ema / ft-mse, once downloaded). --mode=encode needs it;
+    # "" elsewhere = the VAE the latent dataset records (a different one is refused).
+    config.latent.vae = ""
+    config.latent.batch_size = 256  # --mode=encode: global images per encode step (a multiple of the device count)
+    config.latent.chunk_size = 10_000  # --mode=encode: images per chunk file, the unit a restarted encode resumes at
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "unet"  # unet | ncsnpp | mlp

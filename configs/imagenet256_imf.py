@@ -6,10 +6,11 @@ latent space: one variant per iMF size, `:b2`, `:m2`, `:l2`, `:xl2` (default).
 
 The network is cmjax's standard adaLN-Zero DiT (`config.model.name = "dit"`, cmjax/models/dit.py) at iMF's sizes,
 with an auxiliary v-head branch (`velocity_head`); iMF's own is an in-context-conditioned DiT with RMSNorm, RoPE,
-SwiGLU and conditioning tokens (Lyy-iiis/imeanflow models/imfDiT.py, models/mit.py), not implemented. NEEDS what
-cmjax does not have yet (the latent-space issue): the ImageNet-256 latents (`imagenet256_latents`). Until then the
-recipe loads and `--mode=train` stops with a ConfigError naming them; `:smoke` trains the same objective (guidance
-conditioning and v-head included) on the embedded digits with a one-block class-conditional DiT.
+SwiGLU and conditioning tokens (Lyy-iiis/imeanflow models/imfDiT.py, models/mit.py), not implemented. The data:
+the ImageNet-256 SD-VAE latents (`imagenet256_latents`), encoded once with `--mode=encode` (docs/latents.md);
+until they are, `--mode=train` stops with a ConfigError naming the encode command. `:smoke` trains the same
+objective (guidance conditioning and v-head included) on the embedded digits with a one-block class-conditional
+DiT.
 
 iMF's objective, complete (losses.meanflow_loss): guidance as conditioning (iMF §5; imf.py `sample_cfg_scale`,
 `sample_cfg_interval`, `guidance_fn`, `cond_drop`): ω per sample, log-uniform on [1, 8] (`cfg_max` 7, `cfg_beta`
@@ -42,7 +43,7 @@ IMF_SIZES = {"b2": (12, 768, 12, 2), "m2": (24, 768, 12, 2), "l2": (32, 1024, 16
 
 
 def transformer(size: str) -> ml_collections.ConfigDict:
-    """iMF's transformer on 32×32×4 latents, class-conditional with the null label (the latent-space issue)."""
+    """iMF's sizes of cmjax's DiT on 32×32×4 latents, class-conditional with the null label, with the v-head."""
     depth, width, heads, patch = IMF_SIZES[size]
     return ml_collections.ConfigDict({
         "name": "dit", "image_size": 32, "in_channels": 4, "out_channels": 4, "depth": depth, "hidden_size": width,

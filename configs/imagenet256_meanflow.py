@@ -5,10 +5,10 @@ classifier-free guidance trained in: one variant per DiT size, `:b4` (the releas
   python -m cmjax.main --config=configs/imagenet256_meanflow.py:xl2 --workdir=gs://BUCKET/runs/in256_mf_xl2
   python -m cmjax.main --config=configs/imagenet256_meanflow.py:smoke --workdir=/tmp/mf256_smoke  # CPU, digits
 
-The network is cmjax's DiT (`config.model.name = "dit"`, cmjax/models/dit.py). NEEDS what cmjax does not have yet
-(the latent-space issue): the ImageNet-256 SD-VAE latent dataset (`config.data.name = "imagenet256_latents"`).
-Until it exists the full recipe loads, and `--mode=train` stops with a ConfigError naming it; `:smoke` trains the
-same objective, guidance included, on the embedded digits with a one-block class-conditional DiT.
+The network is cmjax's DiT (`config.model.name = "dit"`, cmjax/models/dit.py); the data the ImageNet-256 SD-VAE
+latents (`config.data.name = "imagenet256_latents"`), encoded once from TFDS imagenet2012 with `--mode=encode`
+(docs/latents.md); until they are, `--mode=train` stops with a ConfigError naming the encode command. `:smoke`
+trains the same objective, guidance included, on the embedded digits with a one-block class-conditional DiT.
 
 Settings: the official JAX release Gsunshine/meanflow, configs/default.py:32-71 and configs/run_b4.yml: Adam
 lr 1e-4, b2 0.95, batch 256, EMA 0.9999, 240 epochs (run_b4.yml:11; 1,281,167 images: 1,201,094 steps), no
@@ -36,7 +36,7 @@ DIT_SIZES = {"b4": (12, 768, 12, 4), "b2": (12, 768, 12, 2), "m2": (16, 1024, 16
 
 
 def dit(size: str) -> ml_collections.ConfigDict:
-    """A DiT on 32×32×4 latents, class-conditional with the null label (the latent-space issue's family)."""
+    """A DiT on 32×32×4 latents, class-conditional with the null label."""
     depth, width, heads, patch = DIT_SIZES[size]
     return ml_collections.ConfigDict({
         "name": "dit", "image_size": 32, "in_channels": 4, "out_channels": 4, "depth": depth, "hidden_size": width,
@@ -51,7 +51,9 @@ def get_config(arg: str | None = None):
         raise ValueError(f"configs/imagenet256_meanflow.py takes one DiT size, got {sizes}.")
     config = default.get_config()
     config.data.name = "imagenet256_latents"
-    config.data.random_flip = True  # not confirmed: the release's latents are precomputed (flips not read)
+    # The release trains without flips: its LatentDataset(use_flip=True) returns the stored latent as is, and the
+    # encode reads unflipped center crops (utils/vae_util.py, utils/data_util.py `compute_latent_dataset`).
+    config.data.random_flip = False
     config.model = dit(sizes[0])
     config.method.name = "meanflow"
     config.method.meanflow.time_dist = "logit_normal"

@@ -150,9 +150,9 @@ def test_user_errors_print_one_line_and_exit_2(capfd, tmp_path, data_dir, runs):
         "unknown attention implementation": (
             ["--config=configs/default.py", f"--workdir={workdir}", "--mode=compile",
              "--config.model.attention_impl=splash"], ["attention_impl='splash'", "'flash'"]),
-        "ImageNet-256 MeanFlow before its latents": (
-            ["--config=configs/imagenet256_meanflow.py:b2", f"--workdir={workdir}"],
-            ["imagenet256_latents", "latent-space issue"]),
+        "ImageNet-256 MeanFlow before its latents are encoded": (
+            ["--config=configs/imagenet256_meanflow.py:b2", f"--workdir={workdir}",
+             f"--config.data.data_dir={tmp_path / 'no_latents'}"], ["imagenet256_latents", "--mode=encode"]),
     }
     for name, (args, fragments) in cases.items():
         code, _, err = run_cli(capfd, *args)

@@ -137,9 +137,8 @@ def test_published_settings_and_network_size(name):
 @pytest.mark.parametrize("name,size,depth", [("imagenet256_meanflow", "b2", 12), ("imagenet256_meanflow", "xl2", 28),
                                              ("imagenet256_imf", "b2", 12), ("imagenet256_imf", "xl2", 48)])
 def test_imagenet256_meanflow_recipes_say_what_they_need(name, size, depth):
-    """Their settings load (docs/fidelity.md checks them); the network builds (cmjax.models.dit); the latents are
-    the latent-space issue's, and asking for them names it."""
-    from cmjax import errors
+    """Their settings load (docs/fidelity.md checks them); the network builds (cmjax.models.dit); the data is the
+    SD-VAE latent dataset `--mode=encode` writes."""
     from cmjax.data import datasets
     from cmjax.models import dit
 
@@ -148,8 +147,8 @@ def test_imagenet256_meanflow_recipes_say_what_they_need(name, size, depth):
     assert config.method.name == "meanflow" and methods.time_inputs("meanflow") == 2
     methods.objective_from_config(config)
     assert isinstance(models.get(config.model), dit.DiT)
-    with pytest.raises(errors.ConfigError, match="latent-space issue"):
-        datasets.get_spec(config.data.name)
+    spec = datasets.get_spec(config.data.name)  # the SD-VAE latents of 256×256 ImageNet, from --mode=encode
+    assert spec.is_latent and spec.image_shape == (32, 32, 4) and spec.source == "imagenet256"
 
 
 def test_variants():

@@ -11,7 +11,17 @@ Names and sources:
   class-conditional models; `imagenet_resized/64x64` (Chrabaszcz et al. 2017) box-resizes the whole image
   without keeping the aspect ratio, a different image distribution from the one the published FIDs measure.
   Labels agree with ADM's: TFDS numbers the classes by sorted WordNet id, as ADM sorts its class folders.
+- `imagenet256`: TFDS `imagenet2012` reduced to 256x256 with `center_crop_arr`, 1000 classes: the pixels that
+  the ImageNet-256 latent recipes encode. DiT (facebookresearch/DiT train.py, `center_crop_arr` then a random
+  flip) and ADM's 256x256 models prepare ImageNet-256 this way; the MeanFlow release encodes the same crop
+  (Gsunshine/meanflow utils/data_util.py `create_imagenet_dataloader`: `center_crop_arr(pil_image, image_size)`,
+  normalised to [-1, 1]).
 - `lsun_bedroom`, `lsun_cat`: TFDS `lsun/bedroom`, `lsun/cat`, 256x256x3 by `center_crop_arr`, unconditional.
+
+Latent datasets (`source` set; cmjax/data/latents.py): the VAE posterior of every image of a pixel dataset,
+encoded once by `--mode=encode` into the TFDS dataset `latent_images/<name>`; `image_shape` is the latent's.
+- `imagenet256_latents`: `imagenet256` through the SD-VAE (8x downsampling, 4 channels): 32x32x4.
+- `digits_latents`: `digits` through the small embedded autoencoder (`latents.DIGITS_VAE`, 2x): 4x4x4.
 
 Unconditional datasets report `num_classes == 0` and batches carry label 0, so every batch has one structure.
 """
@@ -46,7 +56,22 @@ class DatasetSpec:
     shuffle_encoded: bool = False
     # How to prepare the data, for the not-prepared message.
     prepare_hint: str = ""
+    # Latent datasets: the pixel dataset (a name in SPECS) whose images were encoded; "" for pixel datasets.
+    source: str = ""
 
+    @property
+    def is_latent(self) -> bool:
+        return bool(self.source)
+
+    @property
+    def dtype(self) -> str:
+        """The dtype of the pipeline's "image" rows: uint8 pixels, or float32 (scaled) latents."""
+        return "float32" if self.is_latent else "uint8"
+
+
+ENCODE_HINT = ("A latent dataset is written once by --mode=encode from its pixel dataset with the VAE "
+               "config.latent.vae (docs/latents.md): `python -m cmjax.main --config=CONFIG --mode=encode "
+               "--workdir=ENCODE_WORKDIR --config.latent.vae=VAE_FOLDER --config.data.data_dir=DATA_DIR`.")
 
 SPECS: dict[str, DatasetSpec] = {
     spec.name: spec
@@ -77,6 +102,18 @@ SPECS: dict[str, DatasetSpec] = {
             ),
         ),
         DatasetSpec(
+            "imagenet256",
+            "imagenet2012",
+            (256, 256, 3),
+            1000,
+            center_crop=True,
+            shuffle_encoded=True,
+            prepare_hint=(
+                "ImageNet needs a manual download: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
+                "MANUAL_DIR, then `tfds build imagenet2012 --manual_dir=MANUAL_DIR --data_dir=DATA_DIR`."
+            ),
+        ),
+        DatasetSpec(
             "lsun_bedroom",
             "lsun/bedroom",
             (256, 256, 3),
@@ -94,14 +131,28 @@ SPECS: dict[str, DatasetSpec] = {
             shuffle_encoded=True,
             prepare_hint="Prepare it (downloads ~42 GB): `tfds build lsun/cat --data_dir=DATA_DIR`.",
         ),
+        DatasetSpec(
+            "imagenet256_latents",
+            "latent_images/imagenet256_latents",
+            (32, 32, 4),
+            1000,
+            source="imagenet256",
+            prepare_hint=ENCODE_HINT,
+        ),
+        DatasetSpec(
+            "digits_latents",
+            "latent_images/digits_latents",
+            (4, 4, 4),
+            10,
+            source="digits",
+            prepare_hint=ENCODE_HINT,
+        ),
     ]
 }
 
 
 # Names recipes already use for datasets that do not exist yet, with what they need.
-PLANNED = {"imagenet256_latents": "the SD-VAE latents of ImageNet 256×256 (32×32×4, encoded once) come with the "
-           "latent-space issue; configs/imagenet256_meanflow.py and configs/imagenet256_imf.py train on them (their "
-           ":smoke variants run now)."}
+PLANNED: dict[str, str] = {}
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -111,6 +162,12 @@ def get_spec(name: str) -> DatasetSpec:
     if name not in SPECS:
         raise errors.ConfigError(f"Unknown dataset {name!r}; config.data.name must be one of {sorted(SPECS)}.")
     return SPECS[name]
+
+
+def pixel_source(name: str) -> str:
+    """The pixel dataset behind `name`: its `source` for a latent dataset, else `name` itself (what FID
+    reference statistics and the digits metric read)."""
+    return get_spec(name).source or name
 
 
 def not_prepared_message(spec: DatasetSpec, data_dir: str) -> str:

@@ -11,13 +11,20 @@ prefetched batches included). `set_state(bytes)` on a freshly built iterator, in
 continues with exactly the batches the uninterrupted stream would have given. Each process saves its own
 state: one file per process index (`state_filename`).
 
+Latent datasets (`datasets.DatasetSpec.source` set; written by `cmjax.data.latents`) take the same path: their
+records hold the VAE posterior (mean, std) of each image and, where encoded with flips, of its mirror image; the
+flip coin picks the variant instead of mirroring, and each row becomes z = (mean + std·ε − shift)·scale with ε keyed
+by (seed, process, stream position) too and the scaling the dataset records: float32 rows, already the model's
+input (`to_model_range` leaves floats alone).
+
 Config (`config.data`, defaults in `DEFAULTS`, unknown keys are errors); the global batch size and the seed
 are the top-level `config.batch_size` and `config.seed`, shared with the train step:
-  name            dataset: digits | cifar10 | imagenet64 | lsun_bedroom | lsun_cat (cmjax/data/datasets.py)
+  name            dataset: digits | cifar10 | imagenet64 | imagenet256 | lsun_bedroom | lsun_cat, or a latent one:
+                  digits_latents | imagenet256_latents (cmjax/data/datasets.py)
   split           TFDS split, slicing allowed ("train", "train[:90%]")
   data_dir        TFDS data dir, local or gs://; None: TFDS's default, which honours TFDS_DATA_DIR
   shuffle_buffer  examples per process in the shuffle buffer; 0 reads in file order (no file shuffling either)
-  random_flip     mirror each image left-right with probability 1/2
+  random_flip     mirror each image left-right with probability 1/2 (latents: the stored mirror variant)
   cache           keep the decoded split in host memory (small datasets only; the cache is part of the state)
   prefetch        batches tf.data prepares ahead of the train step
   ram_budget_gb   cap on the memory tf.data's autotuner may spend on buffers, per process
@@ -40,6 +47,7 @@ from cmjax import errors, sharding
 from cmjax.data import datasets, digits
 
 STATE_MAGIC = b"cmjax-tfdata-iterator-v1\n"
+LATENT_VERSION = "1.0.0"  # of the TFDS builder `latent_images` (cmjax.data.latents.LatentImages)
 DEFAULTS = {
     "name": "digits",
     "split": "train",
@@ -68,9 +76,12 @@ def resolve_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
     return {**DEFAULTS, **given}
 
 
-def to_model_range(image_uint8: jax.Array) -> jax.Array:
-    """uint8 pixels 0..255 -> float32 in [-1, 1] (the models' data range)."""
-    return image_uint8.astype(jnp.float32) / 127.5 - 1.0
+def to_model_range(image: jax.Array) -> jax.Array:
+    """uint8 pixels 0..255 -> float32 in [-1, 1] (the models' data range); float rows (scaled latents) are the
+    model's input already and pass unchanged."""
+    if jnp.issubdtype(image.dtype, jnp.floating):
+        return image.astype(jnp.float32)
+    return image.astype(jnp.float32) / 127.5 - 1.0
 
 
 def state_filename(process_index: int, process_count: int) -> str:
@@ -80,14 +91,39 @@ def state_filename(process_index: int, process_count: int) -> str:
 
 def process_seeds(seed: int, process_index: int) -> dict[str, int]:
     """Independent seeds for file order, shuffle and flips, distinct per process."""
-    files, shuffle, flip = np.random.SeedSequence([seed, process_index]).generate_state(3)
-    return {"files": int(files), "shuffle": int(shuffle), "flip": int(flip)}
+    # The first three words are those of generate_state(3): adding the latent noise seed changed no pixel stream.
+    files, shuffle, flip, noise = np.random.SeedSequence([seed, process_index]).generate_state(4)
+    return {"files": int(files), "shuffle": int(shuffle), "flip": int(flip), "noise": int(noise)}
+
+
+def tfds_data_dir(data_dir: str | None) -> str:
+    """The TFDS data dir: `data_dir`, else TFDS_DATA_DIR, else TFDS's default."""
+    return data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR
+
+
+def find_latent_dir(spec: datasets.DatasetSpec, data_dir: str | None) -> str | None:
+    """The prepared directory of latent dataset `spec` (DATA_DIR/latent_images/<name>/<version>), or None."""
+    path = os.path.join(tfds_data_dir(data_dir), spec.tfds_name, LATENT_VERSION)
+    return path if tf.io.gfile.exists(os.path.join(path, "dataset_info.json")) else None
+
+
+def latent_metadata(data_config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a latent dataset records: its VAE ({folder, fingerprint, scaling_factor, shift_factor}), source,
+    split, flips (cmjax.data.latents `plan`)."""
+    data_config = resolve_config(data_config)
+    spec = datasets.get_spec(data_config["name"])
+    return dict(load_builder(spec, data_config["data_dir"]).info.metadata)
 
 
 def load_builder(spec: datasets.DatasetSpec, data_dir: str | None) -> tfds.core.DatasetBuilder:
     """The TFDS builder for `spec`; builds the embedded digits dataset on first use."""
     if spec.tfds_name == "sklearn_digits":
         return digits.prepare(data_dir)
+    if spec.is_latent:  # written by --mode=encode; read back from its directory (features and metadata in it)
+        path = find_latent_dir(spec, data_dir)
+        if path is None:
+            raise datasets.DatasetNotPreparedError(datasets.not_prepared_message(spec, tfds_data_dir(data_dir)))
+        return tfds.builder_from_directory(path)
     return tfds.builder(spec.tfds_name, data_dir=data_dir)
 
 
@@ -114,7 +150,7 @@ def read_split(
             split=process_split,
             shuffle_files=shuffle_files,
             read_config=read_config,
-            decoders={"image": tfds.decode.SkipDecoding()},
+            decoders=None if spec.is_latent else {"image": tfds.decode.SkipDecoding()},
         )
     except AssertionError as error:  # TFDS's way of saying the files are not there
         if "could not find data" not in str(error):
@@ -147,6 +183,8 @@ def process_dataset(
         file_seed=seeds["files"],
         shuffle_files=shuffle_buffer > 0,
     )
+    if spec.is_latent:
+        return _latent_stream(ds, builder, spec, data_config, seeds, per_process_batch_size)
     image_feature = builder.info.features["image"]
     preprocess = datasets.preprocess_fn(spec)
     num_classes = spec.num_classes
@@ -185,6 +223,43 @@ def process_dataset(
     ds = ds.batch(per_process_batch_size, drop_remainder=True)
     ds = ds.prefetch(int(data_config["prefetch"]))
     return ds.with_options(pipeline_options(data_config, pure_python_step=spec.center_crop))
+
+
+def _latent_stream(ds, builder, spec, data_config, seeds, per_process_batch_size) -> tf.data.Dataset:
+    """The latent dataset's rows as the model's input: flip variant by the pixel pipeline's coin, then
+    z = (mean + std·ε − shift)·scale (see the module docstring)."""
+    metadata = builder.info.metadata
+    variants = builder.info.features["mean"].shape[0]
+    random_flip = bool(data_config["random_flip"])
+    if random_flip and variants < 2:
+        raise errors.ConfigError(
+            f"config.data.random_flip=True, but dataset {spec.name!r} was encoded without flips (no mirror-image "
+            "latents): set config.data.random_flip=False, or encode it again with random_flip=True (--mode=encode).")
+    scale = float(metadata["vae"]["scaling_factor"])
+    shift = float(metadata["vae"]["shift_factor"] or 0.0)
+    conditional = bool(spec.num_classes)
+    ds = ds.map(lambda ex: {"mean": ex["mean"], "std": ex["std"],
+                            "label": ex["label"] if conditional else tf.constant(0, tf.int64)},
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if data_config["cache"]:
+        ds = ds.cache()
+    if int(data_config["shuffle_buffer"]) > 0:
+        ds = ds.shuffle(int(data_config["shuffle_buffer"]), seed=seeds["shuffle"], reshuffle_each_iteration=True)
+    ds = ds.repeat()
+    flip_seed, noise_seed = tf.constant(seeds["flip"], tf.int64), tf.constant(seeds["noise"], tf.int64)
+
+    def sample(position: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        # The same coin as a pixel image's flip at this position; ε keyed by position as well.
+        coin = tf.random.stateless_uniform([], seed=tf.stack([flip_seed, position]))
+        variant = tf.cast(random_flip, tf.int32) * tf.cast(coin < 0.5, tf.int32)
+        mean, std = example["mean"][variant], example["std"][variant]
+        noise = tf.random.stateless_normal(tf.shape(mean), seed=tf.stack([noise_seed, position]))
+        return {"image": (mean + std * noise - shift) * scale, "label": tf.cast(example["label"], tf.int32)}
+
+    ds = ds.enumerate().map(sample, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(per_process_batch_size, drop_remainder=True)
+    ds = ds.prefetch(int(data_config["prefetch"]))
+    return ds.with_options(pipeline_options(data_config))
 
 
 def pipeline_options(data_config: Mapping[str, Any], *, pure_python_step: bool = False) -> tf.data.Options:
@@ -233,6 +308,7 @@ class GlobalBatchIterator:
         self._mesh = mesh
         self._description = dict(description)
         self.image_shape: tuple[int, int, int] = spec.image_shape
+        self.dtype = jnp.dtype(spec.dtype)  # uint8 pixels, or float32 latents
         self.num_classes: int = spec.num_classes
         self.global_batch_size: int = description["global_batch_size"]
         self.per_process_batch_size: int = description["per_process_batch_size"]
@@ -244,7 +320,7 @@ class GlobalBatchIterator:
         """Shapes, dtypes and shardings of a global batch, to compile the train step before any data arrives."""
         rows, batch_sharding = self.global_batch_size, sharding.batch_sharding(self._mesh)
         return {
-            "image": jax.ShapeDtypeStruct((rows, *self.image_shape), jnp.uint8, sharding=batch_sharding),
+            "image": jax.ShapeDtypeStruct((rows, *self.image_shape), self.dtype, sharding=batch_sharding),
             "label": jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=batch_sharding),
         }
 
@@ -285,7 +361,8 @@ def build(
     global_batch_size: int,
     seed: int,
 ) -> GlobalBatchIterator:
-    """The training input: global batches `{"image": uint8 [B,H,W,C], "label": int32 [B]}` sharded over `mesh`."""
+    """The training input: global batches `{"image": uint8 [B,H,W,C] (float32 for latent datasets), "label": int32
+    [B]}` sharded over `mesh`."""
     data_config = resolve_config(data_config)
     process_index, process_count = jax.process_index(), jax.process_count()
     per_process_batch_size = sharding.process_batch_size(global_batch_size, mesh)  # raises on an uneven split
@@ -341,6 +418,7 @@ def eval_images(
     process_count: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One pass over `split` for evaluation (reference statistics): this process's share, once, in file order.
+    For a latent dataset, the pixel images it encodes (the FID reference of samples decoded to pixels).
 
     Yields `{"image": uint8 [b, H, W, C], "mask": bool [b]}` with b = `per_process_batch_size`; the last batches
     are padded (mask False). Every process yields the same number of batches (shares differ by at most one
@@ -349,7 +427,7 @@ def eval_images(
     data_config = resolve_config(data_config)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    spec = datasets.get_spec(data_config["name"])
+    spec = datasets.get_spec(datasets.pixel_source(data_config["name"]))  # a latent dataset's: its source pixels
     builder = load_builder(spec, data_config["data_dir"])
     total = builder.info.splits[split].num_examples
     num_batches = -(-(-(-total // process_count)) // per_process_batch_size)
