@@ -41,7 +41,7 @@ def dit(size: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "name": "dit", "image_size": 32, "in_channels": 4, "out_channels": 4, "depth": depth, "hidden_size": width,
         "num_heads": heads, "patch_size": patch, "num_classes": 1000, "null_label": True, "dropout": 0.0,
-        "dtype": "bfloat16"})
+        "dtype": "bfloat16", "attention_impl": "xla"})
 
 
 def get_config(arg: str | None = None):

@@ -122,7 +122,7 @@ def test_user_errors_name_the_fix():
 
     x = jnp.zeros((1, 8, 8, 4))
     with pytest.raises(errors.ConfigError, match="attention_impl"):
-        dit.DiT(**{**TINY, "attention_impl": "flash"}).init(jax.random.key(0), x, jnp.zeros(1), jnp.zeros(1, int))
+        dit.DiT(**{**TINY, "attention_impl": "splash"}).init(jax.random.key(0), x, jnp.zeros(1), jnp.zeros(1, int))
     with pytest.raises(errors.ConfigError, match="class_labels_b"):
         dit.DiT(**TINY).init(jax.random.key(0), x, jnp.zeros(1))
     with pytest.raises(errors.ConfigError, match="divisible"):
@@ -138,3 +138,21 @@ def test_xl2_forward_is_the_papers_118_6_gflops():
     result = model_flops.forward_flops("dit_xl2")
     assert result["params"] == 674_834_720
     assert round(result["matmul_gflops"] / 2, 1) == 118.6
+
+
+@pytest.mark.slow  # Pallas interpret mode on CPU: seconds of compile
+def test_flash_attention_gives_the_dit_the_same_value_and_jvp():
+    """attention_impl="flash" (cmjax.models.attention's Pallas kernel with its fused JVP) through the DiT: value
+    and forward-mode derivative equal XLA attention's, as sCM and MeanFlow need."""
+    fields = {"name": "dit", "image_size": 8, "in_channels": 1, "out_channels": 1, "depth": 1, "hidden_size": 32,
+              "num_heads": 2, "patch_size": 2, "num_classes": 0}
+    reference, flash = models.get(fields), models.get(dict(fields, attention_impl="flash"))
+    x, t = jax.random.normal(jax.random.key(0), (2, 8, 8, 1)), jnp.array([0.3, 0.7])
+    params = reference.init({"params": jax.random.key(1)}, x, t)["params"]
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), params)  # no zeros
+    outs = [jax.jvp(lambda xx, tt, m=m: m.apply({"params": params}, xx, tt), (x, t),
+                    (jnp.ones_like(x), jnp.ones_like(t))) for m in (reference, flash)]
+    (value, tangent), (flash_value, flash_tangent) = outs
+    assert float(jnp.max(jnp.abs(tangent))) > 0.01
+    np.testing.assert_allclose(flash_value, value, atol=1e-5)
+    np.testing.assert_allclose(flash_tangent, tangent, atol=1e-5)

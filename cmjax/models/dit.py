@@ -51,12 +51,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmjax import errors
-from cmjax.models import layers
+from cmjax.models import attention, layers
 
 FREQUENCY_EMBEDDING_SIZE = 256  # TimestepEmbedder's frequency_embedding_size (models.py:31)
 LAYER_NORM_EPS = 1e-6  # every LayerNorm of the official DiT (models.py:107,109,131)
 # `attention_impl` → `jax.nn.dot_product_attention(implementation=...)`.
-ATTENTION_IMPLEMENTATIONS = {"xla": None, "cudnn": "cudnn"}
 
 # Official init (models.py:183-216): xavier_uniform Linears, N(0, 0.02) time MLP and label table, the patch conv
 # xavier_uniform over its [out, in·p·p] view, zeros for every adaLN modulation and the final linear.
@@ -125,8 +124,9 @@ class Attention(nn.Module):
     dropout: float = 0.0
 
     def attend(self, q, k, v):
-        """softmax(q·kᵀ/√d)·v per head on [B, T, H, d]; the one place the attention kernel is chosen."""
-        return jax.nn.dot_product_attention(q, k, v, implementation=ATTENTION_IMPLEMENTATIONS[self.attention_impl])
+        """softmax(q·kᵀ/√d)·v per head on [B, T, H, d]: `cmjax.models.attention` ("xla", "cudnn", or the Pallas
+        "flash" kernel with a fused JVP, for sCM/MeanFlow on fused attention)."""
+        return attention.dot_product_attention(q, k, v, implementation=self.attention_impl)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -184,7 +184,7 @@ class DiT(nn.Module):
     freq_shift: int = 0  # 0: official DiT/SiT/MeanFlow time features; 1: diffusers' DiTTransformer2DModel
     dtype: Any = jnp.float32
     remat: bool = False
-    attention_impl: str = "xla"  # "xla" (jax's reference) or "cudnn" (GPU)
+    attention_impl: str = "xla"  # cmjax.models.attention: "xla" (reference) | "cudnn" (GPU) | "flash" (Pallas)
     logvar_head: bool = False  # sCM's log-variance head on the time features (layers.logvar_head)
     # iMF's auxiliary v-head (layers.VELOCITY; Lyy-iiis/imeanflow models/imfDiT.py `v_heads`, `v_final_layer`): the
     # last `velocity_head_depth` blocks are duplicated as a branch of their own with its own final layer, the
@@ -194,9 +194,7 @@ class DiT(nn.Module):
     velocity_head_depth: int = 8
 
     def _check(self, x_bhwc, class_labels_b):
-        if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
-            raise errors.ConfigError(f"DiT attention_impl={self.attention_impl!r} is not one of "
-                                     f"{sorted(ATTENTION_IMPLEMENTATIONS)}.")
+        attention.check_implementation(self.attention_impl)
         if self.hidden_size % self.num_heads:
             raise errors.ConfigError(f"DiT hidden_size={self.hidden_size} is not divisible by "
                                      f"num_heads={self.num_heads}.")
