@@ -172,22 +172,8 @@ def eval_key(seed: int, stream: int = 0) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), EVAL_STREAM), stream)
 
 
-def _gather(tree) -> Any:
-    """Every row of batch-sharded global arrays as numpy on every process, in global order."""
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() > 1:
-        return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-    return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
-def _from_process_0(value):
-    """Process 0's numpy array (or bool / int), on every process."""
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.broadcast_one_to_all(value)
 
 
 def _share_json(result: Any) -> Any:
@@ -195,11 +181,11 @@ def _share_json(result: Any) -> Any:
     if jax.process_count() == 1:
         return result
     payload = json.dumps(result).encode() if jax.process_index() == 0 else b""
-    size = int(_from_process_0(np.int32(len(payload))))
+    size = int(sharding.from_process_0(np.int32(len(payload))))
     buffer = np.zeros(size, np.uint8)
     if jax.process_index() == 0:
         buffer[:] = np.frombuffer(payload, np.uint8)
-    return json.loads(bytes(_from_process_0(buffer)))
+    return json.loads(bytes(sharding.from_process_0(buffer)))
 
 
 def ternary_search(score, low: int, high: int) -> tuple[int, dict[int, float]]:
@@ -271,7 +257,7 @@ class InceptionMetric:
         path = fid.reference_cache_path(digits_metric.default_cache_dir(data.data_dir),
                                         datasets.pixel_source(data.name), source,
                                         int(self.config.eval.inception_size), network)
-        if bool(_from_process_0(np.bool_(jax.process_index() == 0 and os.path.exists(path)))):
+        if bool(sharding.from_process_0(np.bool_(jax.process_index() == 0 and os.path.exists(path)))):
             self._reference = fid.load_reference(path) if jax.process_index() == 0 else None
             return self._reference
         batch = _eval_batch(self.config, self.mesh, None)
@@ -279,7 +265,7 @@ class InceptionMetric:
         def feature_batches():
             for local in pipeline.eval_images(data, source, batch // jax.process_count()):
                 arrays = sharding.host_local_to_global(local, self.mesh)
-                out = _gather({"pool": self.outputs(arrays["image"])["pool"], "mask": arrays["mask"]})
+                out = sharding.gather_to_hosts({"pool": self.outputs(arrays["image"])["pool"], "mask": arrays["mask"]})
                 yield out["pool"][out["mask"]]
 
         stats, kept = fid.accumulate_reference(feature_batches(), inception.FEATURE_DIM)
@@ -449,7 +435,7 @@ class Evaluator:
     def samples(self, params, sigmas, num_samples: int, key) -> dict[str, np.ndarray]:
         """uint8 images [N, H, W, C] and labels [N] of samples 0 … N−1, on every process."""
         batch = _eval_batch(self.config, self.mesh, num_samples)
-        parts = [_gather(dict(zip(("image", "label"), self._run(sigmas, batch, params, key, start))))
+        parts = [sharding.gather_to_hosts(dict(zip(("image", "label"), self._run(sigmas, batch, params, key, start))))
                  for start in range(0, num_samples, batch)]
         return {k: np.concatenate([p[k] for p in parts])[:num_samples] for k in ("image", "label")}
 
@@ -461,7 +447,7 @@ class Evaluator:
         plan = [(start, min(start + batch, num_samples)) for start in range(0, num_samples, batch)]
         paths = [os.path.join(chunk_dir, f"chunk_{a:09d}_{b:09d}.npz") if chunk_dir else None for a, b in plan]
         done = np.array([jax.process_index() == 0 and p is not None and os.path.exists(p) for p in paths])
-        done = np.asarray(_from_process_0(done))
+        done = np.asarray(sharding.from_process_0(done))
         chunks = []
         for (start, stop), path, is_done in zip(plan, paths, done):
             if is_done:
@@ -470,7 +456,7 @@ class Evaluator:
                         chunks.append({k: stored[k] for k in stored.files})
                 continue
             images, _ = self._run(sigmas, batch, params, key, start)
-            chunk = {k: v[: stop - start] for k, v in _gather(metric.outputs(images)).items()}
+            chunk = {k: v[: stop - start] for k, v in sharding.gather_to_hosts(metric.outputs(images)).items()}
             if jax.process_index() == 0:
                 if path:
                     _save_npz(path, chunk)

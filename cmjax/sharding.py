@@ -196,3 +196,22 @@ def state_shardings(abstract_state: Any, mesh: Mesh, *, param_specs: Any = None,
         skipped_steps=P(),
     )
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def gather_to_hosts(tree) -> Any:
+    """Every row of batch-sharded global arrays as numpy on every process, in global order (evaluation's metric
+    inputs, the encoder's latent chunks)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def from_process_0(value):
+    """Process 0's numpy array (or bool / int), on every process: one decision every host follows."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.broadcast_one_to_all(value)

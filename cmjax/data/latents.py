@@ -233,21 +233,8 @@ def make_encoder(module, mesh, flips: bool):
     return encode
 
 
-def _gather(tree):
-    """Every row of batch-sharded global arrays, as numpy on every process."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-    return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
-def _from_process_0(value):
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.broadcast_one_to_all(value)
 
 
 def _save_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
@@ -334,7 +321,7 @@ def encode_dataset(config, workdir: str) -> dict[str, Any]:
         tf.io.gfile.makedirs(chunk_dir)
     chunks = chunk_plan(plan)
     done = np.array([jax.process_index() == 0 and tf.io.gfile.exists(chunk_path(chunk_dir, a, b)) for a, b in chunks])
-    done = np.asarray(_from_process_0(done))
+    done = np.asarray(sharding.from_process_0(done))
 
     encode = make_encoder(module, mesh, plan["flips"])
     params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -358,7 +345,8 @@ def encode_dataset(config, workdir: str) -> dict[str, Any]:
             rows["id"] = np.where(rows["id"] >= 0, rows["id"] - row0, -1).astype(np.int32)
             arrays = sharding.host_local_to_global(rows, mesh)
             mean, std = encode(params, arrays["image"])
-            parts.append(_gather({"mean": mean, "std": std, "label": arrays["label"], "id": arrays["id"]}))
+            parts.append(sharding.gather_to_hosts({"mean": mean, "std": std, "label": arrays["label"],
+                                                   "id": arrays["id"]}))
         if process == 0:
             chunk = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             keep = chunk["id"] >= 0

@@ -307,7 +307,7 @@ def scheduler_config(*, num_train_timesteps: int, sigma_min: float, sigma_max: f
     }
 
 
-def _write_json(path: str, content: Mapping[str, Any]) -> str:
+def write_json(path: str, content: Mapping[str, Any]) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(content, f, indent=2)
@@ -321,12 +321,12 @@ def write_pipeline(output: str, params, unet, scheduler: Mapping[str, Any]) -> d
 
     version = diffusers_version()
     paths = {
-        "model_index": _write_json(os.path.join(output, "model_index.json"), {
+        "model_index": write_json(os.path.join(output, "model_index.json"), {
             "_class_name": "ConsistencyModelPipeline", "_diffusers_version": version,
             "scheduler": ["diffusers", "CMStochasticIterativeScheduler"], "unet": ["diffusers", "UNet2DModel"]}),
-        "unet_config": _write_json(os.path.join(output, UNET_DIR, "config.json"), {
+        "unet_config": write_json(os.path.join(output, UNET_DIR, "config.json"), {
             "_class_name": "UNet2DModel", "_diffusers_version": version, **diffusers_unet2d_config(unet)}),
-        "scheduler_config": _write_json(os.path.join(output, SCHEDULER_DIR, "scheduler_config.json"), scheduler),
+        "scheduler_config": write_json(os.path.join(output, SCHEDULER_DIR, "scheduler_config.json"), scheduler),
     }
     weights = os.path.join(output, UNET_DIR, UNET_WEIGHTS)
     arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in to_diffusers_state_dict(params, unet).items()}
@@ -345,9 +345,9 @@ def write_trigflow_unet(output: str, params, unet, sampler: Mapping[str, Any]) -
     from safetensors.numpy import save_file
 
     paths = {
-        "unet_config": _write_json(os.path.join(output, UNET_DIR, "config.json"), {
+        "unet_config": write_json(os.path.join(output, UNET_DIR, "config.json"), {
             "_class_name": "UNet2DModel", "_diffusers_version": diffusers_version(), **diffusers_unet2d_config(unet)}),
-        "sampler": _write_json(os.path.join(output, TRIGFLOW_SAMPLER_FILE), dict(sampler)),
+        "sampler": write_json(os.path.join(output, TRIGFLOW_SAMPLER_FILE), dict(sampler)),
     }
     weights = os.path.join(output, UNET_DIR, UNET_WEIGHTS)
     arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in to_diffusers_state_dict(params, unet).items()}

@@ -206,13 +206,6 @@ def _zeros_like_params(net):
 # Folders.
 
 
-def _write_json(path: str, content: Mapping[str, Any]) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(content, f, indent=2)
-        f.write("\n")
-    return path
-
 
 def write_transformer(output: str, params, net, sampler: Mapping[str, Any] | None = None) -> dict[str, str]:
     """`output/transformer/` as `DiTTransformer2DModel.from_pretrained(output, subfolder="transformer")` loads it
@@ -224,12 +217,12 @@ def write_transformer(output: str, params, net, sampler: Mapping[str, Any] | Non
 
     config = {"_class_name": CLASS_NAME, "_diffusers_version": diffusers.diffusers_version(),
               **diffusers_dit_config(net)}
-    paths = {"transformer_config": _write_json(os.path.join(output, TRANSFORMER_DIR, "config.json"), config)}
+    paths = {"transformer_config": diffusers.write_json(os.path.join(output, TRANSFORMER_DIR, "config.json"), config)}
     weights = os.path.join(output, TRANSFORMER_DIR, WEIGHTS)
     save_file(to_diffusers_state_dict(params, net), weights, metadata={"format": "pt"})
     paths["transformer_weights"] = weights
     if sampler is not None:
-        paths["sampler"] = _write_json(os.path.join(output, "cmjax_sampler.json"), dict(sampler))
+        paths["sampler"] = diffusers.write_json(os.path.join(output, "cmjax_sampler.json"), dict(sampler))
     return paths
 
 

@@ -119,11 +119,7 @@ def export_checkpoint(config, workdir: str, *, step: int | None = None, ema_rate
                 f"This {config.method.name!r} run's network is an EDM denoiser, but CMStochasticIterativeScheduler "
                 "applies the consistency boundary scalings (CM App. C) to it; export it with --format=openai "
                 "(e.g. as a CD teacher for openai's cm code).")
-    _, params, _, restored_step = workdir_lib.load_params(workdir, _io_mesh(config), step=step, ema_rate=ema_rate,
-                                                    config=config)
-    params = openai.without_training_heads(_host_tree(params))
-    rate = "online" if ema_rate in ("online", "params") else _ema_key(config, ema_rate)
-    result: dict[str, Any] = {"format": format, "step": int(restored_step), "ema_rate": rate}
+    params, restored_step, rate, result = _exported_params(config, workdir, step, ema_rate, format)
     if jax.process_index() != 0:
         return result
     if format == "diffusers" and trigflow:  # sCM: the UNet2DModel folder and the TrigFlow sampler's settings
@@ -147,7 +143,6 @@ def _export_dit(config, workdir, *, step, ema_rate, format, output) -> dict[str,
     """A DiT run as `output/transformer/` (diffusers' DiTTransformer2DModel) + `output/cmjax_sampler.json`: no
     diffusers pipeline samples a consistency or flow DiT, so the sampler's settings travel beside the network."""
     from cmjax import methods, models
-    from cmjax import workdir as workdir_lib
 
     if format != "diffusers":
         raise errors.ConfigError("openai's cm code has no DiT; export a DiT run with --format=diffusers "
@@ -157,11 +152,7 @@ def _export_dit(config, workdir, *, step, ema_rate, format, output) -> dict[str,
     if methods.time_inputs(config.method.name) != 1:
         raise errors.ConfigError(f"This {config.method.name!r} run's DiT takes two times (t, t − r); diffusers' "
                                  "DiTTransformer2DModel takes one, so it cannot hold the network.")
-    _, params, _, restored_step = workdir_lib.load_params(workdir, _io_mesh(config), step=step, ema_rate=ema_rate,
-                                                          config=config)
-    params = openai.without_training_heads(_host_tree(params))
-    rate = "online" if ema_rate in ("online", "params") else _ema_key(config, ema_rate)
-    result: dict[str, Any] = {"format": format, "step": int(restored_step), "ema_rate": rate}
+    params, restored_step, rate, result = _exported_params(config, workdir, step, ema_rate, format)
     if jax.process_index() == 0:
         sampler = {**methods.sampler_settings(config), "parameterization": exported_parameterization(config),
                    "two_step_sigma": float(config.sample.get("two_step_sigma", 0.0)),
@@ -171,6 +162,18 @@ def _export_dit(config, workdir, *, step, ema_rate, format, output) -> dict[str,
         result.update(dit_interop.write_transformer(output, params, net, json.loads(json.dumps(sampler,
                                                                                                 default=str))))
     return result
+
+
+def _exported_params(config, workdir: str, step, ema_rate, format: str):
+    """(host parameters without the training-only heads, restored step, EMA key, the result dict so far) of the
+    checkpoint an export writes."""
+    from cmjax import workdir as workdir_lib
+
+    _, params, _, restored_step = workdir_lib.load_params(workdir, _io_mesh(config), step=step, ema_rate=ema_rate,
+                                                          config=config)
+    params = openai.without_training_heads(_host_tree(params))
+    rate = "online" if ema_rate in ("online", "params") else _ema_key(config, ema_rate)
+    return params, restored_step, rate, {"format": format, "step": int(restored_step), "ema_rate": rate}
 
 
 def _ema_key(config, ema_rate) -> str:
