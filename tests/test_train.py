@@ -286,3 +286,21 @@ def test_the_compilation_cache_defaults_to_the_workdir_and_the_environment_wins(
     config.compilation_cache_dir = "workdir"
     assert workdir_lib.enable_compilation_cache(config, str(tmp_path)) == "gs://bucket/cache"
     assert len(updates) == 2
+
+
+def test_cpu_steps_compile_at_the_cheaper_backend_level(monkeypatch):
+    """CPU programs get CPU_COMPILER_OPTIONS (bench/results/compile_time_cpu.md), accelerators none, and an
+    XLA_FLAGS setting of the same option is left to win."""
+    import types
+
+    from cmjax import train_step
+
+    cpus = jax.devices()
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert train_step.compiler_options(cpus) == {"xla_backend_optimization_level": 1}
+    assert train_step.compiler_options([types.SimpleNamespace(platform="tpu")]) is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=3")
+    assert train_step.compiler_options(cpus) is None
+    # The option reaches XLA: a jitted function compiles with it.
+    compiled = jax.jit(lambda x: x * 2.0, compiler_options={"xla_backend_optimization_level": 1}).lower(1.0).compile()
+    assert float(compiled(1.0)) == 2.0

@@ -13,7 +13,8 @@ state: one file per process index (`state_filename`).
 
 Config (`config.data`, defaults in `DEFAULTS`, unknown keys are errors); the global batch size and the seed
 are the top-level `config.batch_size` and `config.seed`, shared with the train step:
-  name            dataset: digits | cifar10 | imagenet64 | lsun_bedroom | lsun_cat (cmjax/data/datasets.py)
+  name            dataset: digits | color_digits32 | cifar10 | imagenet64 | lsun_bedroom | lsun_cat
+                  (cmjax/data/datasets.py)
   split           TFDS split, slicing allowed ("train", "train[:90%]")
   data_dir        TFDS data dir, local or gs://; None: TFDS's default, which honours TFDS_DATA_DIR
   shuffle_buffer  examples per process in the shuffle buffer; 0 reads in file order (no file shuffling either)
@@ -85,9 +86,9 @@ def process_seeds(seed: int, process_index: int) -> dict[str, int]:
 
 
 def load_builder(spec: datasets.DatasetSpec, data_dir: str | None) -> tfds.core.DatasetBuilder:
-    """The TFDS builder for `spec`; builds the embedded digits dataset on first use."""
-    if spec.tfds_name == "sklearn_digits":
-        return digits.prepare(data_dir)
+    """The TFDS builder for `spec`; builds the embedded digits datasets on first use."""
+    if spec.tfds_name in digits.BUILDERS:
+        return digits.prepare(data_dir, spec.tfds_name)
     return tfds.builder(spec.tfds_name, data_dir=data_dir)
 
 
