@@ -315,6 +315,7 @@ def test_cifar10_network_families_train_on_colour_digits(tmp_path_factory, varia
     config = digits.get_config(variant)
     config.data.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
     config.batch_size, config.total_steps, config.ckpt_every, config.log_every = 8, 2, 2, 1
+    config.optim.warmup_steps = 1
     config.eval_every, config.sample.num_images, config.sample.metric_samples = 0, 8, 128
     config.ema_rates = config.ema_rates[:1]
     workdir = str(tmp_path_factory.mktemp(variant))
