@@ -21,7 +21,8 @@ RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 # XLA:CPU compiles every kernel of a step (each fusion, ~700 for the digits UNet's iCT step) to its own LLVM
 # module, optimised at the backend level xla_backend_optimization_level (default 2); LLVM's optimisation of
 # those modules is most of the compile, and the largest modules are the dropout masks' threefry rounds.
-# Level 1 compiles the step ~3× faster at the same images/s (bench/results/compile_time_cpu.md).
+# Level 1 takes 0.72–0.85× the compile CPU seconds at the same images/s; level 0 halves the step's speed
+# (bench/results/compile_time_cpu.md, docs/performance.md).
 CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
