@@ -186,20 +186,22 @@ def digits_method_config(method: str, steps: int, teacher_workdir: str) -> ml_co
     return config
 
 
-def digits_quality(workdir: str, method: str, seed: int) -> dict:
-    """1-step and 2-step (teacher: 35-evaluation EDM sampler) quality of a digits run's final EMA model."""
+def digits_quality(workdir: str, method: str, seed: int, *, ema_rate: float = DIGITS_EMA,
+                   num_samples: int = DIGITS_SAMPLES, require_finished: bool = True) -> dict:
+    """1-step and 2-step (teacher: 35-evaluation EDM sampler) quality of a digits run's final EMA model (or, with
+    `require_finished=False`, its newest checkpoint); colour digits (`color_digits32`) through the grey mapping."""
     from cmjax import evaluate, methods, models, parameterization, sharding, solvers
     from cmjax import workdir as workdir_lib
     from cmjax.metrics import digits as digits_metric
 
     config = workdir_lib.read_run_config(workdir)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1})
-    module, params, config, step = workdir_lib.load_params(workdir, mesh, ema_rate=DIGITS_EMA, config=config)
-    if step != config.total_steps:
+    module, params, config, step = workdir_lib.load_params(workdir, mesh, ema_rate=ema_rate, config=config)
+    if require_finished and step != config.total_steps:
         raise ValueError(f"The run in {workdir!r} stopped at step {step} of {config.total_steps}; "
                          "finish it (rerun without --digits_score_only) before scoring it.")
     classifier = digits_metric.train_classifier(data_dir=config.data.data_dir)
-    reference = digits_metric.reference_images("train", data_dir=config.data.data_dir)
+    reference = digits_metric.reference_images("train", data_dir=config.data.data_dir, dataset=config.data.name)
     shape = models.image_shape(config)
 
     def quality(images):
@@ -212,7 +214,7 @@ def digits_quality(workdir: str, method: str, seed: int) -> dict:
         apply_fn = lambda p, x, t: module.apply({"params": p}, x, t, None, train=False)  # noqa: E731
         kind = methods.parameterization_kind(config)
         denoise = lambda x, s: parameterization.denoise(apply_fn, params, x, s, kind=kind)  # noqa: E731
-        images, nfe = jax.jit(lambda key: solvers.edm_sampler(denoise, key, (DIGITS_SAMPLES, *shape), 18)[0],
+        images, nfe = jax.jit(lambda key: solvers.edm_sampler(denoise, key, (num_samples, *shape), 18)[0],
                               )(jax.random.key(seed)), 35
         return {"teacher": quality(np.clip(images, -1, 1)), "nfe": nfe, "steps": step}
 
@@ -220,7 +222,7 @@ def digits_quality(workdir: str, method: str, seed: int) -> dict:
     sigma_max = methods.noise_range(config)["sigma_max"]  # where the run's sampling starts
     if kind == parameterization.MEANFLOW:  # MeanFlow samples by time: x = ε − u(ε, 0, 1), and 1 → 0.5 → 0
         def sample_times(times, key):
-            return evaluate.generate(module, params, key, mesh=mesh, num_images=DIGITS_SAMPLES, image_shape=shape,
+            return evaluate.generate(module, params, key, mesh=mesh, num_images=num_samples, image_shape=shape,
                                      sigmas=times, parameterization_kind=kind)[0]
 
         key = jax.random.key(seed)
@@ -229,7 +231,7 @@ def digits_quality(workdir: str, method: str, seed: int) -> dict:
                 "middle_sigma": "t 0.5", "selection": {}, "steps": step}
 
     def sample(sigmas, key):
-        images, _ = evaluate.generate(module, params, key, mesh=mesh, num_images=DIGITS_SAMPLES, image_shape=shape,
+        images, _ = evaluate.generate(module, params, key, mesh=mesh, num_images=num_samples, image_shape=shape,
                                       sigmas=sigmas, sigma_max=sigma_max, parameterization_kind=kind)
         return images
 
@@ -432,7 +434,10 @@ def markdown(results: dict, commands: list, wall: float, load: tuple) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("2d", "digits", "all"), default="all")
+    parser.add_argument("--part", choices=("2d", "digits", "all", "conv"), default="all",
+                        help="conv: the colour-digits floor and the conv-net runs of --conv_workdirs (no training)")
+    parser.add_argument("--conv_workdirs", default="", help="comma-separated runs of configs/digits.py:color_*")
+    parser.add_argument("--conv_samples", type=int, default=1024)
     parser.add_argument("--steps_2d", default="",
                         help="override 2-D step counts: one number for every method, or e.g. ict=20000,ct=5000 "
                              "(default: STEPS_2D)")
@@ -457,6 +462,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.merge:
         return merge_reports(args.merge, args.out)
+    if args.part == "conv":
+        return conv_report(args.conv_workdirs.split(",") if args.conv_workdirs else [], args.seed,
+                           args.conv_samples, args.out, argv)
     start = time.time()
     results: dict = {"eval_samples": args.eval_samples, "seed": args.seed}
     if args.part in ("2d", "all"):
@@ -477,6 +485,52 @@ def main(argv=None):
     print(report)
     if args.out:
         with open(args.out, "w") as f:
+            f.write(report)
+
+
+def conv_report(workdirs, seed: int, num_samples: int, out: str, argv) -> None:
+    """The `color_digits32` floor (real test images against train, through the grey mapping) and each conv-net
+    run's newest checkpoint (every EMA rate), 1-step and 2-step, as a markdown report."""
+    from cmjax import workdir as workdir_lib
+    from cmjax.metrics import digits as digits_metric
+
+    start, loads = time.time(), [os.getloadavg()[0]]
+    classifier = digits_metric.train_classifier()
+    lines = ["# Conv nets on colour digits (32×32×3): iCT through `python -m cmjax.main`", "",
+             "Scored by the in-repo digit classifier through `cmjax.data.digits.to_digit_input` (luma, 4×4 mean "
+             "pooling, ink relative to the border colour); Fréchet distance in its 64-d features against the colour "
+             "train split mapped the same way.", "",
+             "| images | steps | EMA | 1-step Fréchet / confident / classes | 2-step σ_mid 0.8 "
+             "| 2-step, chosen σ_mid |",
+             "|---|---:|---|---|---|---|"]
+
+    def cell(q):
+        return f"{q['frechet']:.1f} / {q['confident']:.1%} / {q['class_min']:.1%}–{q['class_max']:.1%}"
+
+    for dataset in ("digits", "color_digits32"):
+        f = digits_metric.floor(classifier, dataset=dataset)
+        fr = f["class_fractions"]
+        lines.append(f"| real test images, {dataset} (floor) | — | — | {f['frechet']:.1f} / "
+                     f"{f['confident_fraction']:.1%} / {min(fr):.1%}–{max(fr):.1%} | | |")
+    for workdir in workdirs:
+        config = workdir_lib.read_run_config(workdir)
+        for rate in config.ema_rates:
+            q = digits_quality(workdir, "ict", seed, ema_rate=float(rate), num_samples=num_samples,
+                               require_finished=False)
+            loads.append(os.getloadavg()[0])
+            lines.append(f"| {config.model.name} ({os.path.basename(workdir.rstrip('/'))}) | {q['steps']} | {rate} "
+                         f"| {cell(q['one_step'])} | {cell(q['two_step_default'])} "
+                         f"| {cell(q['two_step_chosen'])} (σ {q['middle_sigma']}) |")
+            print(lines[-1], flush=True)
+    lines += ["", f"- {num_samples} samples per cell, seed {seed}; 2-step σ_mid chosen over {list(MIDDLE_SIGMAS)} "
+              "by Fréchet on a separate draw.",
+              f"- Command: `nice -n 5 .venv/bin/python bench/quality.py {' '.join(argv or sys.argv[1:])}`; "
+              f"{time.time() - start:.0f} s wall; 1-minute load {min(loads):.1f}–{max(loads):.1f} on "
+              f"{os.cpu_count()} cores (a machine shared by 6 agents' jobs)."]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if out:
+        with open(out, "w") as f:
             f.write(report)
 
 

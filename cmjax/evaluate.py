@@ -317,7 +317,8 @@ class DigitsMetric:
 
         if self._reference is None and jax.process_index() == 0:
             self._classifier = digits_metric.train_classifier(data_dir=self.config.data.data_dir)
-            self._reference = digits_metric.reference_images(split="train", data_dir=self.config.data.data_dir)
+            self._reference = digits_metric.reference_images(split="train", data_dir=self.config.data.data_dir,
+                                                             dataset=self.config.data.name)
         return self._reference
 
     def metrics(self, chunks: list[dict[str, np.ndarray]], reference) -> dict[str, float]:
@@ -339,7 +340,7 @@ def metric_name(config) -> str:
 
     name = config.eval.metric
     if name == "auto":
-        return "digits" if datasets.pixel_source(config.data.name) == "digits" else "inception"
+        return "digits" if datasets.pixel_source(config.data.name) in datasets.EMBEDDED else "inception"
     if name not in METRICS:
         raise errors.ConfigError(f"Unknown config.eval.metric {name!r}; use 'auto' or one of {sorted(METRICS)}.")
     return name
@@ -579,12 +580,11 @@ class PeriodicEvaluator:
 
     def __call__(self, step: int, state) -> dict[str, Any]:
         from cmjax import train_state
+        from cmjax.data import datasets
 
         config, evaluator = self.config, self.evaluator
         scored = []  # (metric name, samples)
-        from cmjax.data import datasets
-
-        if datasets.pixel_source(config.data.name) == "digits" and config.sample.metric_samples:
+        if datasets.pixel_source(config.data.name) in datasets.EMBEDDED and config.sample.metric_samples:
             scored.append(("digits", int(config.sample.metric_samples)))
         if config.eval.fid_during_training:
             scored.append(("inception", int(config.eval.fid_during_training)))

@@ -62,7 +62,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     method = methods.get(config.method.name)
     keep_target = method.keeps_target
 
-    @functools.partial(jax.jit, out_shardings=state_shardings)
+    @functools.partial(jax.jit, out_shardings=state_shardings,
+                       compiler_options=train_step.compiler_options(mesh.devices.flat))
     def create_state(key):
         return train_state.create(models.init_params(module, config, key), optimizer, config.ema_rates, keep_target)
 

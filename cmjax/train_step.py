@@ -7,6 +7,8 @@ distance-network weights are arguments, never constants of the executable.
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -15,6 +17,13 @@ from cmjax import distances, errors, methods, models, parameterization, sharding
 from cmjax.data import pipeline
 
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+# XLA:CPU compiles every kernel of a step (each fusion, ~700 for the digits UNet's iCT step) to its own LLVM
+# module, optimised at the backend level xla_backend_optimization_level (default 2); LLVM's optimisation of
+# those modules is most of the compile, and the largest modules are the dropout masks' threefry rounds.
+# Level 1 takes 0.72–0.85× the compile CPU seconds at the same images/s; level 0 halves the step's speed
+# (bench/results/compile_time_cpu.md, docs/performance.md).
+CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
 def step_base_key(config) -> jax.Array:
@@ -101,16 +110,26 @@ def make_train_step(config, module, objective, optimizer, learning_rate_fn, teac
     return step_fn
 
 
+def compiler_options(devices) -> dict | None:
+    """XLA options for programs on `devices`: `CPU_COMPILER_OPTIONS` when they are all CPUs, else None (the
+    accelerators' compilers keep their defaults). An `XLA_FLAGS` setting of the same option wins."""
+    if not all(device.platform == "cpu" for device in devices):
+        return None
+    user = os.environ.get("XLA_FLAGS", "")
+    return {name: value for name, value in CPU_COMPILER_OPTIONS.items() if f"--{name}=" not in user} or None
+
+
 def jit_train_step(step_fn, mesh, state_shardings, teacher_params, distance_params):
     """The one compiled step of a run: state donated and laid out by `state_shardings`, the batch split over
     the mesh's batch axes, teacher parameters (concrete or abstract) in their own shardings, distance
-    weights replicated; metrics come back replicated."""
+    weights replicated; metrics come back replicated. On CPU with `compiler_options`."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     teacher_shardings = None if teacher_params is None else jax.tree.map(lambda a: a.sharding, teacher_params)
     distance_shardings = None if distance_params is None else replicated
     return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings,
                                           distance_shardings),
-                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+                   out_shardings=(state_shardings, replicated), donate_argnums=0,
+                   compiler_options=compiler_options(mesh.devices.flat))
 
 
 def distance_params_from_config(config, mesh):

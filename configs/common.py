@@ -5,7 +5,11 @@ variants (`configs/cifar10_cd.py:lpips,smoke`). Every recipe accepts `smoke`, wh
 method, distance, weighting and optimizer but runs a few steps of a tiny network on the
 embedded digits dataset (8×8×1, built from scikit-learn on first use: no download), so it needs no
 accelerator and no prepared data. The network becomes a tiny residual MLP (class-conditional where the
-recipe is): it compiles in seconds where even a tiny NCSN++ or UNet took minutes on a loaded 2-core CPU.
+recipe is): its iCT step compiles in ~3–4 CPU seconds, where the 755k-parameter digits UNet's takes 15–19 and
+a 3.5M-parameter NCSN++ (CIFAR-10's structure at nf 32) ~52 (bench/results/compile_time_cpu.md); a conv net
+in each of the ~18 smokes would add minutes to the default test tier, whose budget has ~15 s left. The
+recipes' own network families train on the embedded 32×32×3 colour digits in configs/digits.py:color_ncsnpp
+and :color_adm (the slow tier runs both through the loop).
 """
 from __future__ import annotations
 
@@ -127,8 +131,8 @@ def adm_unet(image_size: int, dropout: float, *, num_classes: int) -> ml_collect
 def _tiny_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The residual MLP of configs/digits.py at 32 wide (about 12k parameters), class-conditional where the
     recipe's network is, with the recipe's dropout; a DiT recipe's is a one-block DiT 32 wide (patch 2).
-    Convolutional networks take minutes to compile on a loaded CPU even when tiny; the full-size networks are
-    checked by shape in tests/test_recipes.py."""
+    Convolutional networks cost 4–15× the MLP's compile (module docstring); the full-size networks are checked by
+    shape in tests/test_recipes.py."""
     conditional = bool(model.get("num_classes"))
     # A transformer recipe keeps a (one-block, 32-wide) transformer; iMF's v-head is one more block.
     if model.get("name") == "dit":

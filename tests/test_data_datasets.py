@@ -18,7 +18,8 @@ def mesh():
 
 
 def test_unknown_dataset_lists_the_known_ones():
-    known = r"\['cifar10', 'digits', 'digits_latents', 'imagenet256', 'imagenet256_latents', 'imagenet64'"
+    known = (r"\['cifar10', 'color_digits32', 'digits', 'digits_latents', 'imagenet256', 'imagenet256_latents', "
+             r"'imagenet64'")
     with pytest.raises(ValueError, match=r"'imagenet'.*" + known):
         datasets.get_spec("imagenet")
 

@@ -186,3 +186,17 @@ def test_too_few_or_broken_samples_are_refused(classifier, train_images):
     broken[5, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="1 of 200 samples contain NaN"):
         digits.sample_quality(classifier, broken, train_images)
+
+
+def test_colour_digits_are_scored_through_the_grey_mapping(classifier, data_dir):
+    """The real colour digits score near the grey floor and are classified right; colour noise scores far."""
+    colour_train = digits.reference_images("train", data_dir, dataset="color_digits32")
+    colour_test = digits.reference_images("test", data_dir, dataset="color_digits32")
+    assert colour_test.shape == (360, 32, 32, 3)
+    real = digits.sample_quality(classifier, colour_test, colour_train)
+    assert real["confident_fraction"] >= 0.85 and real["balanced"] and real["frechet"] < 10.0
+    noise = np.random.default_rng(0).uniform(-1, 1, size=(400, 32, 32, 3)).astype(np.float32)
+    assert digits.sample_quality(classifier, noise, colour_train)["frechet"] > 10 * real["frechet"]
+    examples = tfds.as_numpy(digits_data.prepare(data_dir, "color_digits32").as_dataset(split="test", batch_size=-1))
+    labels = examples["label"][np.argsort(examples["id"])]  # reference_images come in source-row order
+    assert np.mean(classifier.probabilities(colour_test).argmax(-1) == labels) > 0.9

@@ -286,3 +286,42 @@ def test_the_compilation_cache_defaults_to_the_workdir_and_the_environment_wins(
     config.compilation_cache_dir = "workdir"
     assert workdir_lib.enable_compilation_cache(config, str(tmp_path)) == "gs://bucket/cache"
     assert len(updates) == 2
+
+
+def test_cpu_steps_compile_at_the_cheaper_backend_level(monkeypatch):
+    """CPU programs get CPU_COMPILER_OPTIONS (bench/results/compile_time_cpu.md), accelerators none, and an
+    XLA_FLAGS setting of the same option is left to win."""
+    import types
+
+    from cmjax import train_step
+
+    cpus = jax.devices()
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert train_step.compiler_options(cpus) == {"xla_backend_optimization_level": 1}
+    assert train_step.compiler_options([types.SimpleNamespace(platform="tpu")]) is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=3")
+    assert train_step.compiler_options(cpus) is None
+    # The option reaches XLA: a jitted function compiles with it.
+    compiled = jax.jit(lambda x: x * 2.0, compiler_options={"xla_backend_optimization_level": 1}).lower(1.0).compile()
+    assert float(compiled(1.0)) == 2.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["color_ncsnpp", "color_adm"])
+def test_cifar10_network_families_train_on_colour_digits(tmp_path_factory, variant):
+    """configs/digits.py:color_ncsnpp / color_adm (the CIFAR-10 recipes' NCSN++ and ADM UNet, reduced) on the
+    32×32×3 colour digits through the loop: finite loss, a checkpoint, and the digits metric scoring the
+    colour samples through the grey mapping."""
+    config = digits.get_config(variant)
+    config.data.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
+    config.batch_size, config.total_steps, config.ckpt_every, config.log_every = 8, 2, 2, 1
+    config.optim.warmup_steps = 1
+    config.eval_every, config.sample.num_images, config.sample.metric_samples = 0, 8, 128
+    config.ema_rates = config.ema_rates[:1]
+    workdir = str(tmp_path_factory.mktemp(variant))
+    train.train_and_evaluate(config, workdir)
+    rows = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert rows and all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+    scores = json.load(open(glob.glob(os.path.join(workdir, "samples", "metrics_*.json"))[-1]))
+    assert any(k.endswith("confident_fraction") for k in scores), scores

@@ -2,6 +2,8 @@
 
 Names and sources:
 - `digits`: the embedded default, `sklearn_digits` (cmjax/data/digits.py), 8x8x1, 10 classes, built on first use.
+- `color_digits32`: the same digits at CIFAR-10's shape, 32x32x3, upsampled and coloured per image
+  (cmjax/data/digits.py), 10 classes, built on first use; for the CIFAR-10 recipes' convolutional networks.
 - `cifar10`: TFDS `cifar10`, 32x32x3, 10 classes (CM trains it unconditionally; the label is still passed).
 - `imagenet64`: TFDS `imagenet2012` (ILSVRC2012 train JPEGs, manual download), reduced to 64x64 with ADM's
   `center_crop_arr`, 1000 classes. This is the data of the CM paper: openai's `cm` release trains ImageNet-64
@@ -35,6 +37,9 @@ import tensorflow as tf
 from PIL import Image
 
 from cmjax import errors
+
+# The embedded datasets (built offline on first use) and the digit classifier scores their samples.
+EMBEDDED = ("digits", "color_digits32")
 
 
 class DatasetNotPreparedError(errors.UserError, ValueError):
@@ -80,6 +85,13 @@ SPECS: dict[str, DatasetSpec] = {
             "digits",
             "sklearn_digits",
             (8, 8, 1),
+            10,
+            prepare_hint="It is built automatically from scikit-learn on first use; is scikit-learn installed?",
+        ),
+        DatasetSpec(
+            "color_digits32",
+            "color_digits32",
+            (32, 32, 3),
             10,
             prepare_hint="It is built automatically from scikit-learn on first use; is scikit-learn installed?",
         ),

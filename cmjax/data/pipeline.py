@@ -19,8 +19,8 @@ input (`to_model_range` leaves floats alone).
 
 Config (`config.data`, defaults in `DEFAULTS`, unknown keys are errors); the global batch size and the seed
 are the top-level `config.batch_size` and `config.seed`, shared with the train step:
-  name            dataset: digits | cifar10 | imagenet64 | imagenet256 | lsun_bedroom | lsun_cat, or a latent one:
-                  digits_latents | imagenet256_latents (cmjax/data/datasets.py)
+  name            dataset: digits | color_digits32 | cifar10 | imagenet64 | imagenet256 | lsun_bedroom | lsun_cat,
+                  or a latent one: digits_latents | imagenet256_latents (cmjax/data/datasets.py)
   split           TFDS split, slicing allowed ("train", "train[:90%]")
   data_dir        TFDS data dir, local or gs://; None: TFDS's default, which honours TFDS_DATA_DIR
   shuffle_buffer  examples per process in the shuffle buffer; 0 reads in file order (no file shuffling either)
@@ -116,9 +116,9 @@ def latent_metadata(data_config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_builder(spec: datasets.DatasetSpec, data_dir: str | None) -> tfds.core.DatasetBuilder:
-    """The TFDS builder for `spec`; builds the embedded digits dataset on first use."""
-    if spec.tfds_name == "sklearn_digits":
-        return digits.prepare(data_dir)
+    """The TFDS builder for `spec`; builds the embedded digits datasets on first use."""
+    if spec.tfds_name in digits.BUILDERS:
+        return digits.prepare(data_dir, spec.tfds_name)
     if spec.is_latent:  # written by --mode=encode; read back from its directory (features and metadata in it)
         path = find_latent_dir(spec, data_dir)
         if path is None:

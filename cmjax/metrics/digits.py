@@ -7,6 +7,8 @@ network trained deterministically on the `sklearn_digits` train split (seconds o
 - `confident_fraction`: the fraction of samples the classifier puts in one class with probability ≥ 0.9;
 - `class_fractions` / `balanced`: how often each class is the argmax, and whether every class lies in
   [5 %, 15 %] (an unconditional model should not drop or over-produce digits).
+Colour digits (`color_digits32`, 32x32x3) are scored through `cmjax.data.digits.to_digit_input`, which maps
+them back to the classifier's 8x8 grey input (luma, 4x4 mean pooling, ink relative to the border's colour).
 `floor()` gives the same numbers for the held-out real test images against the train split: what perfect
 samples would score. Score samples against the same reference, `reference_images("train")`, to compare with it
 (FID likewise compares against training-set statistics).
@@ -77,12 +79,16 @@ class DigitsClassifier:
     test_accuracy: float  # on the 360 held-out test images, measured right after training
 
     def _outputs(self, images) -> tuple[np.ndarray, np.ndarray]:
-        """(logits [N, 10], features [N, 64]) for host-local images [N, 8, 8, 1] in [-1, 1]."""
+        """(logits [N, 10], features [N, 64]) for host-local images [N, 8, 8, 1] (or colour digits
+        [N, 32, 32, 3], mapped by `to_digit_input`) in [-1, 1]."""
         # Host numpy first: sharded sample arrays from the training mesh must not meet params on one device.
         images = np.asarray(images, dtype=np.float32)
+        if images.ndim == 4 and images.shape[1:] == digits_data.COLOR_IMAGE_SHAPE:
+            images = digits_data.to_digit_input(images)
         if images.ndim != 4 or images.shape[1:] != digits_data.IMAGE_SHAPE:
             raise errors.ConfigError(
-                f"The digits classifier takes images of shape [N, 8, 8, 1] in [-1, 1]; got {images.shape}."
+                "The digits classifier takes images of shape [N, 8, 8, 1] (or colour digits [N, 32, 32, 3]) in "
+                f"[-1, 1]; got {images.shape}."
             )
         logits, features = [], []
         for start in range(0, len(images), EVAL_CHUNK):
@@ -104,17 +110,23 @@ class DigitsClassifier:
         return np.asarray(jax.nn.softmax(self._outputs(images)[0], axis=-1))
 
 
-def _read_split(split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [N, 8, 8, 1], labels [N]) of a digits split, in source-row order; builds it on first use."""
-    builder = digits_data.prepare(data_dir)
+def _read_split(split: str, data_dir: str | None, dataset: str = "sklearn_digits") -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, H, W, C], labels [N]) of a split of an embedded digits dataset (`digits_data.BUILDERS`),
+    in source-row order; builds it on first use."""
+    builder = digits_data.prepare(data_dir, dataset)
     examples = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
     order = np.argsort(examples["id"])  # a fixed order, whatever the TFDS file layout
     return examples["image"][order], examples["label"][order]
 
 
-def reference_images(split: str = "test", data_dir: str | None = None) -> np.ndarray:
-    """Real digits of `split` as float32 [N, 8, 8, 1] in [-1, 1] (the models' range)."""
-    return np.asarray(pipeline.to_model_range(_read_split(split, data_dir)[0]))
+# config.data.name -> the TFDS builder of that embedded dataset.
+_BUILDER_OF = {"digits": "sklearn_digits", "color_digits32": "color_digits32"}
+
+
+def reference_images(split: str = "test", data_dir: str | None = None, dataset: str = "digits") -> np.ndarray:
+    """Real images of `split` of the embedded `dataset` (digits: [N, 8, 8, 1]; color_digits32: [N, 32, 32, 3])
+    as float32 in [-1, 1] (the models' range)."""
+    return np.asarray(pipeline.to_model_range(_read_split(split, data_dir, _BUILDER_OF[dataset])[0]))
 
 
 def _training_batches(seed: int, steps: int, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -251,7 +263,8 @@ def train_classifier(
 def sample_quality(classifier: DigitsClassifier, samples, reference_images) -> dict[str, Any]:
     """Fréchet distance to the reference in classifier features, confident fraction and class balance.
 
-    `samples` and `reference_images`: host-local arrays [N >= 128, 8, 8, 1] in [-1, 1]; N may differ.
+    `samples` and `reference_images`: host-local arrays [N >= 128, 8, 8, 1] (or colour digits [N, 32, 32, 3])
+    in [-1, 1]; N may differ.
     """
     samples = np.asarray(samples, dtype=np.float32)
     reference_images = np.asarray(reference_images, dtype=np.float32)
@@ -285,6 +298,7 @@ def sample_quality(classifier: DigitsClassifier, samples, reference_images) -> d
     }
 
 
-def floor(classifier: DigitsClassifier, data_dir: str | None = None) -> dict[str, Any]:
+def floor(classifier: DigitsClassifier, data_dir: str | None = None, dataset: str = "digits") -> dict[str, Any]:
     """`sample_quality` of the real test images against the real train images: the score of perfect samples."""
-    return sample_quality(classifier, reference_images("test", data_dir), reference_images("train", data_dir))
+    return sample_quality(classifier, reference_images("test", data_dir, dataset),
+                          reference_images("train", data_dir, dataset))
