@@ -32,7 +32,8 @@ def test_settings_come_from_the_methods_own_section_and_switch_with_the_name():
     s = methods.settings(config)
     assert (s["s1"], s["sigma_max"], s["total_steps"]) == (80, 10.0, 18000)  # the demo's iCT settings
     config.method.name = "edm"
-    assert methods.settings(config) == {"sigma_data": 0.5, "p_mean": -1.2, "p_std": 1.2}
+    assert methods.settings(config) == {"sigma_data": 0.5, "p_mean": -1.2, "p_std": 1.2,
+                                      "parameterization_kind": "edm"}
     methods.select(config, "cd", num_scales=40)
     assert methods.settings(config)["num_scales"] == 40 and methods.training_grid_size(config) == 40
     with pytest.raises(errors.ConfigError, match=r"no key\(s\) \['num_scale'\]"):
