@@ -313,12 +313,14 @@ class DigitsMetric:
         return {"image": images_uint8}
 
     def reference(self):
+        from cmjax.data import datasets
         from cmjax.metrics import digits as digits_metric
 
         if self._reference is None and jax.process_index() == 0:
             self._classifier = digits_metric.train_classifier(data_dir=self.config.data.data_dir)
+            # The pixels behind a latent dataset (digits_latents: the digits) are what decoded samples match.
             self._reference = digits_metric.reference_images(split="train", data_dir=self.config.data.data_dir,
-                                                             dataset=self.config.data.name)
+                                                             dataset=datasets.pixel_source(self.config.data.name))
         return self._reference
 
     def metrics(self, chunks: list[dict[str, np.ndarray]], reference) -> dict[str, float]:
