@@ -106,6 +106,7 @@ def _perturbed(params, seed=3):
     return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 
+@pytest.mark.slow  # a conv-net block compiled both ways (5–6 s on 2 cores)
 def test_unet_attention_block_default_is_the_previous_code_and_flash_agrees():
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 32))
     block = unet.AttentionBlock(num_heads=2)
@@ -128,6 +129,7 @@ def test_unet_attention_block_default_is_the_previous_code_and_flash_agrees():
     np.testing.assert_allclose(flash, default, atol=1e-4)
 
 
+@pytest.mark.slow  # a conv-net block compiled both ways (5–6 s on 2 cores)
 def test_ncsnpp_attention_default_is_the_release_einsum():
     x = jax.random.normal(jax.random.key(0), (1, 4, 4, 16))
     block = ncsnpp_layers.AttnBlock(init_scale=1.0)

@@ -159,10 +159,12 @@ def test_meanflow_sampler_is_its_definition_and_the_sigma_form_is_one_jump_to_ze
 
 @pytest.mark.parametrize("name,fields", [
     ("mlp", {"hidden_dim": 16, "num_layers": 1, "time_embed_dim": 8}),
-    ("unet", {"image_size": 8, "in_channels": 1, "out_channels": 1, "model_channels": 32, "channel_mult": (1,),
-              "num_res_blocks": 1, "attention_resolutions": (), "num_head_channels": 32, "num_classes": 0}),
-    ("ncsnpp", {"image_size": 8, "in_channels": 1, "out_channels": 1, "nf": 32, "ch_mult": (1, 1),
-                "num_res_blocks": 1, "attn_resolutions": ()}),
+    # The conv nets in the second tier (20 s and 12 s of compile on 2 cores): the default tier keeps the MLP.
+    pytest.param("unet", {"image_size": 8, "in_channels": 1, "out_channels": 1, "model_channels": 32,
+                          "channel_mult": (1,), "num_res_blocks": 1, "attention_resolutions": (),
+                          "num_head_channels": 32, "num_classes": 0}, marks=pytest.mark.slow),
+    pytest.param("ncsnpp", {"image_size": 8, "in_channels": 1, "out_channels": 1, "nf": 32, "ch_mult": (1, 1),
+                            "num_res_blocks": 1, "attn_resolutions": ()}, marks=pytest.mark.slow),
 ])
 def test_two_time_networks_embed_both_times_and_differ_only_in_the_first_embedding_layer(name, fields):
     module = models.get({"name": name, **fields})
@@ -292,6 +294,7 @@ def test_imf_guidance_as_conditioning_and_the_velocity_head_build_the_release_lo
     assert abs(float(unguided) - float(loss)) > 0.05 * float(loss)
 
 
+@pytest.mark.slow  # three networks initialised and applied (~6 s on 2 cores)
 def test_velocity_head_is_sown_beside_the_output_and_trains_only_where_asked():
     """The MLP's and the UNet's v-head: the main output is unchanged by adding it (same parameters otherwise),
     the head's value reaches `models.apply_with_heads`, and a network without one fails with the fix named."""
