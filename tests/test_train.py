@@ -193,6 +193,7 @@ def _max_difference(a, b):
                                                                                     jax.tree.leaves(b)))
 
 
+@pytest.mark.slow  # an EDM teacher trained first (15–25 s on 2 cores); the CLI test trains cd/ect too
 def test_cd_distils_from_an_edm_run_starting_from_the_teacher(edm_teacher, tmp_path_factory):
     """CD starts from the teacher (both CM releases): here as the CIFAR-10 JAX release's finetune, the online
     network and target from the teacher's online parameters and the EMA from the teacher's EMA."""
@@ -250,6 +251,7 @@ def test_init_student_decides_where_the_student_starts(edm_teacher, tmp_path_fac
         workdir_lib.check_teacher(bad)
 
 
+@pytest.mark.slow  # an EDM teacher trained first (15–25 s on 2 cores); the CLI test trains cd/ect too
 def test_ect_starts_from_the_teacher_weights(edm_teacher, tmp_path_factory):
     config = _config(tmp_path_factory, total_steps=1, ckpt_every=1, model=MLP,
                      **{"method.name": "ect", "teacher.workdir": edm_teacher, "optim.warmup_steps": 0,
