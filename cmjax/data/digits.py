@@ -97,6 +97,22 @@ def to_digit_input(images_bhwc) -> np.ndarray:
     return (2.0 * ink - 1.0).astype(np.float32)[..., None]
 
 
+def _digits_info(builder: tfds.core.GeneratorBasedBuilder, image_shape) -> tfds.core.DatasetInfo:
+    """The features both embedded digits builders share: image of `image_shape`, 10-class label, source row id."""
+    return builder.dataset_info_from_configs(
+        description=__doc__,
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=image_shape),
+                "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+                "id": np.int32,
+            }
+        ),
+        supervised_keys=("image", "label"),
+        homepage="https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
+    )
+
+
 class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     """scikit-learn's 8x8 handwritten digits as a TFDS dataset (train 1,437 / test 360)."""
 
@@ -107,18 +123,7 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     code_path = epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=IMAGE_SHAPE),
-                    "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-                    "id": np.int32,
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage="https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
-        )
+        return _digits_info(self, IMAGE_SHAPE)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager  # nothing to download: the data ships with scikit-learn
@@ -138,21 +143,10 @@ class ColorDigits32(tfds.core.GeneratorBasedBuilder):
     code_path = epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=COLOR_IMAGE_SHAPE),
-                    "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-                    "id": np.int32,
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage="https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
-        )
+        return _digits_info(self, COLOR_IMAGE_SHAPE)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        del dl_manager
+        del dl_manager  # nothing to download: the data ships with scikit-learn
         return {name: self._generate_examples(rows) for name, rows in split_indices().items()}
 
     def _generate_examples(self, rows: np.ndarray):
