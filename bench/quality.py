@@ -245,10 +245,35 @@ def digits_quality(workdir: str, method: str, seed: int, *, ema_rate: float = DI
             "middle_sigma": chosen, "selection": selection, "steps": step}
 
 
+def apply_overrides(config: ml_collections.ConfigDict, items) -> ml_collections.ConfigDict:
+    """`key=value` items (dotted keys of the config, Python literals: `teacher.init_student=True`,
+    `optim.learning_rate=1e-4`, `optim.decay='constant'`) set on `config`; an unknown key is an error."""
+    import ast
+
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--digits_set {item!r} is not key=value (e.g. optim.learning_rate=1e-4).")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word: a string
+        *parents, leaf = key.split(".")
+        parent = config
+        for name in parents:
+            parent = parent.get(name) if isinstance(parent, ml_collections.ConfigDict) else None
+        if not isinstance(parent, ml_collections.ConfigDict) or leaf not in parent:
+            raise ValueError(f"--digits_set {item!r}: the config has no key {key!r}.")
+        parent[leaf] = value
+    return config
+
+
 def run_digits(workroot: str, seed: int, steps: dict, methods=DIGITS_METHODS, log=print,
-               score_only: bool = False) -> dict:
+               score_only: bool = False, overrides=(), teacher_workroot: str = "") -> dict:
     """Trains `methods` on digits (EDM first: CD and ECT use its workdir, an earlier run's when EDM is not among
-    them) and scores each; `score_only` scores the finished runs already in `workroot` (no training)."""
+    them) and scores each; `score_only` scores the finished runs already in `workroot` (no training).
+    `overrides` (`key=value` items, `apply_overrides`) change every trained method's config (ablations: run one
+    method per call); the teachers are read from `teacher_workroot` (default: `workroot`)."""
     from cmjax import train
     from cmjax.metrics import digits as digits_metric
 
@@ -262,13 +287,16 @@ def run_digits(workroot: str, seed: int, steps: dict, methods=DIGITS_METHODS, lo
     for method in (m for m in DIGITS_METHODS if m in methods):
         workdir = os.path.abspath(os.path.join(workroot, f"digits_{method}"))
         # CD and ECT use the EDM run; sCD the TrigFlow-conditioned one (train edm_trigflow with it or before it).
-        teacher_workdir = os.path.abspath(os.path.join(workroot, "digits_edm_trigflow" if method == "scd"
-                                                       else "digits_edm"))
+        teacher_workdir = os.path.abspath(os.path.join(teacher_workroot or workroot,
+                                                       "digits_edm_trigflow" if method == "scd" else "digits_edm"))
         start = time.time()
         trained = {}
         if not score_only:
-            train.train_and_evaluate(digits_method_config(method, steps[method], teacher_workdir), workdir)
+            config = apply_overrides(digits_method_config(method, steps[method], teacher_workdir), overrides)
+            train.train_and_evaluate(config, workdir)
             trained = {"train_seconds": time.time() - start}
+        if overrides:
+            trained["overrides"] = list(overrides)
         results[method] = dict(digits_quality(workdir, method, seed), **trained, seconds=time.time() - start)
         log(f"digits {method}: {json.dumps(results[method])}")
     return results
@@ -421,7 +449,8 @@ def markdown(results: dict, commands: list, wall: float, load: tuple) -> str:
         for method in (m for m in (*CONSISTENCY_METHODS, "meanflow") if m in r):
             m = r[method]
             o, d, c = m["one_step"], m["two_step_default"], m["two_step_chosen"]
-            lines.append(f"| {method} | {m['steps']} | {_fmt(o['frechet'], 1)} | {o['confident']:.1%} | "
+            label = method + (f" ({', '.join(m['overrides'])})" if m.get("overrides") else "")
+            lines.append(f"| {label} | {m['steps']} | {_fmt(o['frechet'], 1)} | {o['confident']:.1%} | "
                          f"{o['class_min']:.1%}–{o['class_max']:.1%} | {_fmt(d['frechet'], 1)} | "
                          f"{d['confident']:.1%} | {m['middle_sigma']} | {_fmt(c['frechet'], 1)} | "
                          f"{c['confident']:.1%} | {_seconds(m)} |")
@@ -456,6 +485,11 @@ def main(argv=None):
                         help="train and score only these (CD and ECT reuse --workroot's EDM run when edm is left out)")
     parser.add_argument("--digits_score_only", action="store_true",
                         help="score the finished digits runs in --workroot again (no training)")
+    parser.add_argument("--digits_set", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a config key of every digits method trained (repeatable; ablations of one method, "
+                             "e.g. --digits_methods=cd --digits_set=teacher.init_student=True)")
+    parser.add_argument("--teacher_workroot", default="",
+                        help="where the digits teachers' runs are (digits_edm, digits_edm_trigflow); default --workroot")
     parser.add_argument("--json", default="", help="also write the raw results here")
     parser.add_argument("--merge", nargs="*", default=[],
                         help="write the report from --json files of parts run side by side (no training)")
@@ -474,7 +508,8 @@ def main(argv=None):
                                    methods=args.methods_2d.split(","))
     if args.part in ("digits", "all"):
         results["digits"] = run_digits(args.workroot, args.seed, parse_steps(args.digits_steps, DIGITS_STEPS),
-                                       methods=args.digits_methods.split(","), score_only=args.digits_score_only)
+                                       methods=args.digits_methods.split(","), score_only=args.digits_score_only,
+                                       overrides=args.digits_set, teacher_workroot=args.teacher_workroot)
     wall = time.time() - start
     command = "nice -n 5 .venv/bin/python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results.update(command=command.strip(), wall=wall, load=os.getloadavg())

@@ -13,7 +13,7 @@ cmjax/data/digits.py) with the CIFAR-10 recipes' network families reduced: NCSN+
 (BigGAN blocks, FIR, progressive residual input, Fourier 0.02) at nf 16, ch_mult (1, 2, 2), one block per level,
 attention at 8x8; the ADM UNet of configs/imagenet64_ict.py (scale-shift norm, resblock up/down) at 32 channels,
 (1, 2, 2), one block, attention at 8x8. σ_max = 80 (3,072 dimensions: the KL bound above is ~0.07 nats there).
-Sized for a learning proof of ~20 CPU-minutes on a loaded 2-core machine, not for quality (docs/quality.md).
+Sized for a learning proof of ~21 CPU-minutes each (720 steps, measured 2026-12-05), not for quality (docs/quality.md).
 
 No published numbers exist for this dataset; quality is measured by a digit classifier trained in-repo
 (`cmjax/metrics/digits.py`): Fréchet distance in its feature space and the fraction of confidently
@@ -135,9 +135,11 @@ def get_config(arg: str | None = None):
         config.data.name = "color_digits32"
         config.method.ict.sigma_max = 80.0
         config.batch_size = 32
-        config.total_steps = 2000
-        config.eval_every = 1000
-        config.ckpt_every = 500
+        # 720 steps ≈ 20 minutes on one core of the 2-core CPU (~20 images/s per run, two runs side by side,
+        # measured 2026-12-04): the issue's budget for a learning proof. N = 11, 21, 41, 81 in stages of 180.
+        config.total_steps = 720
+        config.eval_every = 360
+        config.ckpt_every = 240
         config.log_every = 50
         config.optim.learning_rate = 5e-4
         config.ema_rates = (0.99, 0.995)

@@ -135,3 +135,21 @@ def test_2d_bars_are_judged_on_the_means_over_merged_seeds(tmp_path):
     assert "| **mean** | **0.011** | **0.016** |" in report
     assert "| ict | 10 | 0.030 | 0.020 | 0.020 | 0.2, 0.2 | 1.91 | 2.31, 1.63 | 1 |" in report
     assert "Wall time: 2.0 min" in report
+
+
+def test_digits_overrides_set_config_keys_and_reject_unknown_ones():
+    config = quality.digits_method_config("cd", 3000, "/teacher")
+    assert config.teacher.init_student is False and config.optim.decay == "cosine"
+    quality.apply_overrides(config, ["teacher.init_student=True", "optim.learning_rate=1e-4",
+                                     "optim.decay=constant", "method.cd.num_scales=40"])
+    assert config.teacher.init_student is True and config.optim.learning_rate == 1e-4
+    assert config.optim.decay == "constant" and config.method.cd.num_scales == 40
+    for bad, match in (("optim.lr=1e-4", "no key 'optim.lr'"), ("nosuch.key=1", "no key"),
+                       ("optim.learning_rate", "not key=value")):
+        with pytest.raises(ValueError, match=match):
+            quality.apply_overrides(config, [bad])
+    # The report names the ablation beside the method.
+    digits = _digits(_scores(5.6, 0.81))
+    digits["cd"]["overrides"] = ["teacher.init_student=True"]
+    table = quality.markdown({"eval_samples": 16, "digits": digits}, ["cmd"], 1.0, (0, 0, 0))
+    assert "| cd (teacher.init_student=True) | 3000 |" in table
