@@ -489,7 +489,8 @@ def main(argv=None):
                         help="set a config key of every digits method trained (repeatable; ablations of one method, "
                              "e.g. --digits_methods=cd --digits_set=teacher.init_student=True)")
     parser.add_argument("--teacher_workroot", default="",
-                        help="where the digits teachers' runs are (digits_edm, digits_edm_trigflow); default --workroot")
+                        help="where the digits teachers' runs are (digits_edm, digits_edm_trigflow); "
+                             "default --workroot")
     parser.add_argument("--json", default="", help="also write the raw results here")
     parser.add_argument("--merge", nargs="*", default=[],
                         help="write the report from --json files of parts run side by side (no training)")
