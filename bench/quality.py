@@ -120,9 +120,12 @@ def run_2d(problem_name: str, steps: dict, eval_samples: int, seed: int, log=pri
 # ----------------------------------------------------------------------------------------------
 # Digits: the real training loop.
 
-# Step counts: iCT is configs/digits.py itself (the `make demo` run, 18k steps); the others ~1–2 min each on
-# an idle 2-core machine. Each uses that config's Adam 1e-3 with cosine decay over its steps, except EDM (constant).
-DIGITS_STEPS = {"edm": 3000, "cd": 3000, "ct": 3000, "ict": 18000, "ect": 3000}
+# Step counts: iCT is configs/digits.py itself (the `make demo` run, 18k steps); EDM, the teacher, 3k. Each uses
+# that config's Adam 1e-3 with cosine decay over its steps, except EDM (constant). CD starts from the teacher (as
+# both CM releases) and gets 6k: from a fresh init, or at 3k, it stayed 5–10 points below the teacher
+# (docs/quality.md, "Methods against their teacher"). ECT gets iCT's 18k: at 3k and 9k its 1-step stayed below
+# the teacher − 8 points.
+DIGITS_STEPS = {"edm": 3000, "cd": 6000, "ct": 3000, "ict": 18000, "ect": 18000}
 # MeanFlow (configs/digits.py with method meanflow, its ImageNet defaults): its step costs what iCT's does (4.05
 # against 4.04 forward passes, bench/results/flops_cpu.md), so iCT's 18k steps are the same CPU budget.
 DIGITS_STEPS["meanflow"] = 18000
@@ -162,10 +165,6 @@ def digits_method_config(method: str, steps: int, teacher_workdir: str) -> ml_co
         methods.select(config, method, **settings[method])
         if methods.get(method).needs_teacher or methods.get(method).starts_from_teacher:
             config.teacher.workdir = teacher_workdir
-        if method == "cd":
-            # The bench's CD was measured from a fresh init (README, docs/quality.md); the releases' CD starts
-            # from the teacher (cmjax's default since, docs/fidelity.md): kept fresh so the numbers stand.
-            config.teacher.init_student = False
     elif method == "meanflow":
         methods.select(config, "meanflow")  # the ImageNet JAX release's defaults (configs/default.py)
     elif method in ("sct", "scd"):

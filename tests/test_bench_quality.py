@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from cmjax import methods
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
 import quality  # noqa: E402
@@ -93,7 +95,7 @@ def test_digits_method_configs():
     assert (ict.method.name, ict.optim.decay) == ("ict", "cosine")  # configs/digits.py as `make demo` runs it
     cd = quality.digits_method_config("cd", 100, teacher)
     assert (cd.teacher.workdir, cd.method.cd.weighting, cd.optim.decay) == (teacher, "karras", "cosine")
-    assert cd.teacher.init_student is False  # measured from a fresh init (docs/quality.md)
+    assert cd.teacher.init_student is None and methods.starts_from_teacher(cd)  # as the CM releases
     assert quality.digits_method_config("ect", 100, teacher).teacher.workdir == teacher
     # sCD's teacher trains EDM's objective with TrigFlow's time input; sCD starts from its weights.
     tf = quality.digits_method_config("edm_trigflow", 100, teacher)
@@ -139,7 +141,7 @@ def test_2d_bars_are_judged_on_the_means_over_merged_seeds(tmp_path):
 
 def test_digits_overrides_set_config_keys_and_reject_unknown_ones():
     config = quality.digits_method_config("cd", 3000, "/teacher")
-    assert config.teacher.init_student is False and config.optim.decay == "cosine"
+    assert config.teacher.init_student is None and config.optim.decay == "cosine"
     quality.apply_overrides(config, ["teacher.init_student=True", "optim.learning_rate=1e-4",
                                      "optim.decay=constant", "method.cd.num_scales=40"])
     assert config.teacher.init_student is True and config.optim.learning_rate == 1e-4
