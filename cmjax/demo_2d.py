@@ -1,7 +1,7 @@
 """Seconds-long learning proofs on 2-D problems with exactly known densities, for every objective.
 
-`train` runs any objective of `cmjax.losses` (edm, cd, ct, ict, ect, sct, scd, meanflow) on an MLP over 2-D points drawn
-fresh every step, as chunks of steps inside one `lax.scan` (tiny networks are dispatch-bound). The
+`train` runs any objective of `cmjax.losses` (edm, cd, ct, ict, ect, sct, scd, meanflow, fm) on an MLP over 2-D
+points drawn fresh every step, as chunks of steps inside one `lax.scan` (tiny networks are dispatch-bound). The
 teacher of CD is either the mixture's exact denoiser or a trained EDM MLP; ECT starts from an EDM MLP's
 weights. Quality is the sliced Wasserstein distance to fresh data, beside the distance between two fresh
 data sets (the noise floor). `bench/quality.py` runs every method this way.
@@ -43,6 +43,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "scd": {"p_mean": -1.0, "p_std": 1.4},
     # MeanFlow: the ImageNet JAX release's defaults (logit-normal (−0.4, 1.0), 75 % r = t, p = 1, c = 0.01).
     "meanflow": {},
+    # Flow matching: SiT's defaults (t ~ U(0, 1)); sampled by the EDM Heun sampler over `pz.flow_denoise`.
+    "fm": {},
 }
 
 
@@ -84,7 +86,7 @@ class Model2D:
     module: Any
     params: Any
     sigma_data: float
-    kind: str  # "edm" | "consistency" | "trigflow" | "trigflow_edm" | "meanflow"
+    kind: str  # "edm" | "consistency" | "trigflow" | "trigflow_edm" | "meanflow" | "flow"
     sigma_max: float = pz.SIGMA_MAX  # where 1-step and 2-step sampling start: the objective's σ_max
 
     def apply(self, params, x_in, t_in):

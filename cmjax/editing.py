@@ -316,7 +316,8 @@ def consistency_sampler(config) -> dict:
     scd); an EDM denoiser D is not one (Algorithm 4 needs f's one-step jumps)."""
     sampler = methods.sampler_settings(config)
     if sampler["parameterization"] not in CONSISTENCY_KINDS:
-        consistency = [m for m in methods.names() if methods.get(m).parameterization != "edm"]
+        consistency = [m for m in methods.names() if m != "edm" and methods.get(m).parameterization not in (
+            parameterization.FLOW, parameterization.MEANFLOW)]
         raise errors.ConfigError(
             f"--mode=edit needs a consistency model; the run's method {config.method.name!r} is sampled as "
             f"{sampler['parameterization']!r} (a denoiser, not a consistency function). Edit a run of one of "

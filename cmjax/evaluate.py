@@ -30,8 +30,9 @@ def consistency_fn_for(module, params, class_labels, *, sigma_data, sigma_min):
 
 def denoiser_for(module, params, class_labels, kind: str, *, sigma_data, sigma_min):
     """x, σ ↦ the model's clean-image estimate: f_θ for consistency models, D_θ for EDM-parameterised ones (EDM
-    teachers and ECT, where f(x, 0) = x), sCM's TrigFlow f at t = arctan(σ/σd) of x_t = cos t·x for trigflow kinds."""
-    if kind in ("edm", *parameterization.TRIGFLOW_KINDS):
+    teachers and ECT, where f(x, 0) = x), sCM's TrigFlow f at t = arctan(σ/σd) of x_t = cos t·x for trigflow kinds,
+    and a flow-matching velocity read as D at SiT's t = 1/(1 + σ) (kind "flow", `parameterization.flow_denoise`)."""
+    if kind in ("edm", *parameterization.TRIGFLOW_KINDS, parameterization.FLOW):
         apply_fn = lambda p, x_in, t_in: module.apply({"params": p}, x_in, t_in, class_labels, train=False)  # noqa: E731
         return lambda x, s: parameterization.denoise(apply_fn, params, x, s, kind=kind, sigma_data=sigma_data)
     return consistency_fn_for(module, params, class_labels, sigma_data=sigma_data, sigma_min=sigma_min)

@@ -1,4 +1,4 @@
-"""Training objectives: edm, cd, ct (2023), ict, ect, sct, scd, meanflow (distances: `cmjax.distances`).
+"""Training objectives: edm, cd, ct (2023), ict, ect, sct, scd, meanflow, fm (distances: `cmjax.distances`).
 
 Every objective has the signature
     objective(network, params, x, key, step, *, target_params=None, teacher_params=None,
@@ -511,9 +511,44 @@ def meanflow_loss(network, params, x, key, step, *, target_params=None, teacher_
     return loss, {"loss": loss, **metrics}
 
 
+# ----------------------------------------------------------------------------------------------
+# Flow matching: SiT's objective (Ma et al. 2024; willisma/SiT @ 947f95b). The path and the network reading are in
+# `parameterization` (section "Flow matching"): t = 0 noise, t = 1 data, the network the velocity v_θ(x_t, t).
+
+
+def fm_loss(network, params, x, key, step, *, target_params=None, teacher_params=None, teacher_network=None,
+            distance_params=None, time_distribution="uniform", p_mean=0.0, p_std=1.0, train_eps=0.0):
+    """SiT's training loss for its default Linear path and velocity model (transport/transport.py:116-140
+    `training_losses`): t from `schedules.flow_matching_time` (SiT: t ~ U(0, 1)), x0 ~ N(0, I),
+    x_t = t·x1 + (1 − t)·x0, u_t = x1 − x0, loss = mean over the batch of mean_pixels (v_θ(x_t, t) − u_t)²
+    (`mean_flat`, transport/utils.py:12-16; `.mean()` over the batch, train.py:249-250). No weighting: SiT's
+    `loss_weight` only applies to its score and noise models (transport.py:141-157).
+
+    `train_eps`: t ∈ [eps, 1 − eps]. SiT's Linear velocity model trains on all of [0, 1]: `create_transport`
+    sets train_eps = 0 for velocity on the Linear and GVP paths (transport/__init__.py:53-55), and
+    `check_interval` keeps [0, 1] for a velocity model whatever eps (transport.py:91-95); 1e-3 is SiT's value for
+    its score and noise models (transport/__init__.py:48-51). `time_distribution` "logit_normal" (p_mean, p_std)
+    is a cmjax option (SD3/MeanFlow style, `schedules.flow_matching_time`); the default "uniform" is SiT's.
+
+    Class labels: SiT drops them for classifier-free guidance inside the network (`LabelEmbedder.token_drop`,
+    models.py:75-91, class_dropout_prob 0.1): cmjax's DiT does the same with `config.model.label_dropout` and its
+    null row (`config.model.null_label`), in training mode, so the objective passes labels through untouched."""
+    del step, target_params, teacher_params, teacher_network, distance_params
+    time_key, noise_key, dropout_key = jax.random.split(key, 3)
+    try:
+        t = schedules.flow_matching_time(time_key, x.shape[0], time_distribution, p_mean, p_std, train_eps)
+    except ValueError as err:
+        raise errors.ConfigError(f"config.method.fm.time_distribution: {err}") from None
+    noise = jax.random.normal(noise_key, x.shape, jnp.float32)
+    x_t = parameterization.flow_interpolant(noise, x, t)
+    velocity = jnp.asarray(network(params, x_t, t, dropout_key), jnp.float32)
+    loss = jnp.mean(jnp.square(velocity - parameterization.flow_velocity(noise, x)))
+    return loss, {"loss": loss, "mean_t": jnp.mean(t)}
+
+
 OBJECTIVES: dict[str, Callable] = {
     "edm": edm_loss, "cd": cd_loss, "ct": ct_loss, "ict": ict_loss, "ect": ect_loss,
-    "sct": sct_loss, "scd": scd_loss, "meanflow": meanflow_loss,
+    "sct": sct_loss, "scd": scd_loss, "meanflow": meanflow_loss, "fm": fm_loss,
 }
 _CALL_ARGS = {"target_params", "teacher_params", "teacher_network", "distance_params"}
 

@@ -1,8 +1,8 @@
 """The one table of method facts, and a run's method settings read from its config.
 
 `config.method.name` selects a method; its settings live in their own section `config.method.<name>`
-(`config.method.ict.s1`), so switching `--config.method.name=edm|cd|ct|ict|ect|sct|scd|meanflow` on any recipe runs that
-method with its own defaults. What a method *is* — whether it needs a teacher, keeps a target network θ⁻,
+(`config.method.ict.s1`), so switching `--config.method.name=edm|cd|ct|ict|ect|sct|scd|meanflow|fm` on any recipe
+runs that method with its own defaults. What a method *is* — whether it needs a teacher, keeps a target network θ⁻,
 starts from the teacher's weights, which parameterisation its online network has, the Karras grid its
 sampler's scheduler knows — is written once here and read by train, evaluate, interop, bench and demo_2d.
 """
@@ -43,7 +43,9 @@ class Method:
     starts_from_teacher: bool
     # "edm": D(x, σ) with f(x, 0) = x (EDM and ECT's default); "consistency": CM App. C boundary scalings;
     # "setting": the objective's own `parameterization_kind` setting decides (ECT: edm | consistency; sCT/sCD:
-    # trigflow | trigflow_edm, sCM's TrigFlow f as a function of σ, `parameterization.trigflow_denoise`).
+    # trigflow | trigflow_edm, sCM's TrigFlow f as a function of σ, `parameterization.trigflow_denoise`);
+    # "meanflow": an average velocity u(z, r, t); "flow": SiT's velocity v(x_t, t), read as D by
+    # `parameterization.flow_denoise`.
     parameterization: str
     summary: str
     sampling: Sampling = Sampling()
@@ -81,6 +83,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("meanflow", needs_teacher=False, keeps_target=False, starts_from_teacher=False,
            parameterization="meanflow", summary="MeanFlow / improved MeanFlow, average-velocity one-step flows "
            "(Geng et al. 2025)", sampling=Sampling(clip=False), time_inputs=2),
+    # Flow matching as SiT trains it (Ma et al. 2024, willisma/SiT): the network is the velocity v(x_t, t) of the
+    # linear interpolant x_t = t·x1 + (1 − t)·x0 (t = 0 noise, t = 1 data), conditioned on t; no target, no
+    # teacher. Read as the EDM denoiser D(x_σ, σ) at t = 1/(1 + σ) (`parameterization.flow_denoise`), so the EDM
+    # samplers solve its ODE; SiT's samplers never clip (transport/integrators.py), nor does cmjax's here.
+    Method("fm", needs_teacher=False, keeps_target=False, starts_from_teacher=False, parameterization="flow",
+           summary="flow matching on SiT's linear interpolant, velocity prediction (Ma et al. 2024)",
+           sampling=Sampling(clip=False)),
 )}
 # Settings a method takes from elsewhere in the config rather than from its own section.
 # MeanFlow's `num_classes` (label dropout and guidance need a class-conditional network) is config.model's.
@@ -156,8 +165,9 @@ def objective_from_config(config) -> Callable:
 
 
 def parameterization_of(name: str, method_settings: Mapping[str, Any]) -> str:
-    """"edm", "consistency", "trigflow" or "trigflow_edm": how method `name`'s online network with these
-    settings turns F into a clean-image estimate (ECT and sCT/sCD: their `parameterization_kind` setting)."""
+    """"edm", "consistency", "trigflow", "trigflow_edm", "meanflow" or "flow": how method `name`'s online network
+    with these settings turns F into a clean-image estimate (ECT and sCT/sCD: their `parameterization_kind`
+    setting)."""
     method = get(name)
     if method.parameterization == "setting":
         return method_settings.get("parameterization_kind",

@@ -5,6 +5,8 @@ Song et al. 2023 (CM), Appendix C: the same form with c_skip, c_out shifted by �
 consistency function satisfies the boundary condition f(x, σ_min) = x exactly.
 Lu & Song 2024 (sCM, arXiv 2410.11081), TrigFlow: x_t = cos t·x0 + sin t·z, z ~ N(0, σd²I), t ∈ [0, π/2],
 f(x_t, t) = cos t·x_t − sin t·σd·F(x_t/σd, c_noise(t)); σ = σd·tan t (the section "TrigFlow" below).
+MeanFlow (Geng et al. 2025) and flow matching on SiT's linear interpolant (Ma et al. 2024): the networks are
+velocities, read in EDM's σ form for the samplers (the sections "MeanFlow" and "Flow matching" below).
 All arithmetic is float32 whatever the network's compute dtype.
 """
 from __future__ import annotations
@@ -215,8 +217,21 @@ def teacher_time_input(edm_time_input, kind: str = "edm", sigma_data=SIGMA_DATA)
         return edm_time_input
     if kind == "trigflow":
         return trigflow_time(jnp.exp(jnp.asarray(edm_time_input, jnp.float32) / 250.0), sigma_data)
-    raise errors.ConfigError(f"A teacher must be an EDM-form denoiser (parameterisation edm, trigflow or "
-                             f"trigflow_edm); this one is {kind!r}.")
+    raise errors.ConfigError(teacher_kind_error(kind))
+
+
+TEACHER_KINDS = ("edm", *TRIGFLOW_KINDS)  # what the distillation objectives can read as an EDM denoiser
+
+
+def teacher_kind_error(kind: str) -> str:
+    """Why a network of parameterisation `kind` cannot be a CD/sCD teacher, and what to use instead."""
+    if kind == FLOW:
+        return ("A teacher must be an EDM-form denoiser (parameterisation edm, trigflow or trigflow_edm); this one "
+                "is a flow-matching velocity network (method 'fm', parameterisation 'flow', conditioned on SiT's "
+                "time t ∈ [0, 1]), which cmjax does not distil: train the teacher with --config.method.name=edm, "
+                "or sample the flow itself with solvers.edm_sampler over parameterization.flow_denoise.")
+    return (f"A teacher must be an EDM-form denoiser (parameterisation edm, trigflow or trigflow_edm); this one is "
+            f"{kind!r}: train the teacher with --config.method.name=edm.")
 
 
 def trigflow_denoise(apply_fn: NetworkFn, params, x, sigma, sigma_data=SIGMA_DATA, kind="trigflow"):
@@ -291,6 +306,56 @@ def meanflow_denoise(apply_fn: NetworkFn, params, x, sigma):
     return z - broadcast_per_sample(t, x) * u
 
 
+# ----------------------------------------------------------------------------------------------
+# Flow matching on SiT's linear interpolant (Ma et al. 2024, "SiT: Exploring Flow and Diffusion-based Generative
+# Models with Scalable Interpolant Transformers"; willisma/SiT @ 947f95b). SiT's time runs the other way from
+# MeanFlow's: t = 0 is noise, t = 1 data. Its Linear path (`ICPlan`) has α_t = t (the data coefficient) and
+# σ_t = 1 − t (the noise coefficient) (transport/path.py:23-29), so
+#     x_t = t·x1 + (1 − t)·x0,  x0 ~ N(0, I) noise, x1 data                    (path.py:114-124 `compute_mu_t`)
+#     u_t = dα_t·x1 + dσ_t·x0 = x1 − x0                                       (path.py:126-131 `compute_ut`)
+# and the velocity model's output is the ODE drift itself (transport.py `velocity_ode`). The raw network IS the
+# velocity v_θ(x_t, t), no preconditioning, its time input t ∈ [0, 1] as is: SiT embeds t unscaled with DiT's
+# `TimestepEmbedder` (models.py:38-61, 238).
+# In the EDM σ form, x_σ = x1 + σ·ε is the same point as x_t = x_σ/(1 + σ) at t = 1/(1 + σ) (σ = (1 − t)/t),
+# and the flow's clean estimate E[x1 | x_t] = x_t + (1 − t)·E[u_t | x_t] (x_t + (1 − t)·(x1 − x0) = x1): with the
+# marginal velocity v the EDM PF-ODE dx_σ/dσ = (x_σ − D)/σ is the flow ODE dx_t/dt = v under that change of
+# variables (both sides equal x_t − t·v), so every EDM-σ sampler (`solvers.edm_sampler`) solves the flow.
+FLOW = "flow"
+
+
+def flow_time(sigma):
+    """SiT's time t = 1/(1 + σ) ∈ (0, 1] of the EDM noise level σ (t = 1 is data, σ = 0)."""
+    return 1.0 / (1.0 + jnp.asarray(sigma, jnp.float32))
+
+
+def flow_sigma(t):
+    """The EDM noise level σ = (1 − t)/t of SiT's time t (the inverse of `flow_time`; t = 0 is σ = ∞)."""
+    t = jnp.asarray(t, jnp.float32)
+    return (1.0 - t) / t
+
+
+def flow_interpolant(noise, data, t):
+    """SiT's Linear path x_t = t·x1 + (1 − t)·x0 (x1 = data, x0 = noise; transport/path.py:114-124)."""
+    t = broadcast_per_sample(t, data)
+    return t * data + (1.0 - t) * noise
+
+
+def flow_velocity(noise, data):
+    """The conditional velocity u_t = x1 − x0 of the Linear path (transport/path.py:126-131)."""
+    return jnp.asarray(data, jnp.float32) - jnp.asarray(noise, jnp.float32)
+
+
+def flow_denoise(apply_fn: NetworkFn, params, x, sigma):
+    """The flow network read as an EDM denoiser of x_σ = x1 + σ·ε: D(x_σ, σ) = x_t + (1 − t)·v_θ(x_t, t) with
+    t = 1/(1 + σ), x_t = x_σ/(1 + σ) (the section comment above); D = x_σ exactly at σ = 0."""
+    x = jnp.asarray(x, jnp.float32)
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
+    t = flow_time(sigma)
+    x_t = x * broadcast_per_sample(t, x)
+    v = jnp.asarray(apply_fn(params, x_t, t), jnp.float32)
+    return x_t + broadcast_per_sample(1.0 - t, x) * v
+
+
 def denoise(
     apply_fn: NetworkFn,
     params,
@@ -301,8 +366,9 @@ def denoise(
     sigma_data=SIGMA_DATA,
     sigma_min=SIGMA_MIN,
 ):
-    """Dispatches to `edm_denoise` (kind="edm"), `consistency_denoise` (kind="consistency") or
-    `trigflow_denoise` (kind="trigflow" | "trigflow_edm": sCM's f as a function of σ)."""
+    """Dispatches to `edm_denoise` (kind="edm"), `consistency_denoise` (kind="consistency"),
+    `trigflow_denoise` (kind="trigflow" | "trigflow_edm": sCM's f as a function of σ), `meanflow_denoise`
+    (kind="meanflow") or `flow_denoise` (kind="flow": SiT's velocity read as D)."""
     if kind == "edm":
         return edm_denoise(apply_fn, params, x, sigma, sigma_data)
     if kind == "consistency":
@@ -311,5 +377,7 @@ def denoise(
         return trigflow_denoise(apply_fn, params, x, sigma, sigma_data, kind)
     if kind == MEANFLOW:
         return meanflow_denoise(apply_fn, params, x, sigma)
-    raise ValueError(f"Unknown parameterization {kind!r}; choose 'edm', 'consistency', 'trigflow' or "
-                     "'trigflow_edm'.")
+    if kind == FLOW:
+        return flow_denoise(apply_fn, params, x, sigma)
+    raise ValueError(f"Unknown parameterization {kind!r}; choose 'edm', 'consistency', 'trigflow', "
+                     f"'trigflow_edm', {MEANFLOW!r} or {FLOW!r}.")

@@ -231,3 +231,24 @@ def imf_guidance_interval(key, equal):
     t_min = jax.random.uniform(min_key, batch, jnp.float32, 0.0, 0.5)
     t_max = jax.random.uniform(max_key, batch, jnp.float32, 0.5, 1.0)
     return jnp.where(equal, 0.0, t_min), jnp.where(equal, 1.0, t_max)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flow matching (SiT, Ma et al. 2024): t = 0 is noise, t = 1 data (parameterization.py, "Flow matching").
+
+FLOW_TIME_DISTS = ("uniform", "logit_normal")
+
+
+def flow_matching_time(key, batch_size: int, dist: str = "uniform", p_mean: float = 0.0, p_std: float = 1.0,
+                       eps: float = 0.0):
+    """SiT's training time t ∈ [eps, 1 − eps]. "uniform": t ~ U(eps, 1 − eps), SiT's `Transport.sample`
+    (willisma/SiT transport/transport.py:103-113; its Linear velocity model trains on [0, 1], eps = 0:
+    transport/__init__.py:53-55 and `check_interval`, transport.py:84-100). "logit_normal" (a cmjax option, SD3's
+    and MeanFlow's): the noise fraction 1 − t is `meanflow_time`'s logit-normal sigmoid(Pm + Ps·n), so Pm means
+    what it means in a MeanFlow recipe (Pm < 0: nearer the data), mapped onto the same interval."""
+    if dist not in FLOW_TIME_DISTS:
+        raise ValueError(f"Unknown flow-matching time distribution {dist!r}; choose one of {list(FLOW_TIME_DISTS)}.")
+    if dist == "uniform":
+        return jax.random.uniform(key, (batch_size,), jnp.float32, eps, 1.0 - eps)
+    noise_fraction = meanflow_time(key, batch_size, dist, p_mean, p_std)
+    return eps + (1.0 - 2.0 * eps) * (1.0 - noise_fraction)

@@ -1,5 +1,6 @@
 """Low-dimensional problems with exactly known answers: Gaussian mixtures (with their exact denoisers), a
-checkerboard (uniform on the black squares), and the sliced Wasserstein distance between sample sets.
+checkerboard (uniform on the black squares), a Gaussian's exact flow-matching velocity, and the sliced Wasserstein
+distance between sample sets.
 
 Every problem has `dim`, `sample(key, num)` and `covariance()`; `data_std` turns the latter into σ_data.
 
@@ -58,6 +59,20 @@ class GaussianMixture:
         shrink = (var[None, :] / total)[..., None]  # [B, K, 1]
         posterior_means = means[None] + shrink * (x[:, None, :] - means[None])
         return jnp.sum(resp[..., None] * posterior_means, axis=1)
+
+
+def gaussian_flow_velocity(mean: float, std: float):
+    """The exact marginal velocity E[x1 − x0 | x_t] of SiT's linear interpolant x_t = t·x1 + (1 − t)·x0 (t = 0 noise,
+    t = 1 data) for data x1 ~ N(mean, std²) per dimension, as a parameterless network(params, x_t, t), t < 1:
+    E[x1 | x_t] = μ + t·s²/(t²s² + (1 − t)²)·(x_t − t·μ) and E[x0 | x_t] = (x_t − t·E[x1 | x_t])/(1 − t)."""
+
+    def network(params, x_t, t):
+        del params
+        t = jnp.reshape(jnp.asarray(t, jnp.float32), jnp.shape(t) + (1,) * (x_t.ndim - jnp.ndim(t)))
+        data = mean + t * std**2 / (t**2 * std**2 + (1 - t) ** 2) * (x_t - t * mean)
+        return data - (x_t - t * data) / (1 - t)
+
+    return network
 
 
 def ring_of_gaussians(num_modes: int = 8, radius: float = 1.0, std: float = 0.1) -> GaussianMixture:

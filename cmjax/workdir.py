@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from cmjax import checkpointing, errors, methods, models, optim, sharding, train_state
+from cmjax import checkpointing, errors, methods, models, optim, parameterization, sharding, train_state
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -152,8 +152,23 @@ def check_teacher(config) -> None:
             f"Method {config.method.name!r} {needs}, but config.teacher.workdir={teacher!r} is not a "
             f"cmjax workdir (no {CONFIG_FILE}); train an EDM teacher first (--config.method.name=edm) and pass "
             "--config.teacher.workdir=THAT_WORKDIR.")
+    teacher_config = read_run_config(teacher)
+    _check_teacher_kind(config, teacher_config)
     if methods.starts_from_teacher(config):
-        _check_same_function(config, read_run_config(teacher))
+        _check_same_function(config, teacher_config)
+
+
+def _check_teacher_kind(config, teacher_config) -> None:
+    """A distilling method reads its teacher as an EDM-form denoiser (`parameterization.teacher_time_input`), and
+    a student that starts from a velocity network (MeanFlow, flow matching) would start from another function
+    unless it is one of the same kind: both fail here, before anything compiles, naming what to use."""
+    teacher_kind = methods.parameterization_kind(teacher_config)
+    if teacher_kind in parameterization.TEACHER_KINDS:
+        return
+    if methods.get(config.method.name).needs_teacher or methods.parameterization_kind(config) != teacher_kind:
+        raise errors.ConfigError(f"config.teacher.workdir={config.teacher.workdir!r} holds a "
+                                 f"{teacher_config.method.name!r} run that method {config.method.name!r} cannot "
+                                 f"use. {parameterization.teacher_kind_error(teacher_kind)}")
 
 
 def load_teacher(config, mesh):

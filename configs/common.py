@@ -128,6 +128,25 @@ def adm_unet(image_size: int, dropout: float, *, num_classes: int) -> ml_collect
     })
 
 
+def latent_dit(depth: int, width: int, heads: int, patch: int, **extra) -> ml_collections.ConfigDict:
+    """cmjax's DiT on the 32×32×4 SD-VAE latents of 256×256 ImageNet, class-conditional (1000 classes) with the
+    null label, no dropout, bfloat16 matmuls; `extra` adds DiT fields (velocity_head, label_dropout, learn_sigma)."""
+    return ml_collections.ConfigDict({
+        "name": "dit", "image_size": 32, "in_channels": 4, "out_channels": 4, "depth": depth, "hidden_size": width,
+        "num_heads": heads, "patch_size": patch, "num_classes": 1000, "null_label": True, "dropout": 0.0,
+        **extra, "dtype": "bfloat16", "attention_impl": "xla"})
+
+
+def sized_variants(arg: str | None, sizes, recipe: str, default_size: str = "xl2") -> tuple[set[str], str]:
+    """(the variants in `arg`, the one network size among them) of a recipe whose variants are its `sizes` and
+    `smoke`; `default_size` when no size is named."""
+    chosen = variants(arg, (*sizes, "smoke"), recipe)
+    picked = [s for s in sizes if s in chosen] or [default_size]
+    if len(picked) > 1:
+        raise ValueError(f"configs/{recipe}.py takes one size, got {picked}.")
+    return chosen, picked[0]
+
+
 def _tiny_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The residual MLP of configs/digits.py at 32 wide (about 12k parameters), class-conditional where the
     recipe's network is, with the recipe's dropout; a DiT recipe's is a one-block DiT 32 wide (patch 2).
@@ -141,6 +160,7 @@ def _tiny_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             "num_heads": 2, "patch_size": 2, "num_classes": 10 if conditional else 0,
             "null_label": bool(model.get("null_label")), "logvar_head": bool(model.get("logvar_head")),
             "velocity_head": bool(model.get("velocity_head")), "velocity_head_depth": 1,
+            "label_dropout": float(model.get("label_dropout", 0.0)),
             "dropout": float(model.get("dropout", 0.0)), "dtype": "float32", "remat": False})
     tiny = ml_collections.ConfigDict({
         "name": "mlp", "hidden_dim": 32, "num_layers": 1, "time_embed_dim": 16,

@@ -6,7 +6,7 @@ The defaults train iCT on the embedded digits dataset (8×8, no download) with a
 `config.model` holds exactly the fields of the network `config.model.name` selects (`cmjax/models/`).
 `config.method.name` selects the objective; each objective's settings live in its own section
 `config.method.<name>` (`cmjax.losses.objective_settings(name)` lists them with the objective's defaults), so
-`--config.method.name=edm|cd|ct|ict|ect|sct|scd|meanflow` switches any recipe to that method with these defaults.
+`--config.method.name=edm|cd|ct|ict|ect|sct|scd|meanflow|fm` switches any recipe to that method with these defaults.
 The teacher (CD, ECT) and the LPIPS weights are files, not objective settings: `config.teacher`,
 `config.distance_weights`.
 
@@ -229,6 +229,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.method.meanflow.class_dropout = 0.1  # labels dropped to "no class" with this probability
     config.method.meanflow.jvp_mode = "exact"  # exact (jax.jvp) | finite_difference (central, step jvp_fd_step)
     config.method.meanflow.jvp_fd_step = 1e-3
+
+    # Flow matching, SiT's objective (Ma et al. 2024; cmjax.losses.fm_loss): x_t = t·x1 + (1 − t)·x0 (t = 0 noise,
+    # t = 1 data), loss mean (v_θ(x_t, t) − (x1 − x0))². Defaults: SiT's Linear velocity model (willisma/SiT
+    # transport/__init__.py:53-55, transport/transport.py:103-140). Labels are dropped by the network
+    # (config.model.label_dropout, SiT's class_dropout_prob 0.1), not here.
+    config.method.fm = ml_collections.ConfigDict()
+    config.method.fm.time_distribution = "uniform"  # uniform: SiT's t ~ U | logit_normal: 1 − t = sigmoid(Pm + Ps·n)
+    config.method.fm.p_mean = 0.0  # logit_normal only (cmjax's option; SiT has none)
+    config.method.fm.p_std = 1.0
+    config.method.fm.train_eps = 0.0  # t ∈ [eps, 1 − eps]; SiT's velocity model: 0 (1e-3 is its score/noise models')
 
     # The teacher of CD and ECT: an EDM run's workdir (its config.json and newest checkpoint).
     config.teacher = ml_collections.ConfigDict()

@@ -29,8 +29,6 @@ XL/2 48 × 1024, each depth counting the shared blocks and the u-head's 8; the v
 Published FID (50k samples, 1-NFE; the release README "this repo / paper"): iMF-B/2 3.37 / 3.39, M/2 2.27 / 2.27,
 L/2 1.85 / 1.86, XL/2 1.70 / 1.72 (2-NFE 1.53 / 1.54). cmjax: not measured (no iMF transformer, no latents).
 """
-import ml_collections
-
 from configs import common, default
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -42,24 +40,12 @@ SAMPLING_GUIDANCE = {"b2": (8.0, (0.4, 0.65)), "m2": (10.5, (0.4, 0.6)), "l2": (
 IMF_SIZES = {"b2": (12, 768, 12, 2), "m2": (24, 768, 12, 2), "l2": (32, 1024, 16, 2), "xl2": (48, 1024, 16, 2)}
 
 
-def transformer(size: str) -> ml_collections.ConfigDict:
-    """iMF's sizes of cmjax's DiT on 32×32×4 latents, class-conditional with the null label, with the v-head."""
-    depth, width, heads, patch = IMF_SIZES[size]
-    return ml_collections.ConfigDict({
-        "name": "dit", "image_size": 32, "in_channels": 4, "out_channels": 4, "depth": depth, "hidden_size": width,
-        "num_heads": heads, "patch_size": patch, "num_classes": 1000, "null_label": True, "dropout": 0.0,
-        "velocity_head": True, "dtype": "bfloat16", "attention_impl": "xla"})
-
-
 def get_config(arg: str | None = None):
-    chosen = common.variants(arg, (*IMF_SIZES, "smoke"), "imagenet256_imf")
-    sizes = [s for s in IMF_SIZES if s in chosen] or ["xl2"]
-    if len(sizes) > 1:
-        raise ValueError(f"configs/imagenet256_imf.py takes one size, got {sizes}.")
+    chosen, size = common.sized_variants(arg, IMF_SIZES, "imagenet256_imf")
     config = default.get_config()
     config.data.name = "imagenet256_latents"
     config.data.random_flip = True  # not confirmed (precomputed latents)
-    config.model = transformer(sizes[0])
+    config.model = common.latent_dit(*IMF_SIZES[size], velocity_head=True)
     config.method.name = "meanflow"
     config.method.meanflow.time_dist = "logit_normal"
     config.method.meanflow.p_mean_t = -0.4
@@ -85,7 +71,7 @@ def get_config(arg: str | None = None):
     config.optim.decay = "constant"
     config.ema_rates = (0.9999,)
     config.sample.two_step_time = 0.5
-    config.sample.guidance_scale, config.sample.guidance_interval = SAMPLING_GUIDANCE[sizes[0]]
+    config.sample.guidance_scale, config.sample.guidance_interval = SAMPLING_GUIDANCE[size]
     config.log_every = 100
     config.ckpt_every = 10_000
     config.eval_every = 50_000

@@ -25,8 +25,6 @@ Published FID (50k samples, 1-NFE / 2-NFE): MF-B/4 11.4 (release README, this re
 MF-B/2 6.17 (cited in the iMF paper's comparison), MF-XL/2 3.43 / 2.93 (DESIGN §4); M/2 and L/2 not confirmed.
 cmjax: not measured (no latents yet).
 """
-import ml_collections
-
 from configs import common, default
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -35,26 +33,14 @@ DIT_SIZES = {"b4": (12, 768, 12, 4), "b2": (12, 768, 12, 2), "m2": (16, 1024, 16
              "xl2": (28, 1152, 16, 2)}
 
 
-def dit(size: str) -> ml_collections.ConfigDict:
-    """A DiT on 32×32×4 latents, class-conditional with the null label."""
-    depth, width, heads, patch = DIT_SIZES[size]
-    return ml_collections.ConfigDict({
-        "name": "dit", "image_size": 32, "in_channels": 4, "out_channels": 4, "depth": depth, "hidden_size": width,
-        "num_heads": heads, "patch_size": patch, "num_classes": 1000, "null_label": True, "dropout": 0.0,
-        "dtype": "bfloat16", "attention_impl": "xla"})
-
-
 def get_config(arg: str | None = None):
-    chosen = common.variants(arg, (*DIT_SIZES, "smoke"), "imagenet256_meanflow")
-    sizes = [s for s in DIT_SIZES if s in chosen] or ["xl2"]
-    if len(sizes) > 1:
-        raise ValueError(f"configs/imagenet256_meanflow.py takes one DiT size, got {sizes}.")
+    chosen, size = common.sized_variants(arg, DIT_SIZES, "imagenet256_meanflow")
     config = default.get_config()
     config.data.name = "imagenet256_latents"
     # The release trains without flips: its LatentDataset(use_flip=True) returns the stored latent as is, and the
     # encode reads unflipped center crops (utils/vae_util.py, utils/data_util.py `compute_latent_dataset`).
     config.data.random_flip = False
-    config.model = dit(sizes[0])
+    config.model = common.latent_dit(*DIT_SIZES[size])
     config.method.name = "meanflow"
     config.method.meanflow.time_dist = "logit_normal"
     config.method.meanflow.p_mean_t = -0.4

@@ -27,7 +27,8 @@ RECIPES = [
     "lsun_bedroom256_cd:l2", "lsun_bedroom256_ct", "lsun_bedroom256_ct:init_teacher",
     "cifar10_meanflow", "imagenet256_meanflow", "imagenet256_meanflow:b4", "imagenet256_meanflow:b2",
     "imagenet256_meanflow:m2", "imagenet256_meanflow:l2", "imagenet256_imf", "imagenet256_imf:b2",
-    "imagenet256_imf:m2", "imagenet256_imf:l2",
+    "imagenet256_imf:m2", "imagenet256_imf:l2", "imagenet256_sit", "imagenet256_sit:s2", "imagenet256_sit:b2",
+    "imagenet256_sit:l2",
 ]
 REQUIRED_ROWS = {
     "optimizer", "learning rate", "lr schedule", "warm-up", "batch", "steps", "EMA rates", "dropout", "σ range",

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmjax import distances, losses, models, schedules, solvers, toy_problems
+from cmjax import distances, errors, losses, models, schedules, solvers, toy_problems
 from cmjax import parameterization as pz
 
 MIXTURE = toy_problems.ring_of_gaussians(num_modes=6, radius=1.0, std=0.2)
@@ -54,7 +54,7 @@ def _mlp_setup(batch=16):
     return network, params, x
 
 
-@pytest.mark.parametrize("name", ["edm", "cd", "ct", "ict", "ect"])
+@pytest.mark.parametrize("name", ["edm", "cd", "ct", "ict", "ect", "fm"])
 def test_every_objective_gives_finite_loss_and_gradients(name):
     network, params, x = _mlp_setup()
     objective = losses.make_objective(name)
@@ -148,3 +148,60 @@ def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="target_params"):
         losses.make_objective("ct")(network, params, x, jax.random.key(0), 0)
     assert "s1" in losses.objective_settings("ict") and "teacher_params" not in losses.objective_settings("ict")
+
+
+# ----------------------------------------------------------------------------------------------
+# Flow matching (SiT's objective).
+
+
+def _fm(network, x, key, **settings):
+    return jax.jit(lambda x, k: losses.make_objective("fm", **settings)(network, None, x, k, 0))(x, key)
+
+
+def test_fm_loss_is_sits_velocity_regression():
+    """SiT's `training_losses` for Linear + velocity, written out: t ~ U(0, 1), x0 ~ N(0, I), x_t = t·x1 + (1 − t)·x0,
+    mean over pixels of (v(x_t, t) − (x1 − x0))², then over the batch (transport.py:103-140, train.py:250)."""
+    x = jax.random.normal(jax.random.key(0), (8, 4, 4, 2))
+    key = jax.random.key(1)
+
+    def network(params, x_t, t, dropout_key):  # any fixed function of (x_t, t)
+        return 0.3 * x_t + pz.broadcast_per_sample(t, x_t) ** 2
+
+    time_key, noise_key, _ = jax.random.split(key, 3)
+    t = jax.random.uniform(time_key, (8,))
+    x0 = jax.random.normal(noise_key, x.shape)
+    tb = t[:, None, None, None]
+    x_t = tb * x + (1 - tb) * x0
+    reference = np.mean(np.mean((0.3 * x_t + tb**2 - (x - x0)) ** 2, axis=(1, 2, 3)))
+    loss, metrics = _fm(network, x, key)
+    np.testing.assert_allclose(float(loss), reference, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["mean_t"]), float(np.mean(t)), rtol=1e-6)
+
+
+def test_fm_loss_vanishes_at_a_one_point_datasets_exact_velocity():
+    """Data = one point a: the marginal velocity (a − x_t)/(1 − t) equals every conditional target a − x0, so the
+    loss is 0; a network off by 0.1 everywhere pays exactly 0.1²."""
+    a = jax.random.normal(jax.random.key(2), (1, 4, 4, 1))
+    x = jnp.broadcast_to(a, (64, 4, 4, 1))
+
+    def exact(params, x_t, t, dropout_key):
+        return (a - x_t) / (1 - pz.broadcast_per_sample(t, x_t))
+
+    def perturbed(params, x_t, t, dropout_key):
+        return exact(params, x_t, t, dropout_key) + 0.1
+
+    # train_eps keeps 1 − t ≥ 0.01, away from the float32 cancellation of (a − x_t)/(1 − t) at t → 1.
+    zero, _ = _fm(exact, x, jax.random.key(3), train_eps=0.01)
+    off, _ = _fm(perturbed, x, jax.random.key(3), train_eps=0.01)
+    assert float(zero) < 1e-9, float(zero)
+    np.testing.assert_allclose(float(off), 0.01, rtol=1e-4)
+
+
+def test_fm_time_distributions():
+    x = jnp.zeros((256, 2))
+    network = lambda p, x_t, t, k: jnp.zeros_like(x_t)  # noqa: E731
+    _, uniform = _fm(network, x, jax.random.key(4))
+    _, near_data = _fm(network, x, jax.random.key(4), time_distribution="logit_normal", p_mean=-2.0, p_std=0.5)
+    assert abs(float(uniform["mean_t"]) - 0.5) < 0.05 and float(near_data["mean_t"]) > 0.8
+    with pytest.raises(errors.ConfigError, match=r"time_distribution.*'uniform', 'logit_normal'"):
+        _fm(network, x, jax.random.key(4), time_distribution="lognormal")

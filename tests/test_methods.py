@@ -22,7 +22,7 @@ def test_facts():
     assert [m for m in methods.names() if methods.get(m).needs_teacher] == ["cd", "scd"]
     assert [m for m in methods.names() if methods.get(m).keeps_target] == ["cd", "ct"]
     assert [m for m in methods.names() if methods.get(m).starts_from_teacher] == ["cd", "ect"]  # as the releases
-    known = r"\['cd', 'ct', 'ect', 'edm', 'ict', 'meanflow', 'scd', 'sct'\]"
+    known = r"\['cd', 'ct', 'ect', 'edm', 'fm', 'ict', 'meanflow', 'scd', 'sct'\]"
     with pytest.raises(errors.ConfigError, match=r"'lcm'.*" + known):
         methods.get("lcm")
 
@@ -75,3 +75,36 @@ def test_config_defaults_equal_the_library_defaults():
     assert config.data.to_dict() == pipeline.default_config().to_dict()
     assert (common.SIGMA_MIN, common.SIGMA_MAX, common.RHO) == (
         parameterization.SIGMA_MIN, parameterization.SIGMA_MAX, schedules.RHO)
+
+
+def test_a_flow_matching_run_is_read_as_a_flow_everywhere(tmp_path):
+    """fm's one fact (parameterisation "flow"), read by evaluate's sampler, export's time-input note and the
+    teacher check: a flow run samples as `flow_denoise`, unclipped, and is refused as a CD/sCD teacher (and as the
+    start of a student of another kind) before anything compiles, with a message naming why and what to use."""
+    from cmjax import parameterization, workdir
+
+    config = digits.get_config("smoke")
+    methods.select(config, "fm")
+    assert methods.parameterization_kind(config) == parameterization.FLOW
+    assert methods.settings(config) == {"time_distribution": "uniform", "p_mean": 0.0, "p_std": 1.0,
+                                        "train_eps": 0.0}
+    sampler = methods.sampler_settings(config)
+    assert (sampler["parameterization"], sampler["clip"]) == ("flow", False)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+    assert evaluate.Evaluator(config, models.get(config.model), mesh).kind == "flow"
+    assert not runs.consistency_parameterised(config) and runs.exported_parameterization(config) == "flow"
+    assert "SiT's t = 1/(1 + σ)" in runs.time_input_description("flow")
+
+    teacher_dir = tmp_path / "flow_teacher"
+    teacher_dir.mkdir()
+    workdir.write_config(config, str(teacher_dir))
+    for student, extra in (("cd", {}), ("scd", {}), ("ect", {})):
+        student_config = digits.get_config("smoke")
+        methods.select(student_config, student, **extra)
+        student_config.teacher.workdir = str(teacher_dir)
+        with pytest.raises(errors.ConfigError, match=r"holds a 'fm' run.*flow-matching velocity.*method.name=edm"):
+            workdir.check_teacher(student_config)
+    fine_tune = digits.get_config("smoke")  # a flow run may start from a flow run's weights
+    methods.select(fine_tune, "fm")
+    fine_tune.teacher.workdir, fine_tune.teacher.init_student = str(teacher_dir), True
+    workdir.check_teacher(fine_tune)

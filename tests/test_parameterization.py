@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cmjax import parameterization as pz
+from cmjax import toy_problems
 
 
 def test_edm_scalings_match_table_1():
@@ -72,3 +73,52 @@ def test_network_from_denoiser_round_trips(kind):
     sigma = jnp.array([0.01, 0.3, 1.0, 10.0, 80.0])
     out = pz.denoise(network, None, x, sigma, kind=kind)
     np.testing.assert_allclose(out, target(x, sigma), rtol=2e-4, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flow matching (SiT's linear interpolant, t = 0 noise, t = 1 data).
+
+FLOW_SIGMAS = (0.01, 0.3, 1.0, 5.0, 80.0)
+
+
+def test_flow_time_and_sigma_convert_both_ways_and_match_sits_interpolant():
+    t = jnp.array([0.01, 0.25, 0.5, 0.9, 1.0])
+    np.testing.assert_allclose(pz.flow_time(pz.flow_sigma(t)), t, rtol=1e-6)
+    assert float(pz.flow_time(0.0)) == 1.0 and float(pz.flow_sigma(0.5)) == 1.0  # σ = 0 is data; t = ½ is σ = 1
+    # x_σ = x1 + σ·ε is the same point as SiT's x_t, scaled by 1 + σ.
+    data, eps = jax.random.normal(jax.random.key(0), (2, 3, 4, 4, 1))
+    sigma = jnp.array([0.1, 1.0, 20.0])
+    x_t = pz.flow_interpolant(eps, data, pz.flow_time(sigma))
+    np.testing.assert_allclose(x_t, (data + sigma[:, None, None, None] * eps) / (1 + sigma[:, None, None, None]),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pz.flow_velocity(eps, data), data - eps)
+
+
+def test_flow_denoise_of_a_one_point_datasets_velocity_is_that_point():
+    """For data = the single point a, the exact velocity is (a − x_t)/(1 − t), and D must return a at every σ."""
+    a = jax.random.normal(jax.random.key(1), (1, 4, 4, 2))
+
+    def velocity(params, x_t, t):
+        return (a - x_t) / (1 - pz.broadcast_per_sample(t, x_t))
+
+    x = a + jax.random.normal(jax.random.key(2), (len(FLOW_SIGMAS), 4, 4, 2)) * jnp.array(FLOW_SIGMAS)[:, None, None,
+                                                                                                         None]
+    denoised = pz.denoise(velocity, None, x, jnp.array(FLOW_SIGMAS), kind=pz.FLOW)
+    np.testing.assert_allclose(denoised, jnp.broadcast_to(a, x.shape), rtol=1e-4, atol=1e-4)
+
+
+def test_flow_denoise_of_a_gaussians_velocity_is_the_posterior_mean():
+    mean, std = 0.3, 0.5
+    velocity = toy_problems.gaussian_flow_velocity(mean, std)  # written in SiT's time, not through D
+    x = jax.random.normal(jax.random.key(3), (len(FLOW_SIGMAS), 8)) * 3.0
+    sigma = jnp.array(FLOW_SIGMAS)
+    posterior = mean + std**2 / (std**2 + sigma[:, None] ** 2) * (x - mean)  # E[x1 | x1 + σε = x]
+    np.testing.assert_allclose(pz.flow_denoise(velocity, None, x, sigma), posterior, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pz.denoise(velocity, None, x, sigma, kind="flow"), posterior, rtol=1e-5, atol=1e-5)
+    # At σ = 0 the estimate is the input itself, whatever the network says.
+    np.testing.assert_allclose(pz.flow_denoise(lambda p, x_t, t: x_t + 7.0, None, x, 0.0), x)
+
+
+def test_a_flow_network_cannot_be_a_distillation_teacher():
+    with pytest.raises(pz.errors.ConfigError, match=r"flow-matching velocity.*method 'fm'.*method.name=edm"):
+        pz.teacher_time_input(jnp.zeros(2), "flow")

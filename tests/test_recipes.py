@@ -24,7 +24,7 @@ SMOKES = {
     "imagenet64_edm": "", "imagenet64_cd": "l2", "imagenet64_ct": "", "imagenet64_ict": "",
     "imagenet64_sct": "", "imagenet64_scd": "",
     "lsun_bedroom256_edm": "", "lsun_bedroom256_cd": "l2", "lsun_bedroom256_ct": "",
-    "cifar10_meanflow": "", "imagenet256_meanflow": "", "imagenet256_imf": "",
+    "cifar10_meanflow": "", "imagenet256_meanflow": "", "imagenet256_imf": "", "imagenet256_sit": "",
 }
 # configs/digits.py:smoke (the tiny MLP) runs end to end in
 # tests/test_train.py (the `ict_run` fixture and others); it is not repeated here.
@@ -89,6 +89,12 @@ PUBLISHED = {
     "cifar10_meanflow": (55_929_475, {"method.name": "meanflow", "method.meanflow.p_mean_t": -2.0,
                                       "method.meanflow.equal_fraction": 0.25, "method.meanflow.norm_p": 0.75,
                                       "batch_size": 1024, "optim.learning_rate": 6e-4, "model.dropout": 0.2}),
+    # SiT-XL/2 with learn_sigma (8 output channels, the release's tree) and 1001 label rows (docs/fidelity.md).
+    "imagenet256_sit": (674_834_720, {"method.name": "fm", "method.fm.time_distribution": "uniform",
+                                      "method.fm.train_eps": 0.0, "model.label_dropout": 0.1, "model.null_label": True,
+                                      "model.learn_sigma": True, "batch_size": 256, "optim.optimizer": "adamw",
+                                      "optim.learning_rate": 1e-4, "optim.weight_decay": 0.0, "ema_rates": (0.9999,),
+                                      "total_steps": 7_005_600}),
     "imagenet64_edm": (295_899_267, {"method.name": "edm", "batch_size": 4096, "model.dropout": 0.1}),
     "imagenet64_cd": (295_899_267, {"method.name": "cd", "method.cd.num_scales": 40, "method.cd.target_ema": 0.95,
                                     "batch_size": 2048, "total_steps": 600_000, "optim.learning_rate": 8e-6}),

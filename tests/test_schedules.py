@@ -123,3 +123,15 @@ def test_ict_curriculum_shorter_than_its_stages_spends_one_step_per_stage():
     # K = 3 steps for 5 stages (s1/s0 = 16): K′ would be 0; N(k) must stay a valid grid size.
     assert schedules.ict_stage_length(3, 10, 160) == 1
     assert [int(schedules.ict_num_scales(k, 3, 10, 160)) for k in range(6)] == [11, 21, 41, 81, 161, 161]
+
+
+def test_flow_matching_time_stays_in_sits_interval():
+    key = jax.random.key(0)
+    for dist in schedules.FLOW_TIME_DISTS:
+        t = schedules.flow_matching_time(key, 4096, dist, -0.4, 1.0, eps=0.1)
+        assert float(jnp.min(t)) >= 0.1 and float(jnp.max(t)) <= 0.9, dist
+    t = schedules.flow_matching_time(key, 4096)  # SiT's velocity model: U(0, 1)
+    assert float(jnp.min(t)) < 0.01 and float(jnp.max(t)) > 0.99
+    # logit-normal: the noise fraction 1 − t is MeanFlow's draw, so a negative p_mean leans to the data (t → 1).
+    np.testing.assert_allclose(1 - schedules.flow_matching_time(key, 8, "logit_normal", -0.4, 1.0),
+                               schedules.meanflow_time(key, 8, "logit_normal", -0.4, 1.0), rtol=1e-6)

@@ -65,3 +65,26 @@ def test_edm_sigmas_end_at_zero():
     sig = np.asarray(solvers.edm_sigmas(18))
     assert sig.shape == (19,) and sig[0] == np.float32(80.0) and sig[-1] == 0.0
     assert np.all(np.diff(sig) < 0)
+
+
+def test_edm_heun_sampler_over_a_flows_velocity_samples_its_gaussian():
+    """The EDM Heun sampler over `flow_denoise` of the exact velocity of data N(μ, s²) solves the flow's ODE: its
+    samples converge (18 → 40 steps) to the exact ODE map of its noise, μ + s·σmax·z/√(σmax² + s²), with mean μ and
+    std s, and equal (same noise) those of the EDM sampler over that Gaussian's own denoiser."""
+    from cmjax import parameterization as pz
+
+    mean, std = 0.3, 0.5
+    velocity = toy_problems.gaussian_flow_velocity(mean, std)
+    flow = lambda x, s: pz.flow_denoise(velocity, None, x, s)  # noqa: E731
+    edm = lambda x, s: mean + std**2 / (std**2 + pz.broadcast_per_sample(s, x) ** 2) * (x - mean)  # noqa: E731
+    sample = jax.jit(lambda denoise, n: solvers.edm_sampler(denoise, jax.random.key(0), (20_000, 2), n)[0],
+                     static_argnums=(0, 1))
+    z = jax.random.normal(jax.random.key(0), (20_000, 2))  # the sampler's noise: x = σmax·z
+    exact = mean + 80.0 * z * std / np.sqrt(80.0**2 + std**2)
+    coarse, fine = (float(jnp.mean(jnp.abs(sample(flow, n) - exact))) for n in (18, 40))
+    assert fine < 0.005 and coarse > 4 * fine, (coarse, fine)  # Heun converges to the exact map
+    samples = sample(flow, 40)
+    np.testing.assert_allclose(np.mean(samples, axis=0), mean, atol=0.01)
+    np.testing.assert_allclose(np.std(samples, axis=0), np.std(exact, axis=0), atol=0.005)
+    np.testing.assert_allclose(np.std(exact, axis=0), std, atol=0.01)
+    np.testing.assert_allclose(samples, sample(edm, 40), atol=1e-4)

@@ -40,8 +40,9 @@ def consistency_parameterised(config) -> bool:
 
 
 def exported_parameterization(config) -> str:
-    """How the exported network makes a clean estimate: "consistency", "edm", or "trigflow" (sCM with
-    c_noise(t) = t, which openai's code cannot sample); sCM's "trigflow_edm" is exactly an EDM denoiser."""
+    """How the exported network makes a clean estimate: "consistency", "edm", "trigflow" (sCM with
+    c_noise(t) = t, which openai's code cannot sample) or "flow" (SiT's velocity, `parameterization.flow_denoise`);
+    sCM's "trigflow_edm" is exactly an EDM denoiser."""
     from cmjax import methods
 
     kind = methods.parameterization_kind(config)
@@ -114,6 +115,12 @@ def export_checkpoint(config, workdir: str, *, step: int | None = None, ema_rate
     trigflow = exported_parameterization(config) == "trigflow"
     if format == "diffusers":
         diffusers.diffusers_unet2d_config(unet)  # fails here, before reading, on what UNet2DModel cannot hold
+        if exported_parameterization(config) == "flow":
+            raise errors.ConfigError(
+                f"This {config.method.name!r} run's network is a flow-matching velocity v(x_t, t) on SiT's time "
+                "t ∈ [0, 1], which CMStochasticIterativeScheduler cannot sample; export it with --format=openai "
+                "(the state dict, its time input noted in the kwargs file) and sample it as "
+                "parameterization.flow_denoise reads it.")
         if not consistency_parameterised(config) and not trigflow:
             raise errors.ConfigError(
                 f"This {config.method.name!r} run's network is an EDM denoiser, but CMStochasticIterativeScheduler "
@@ -135,6 +142,7 @@ def export_checkpoint(config, workdir: str, *, step: int | None = None, ema_rate
     with open(result["unet_kwargs"], "w") as f:
         json.dump({"unet_model_kwargs": openai.openai_unet_kwargs(unet), "sampler": settings,
                    "parameterization": exported_parameterization(config),
+                   "time_input": time_input_description(exported_parameterization(config)),
                    "step": int(restored_step), "ema_rate": rate}, f, indent=2)
     return result
 
@@ -156,12 +164,21 @@ def _export_dit(config, workdir, *, step, ema_rate, format, output) -> dict[str,
     if jax.process_index() == 0:
         sampler = {**methods.sampler_settings(config), "parameterization": exported_parameterization(config),
                    "two_step_sigma": float(config.sample.get("two_step_sigma", 0.0)),
-                   "time_input": "TrigFlow t (c_noise(t) = t)" if exported_parameterization(config) == "trigflow"
-                   else "250·ln σ (parameterization.network_time_input)",
+                   "time_input": time_input_description(exported_parameterization(config)),
                    "step": int(restored_step), "ema_rate": rate}
         result.update(dit_interop.write_transformer(output, params, net, json.loads(json.dumps(sampler,
                                                                                                 default=str))))
     return result
+
+
+def time_input_description(kind: str) -> str:
+    """What an exported network of parameterisation `kind` is conditioned on (written beside its weights)."""
+    if kind == "trigflow":
+        return "TrigFlow t (c_noise(t) = t)"
+    if kind == "flow":
+        return ("SiT's t = 1/(1 + σ) ∈ [0, 1] (0 noise, 1 data); the output is the velocity of "
+                "x_t = t·x1 + (1 − t)·x0 (parameterization.flow_denoise)")
+    return "250·ln σ (parameterization.network_time_input)"
 
 
 def _exported_params(config, workdir: str, step, ema_rate, format: str):
