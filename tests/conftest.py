@@ -43,3 +43,32 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                   int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def lpips_random_weights(tmp_path_factory):
+    """(lpips.LPIPS(net="vgg") with seeded random VGG16 weights, the .npz cmjax's real converter made of them).
+
+    torchvision's pretrained VGG16 is a download, so tests use random VGG weights (biases included) with the
+    linear heads shipped in the lpips package; skips only where torch or lpips is not installed."""
+    torch = pytest.importorskip("torch")
+    lpips_package = pytest.importorskip("lpips")
+    from cmjax.metrics import lpips
+
+    torch.manual_seed(0)
+    model = lpips_package.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
+    features = {}
+    for k in range(1, 6):
+        for index, layer in getattr(model.net, f"slice{k}").named_children():
+            if isinstance(layer, torch.nn.Conv2d):
+                torch.nn.init.normal_(layer.bias, std=0.1)  # torchvision starts biases at 0: test them too
+                features[f"features.{index}.weight"] = layer.weight.detach().clone()
+                features[f"features.{index}.bias"] = layer.bias.detach().clone()
+    assert len(features) == 26
+    folder = tmp_path_factory.mktemp("lpips_weights")
+    torch.save(features, folder / "vgg16_random.pth")
+    npz = lpips.convert(str(folder / "vgg16_random.pth"), str(folder / "lpips_vgg16.npz"))
+    return model, npz

@@ -27,22 +27,9 @@ PARITY_ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(lpips_random_weights):
     """(lpips.LPIPS(net="vgg") with random VGG16 weights, the .npz our converter made of the same weights)."""
-    torch.manual_seed(0)
-    model = lpips_package.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
-    features = {}
-    for k in range(1, 6):
-        for index, layer in getattr(model.net, f"slice{k}").named_children():
-            if isinstance(layer, torch.nn.Conv2d):
-                torch.nn.init.normal_(layer.bias, std=0.1)  # torchvision starts biases at 0: test them too
-                features[f"features.{index}.weight"] = layer.weight.detach().clone()
-                features[f"features.{index}.bias"] = layer.bias.detach().clone()
-    assert len(features) == 26
-    folder = tmp_path_factory.mktemp("lpips_weights")
-    torch.save(features, folder / "vgg16_random.pth")
-    npz = lpips.convert(str(folder / "vgg16_random.pth"), str(folder / "lpips_vgg16.npz"))
-    return model, npz
+    return lpips_random_weights
 
 
 def _images(batch, size, seed):
